@@ -1,0 +1,112 @@
+"""Tiny random models built in fixtures (as MergeKit's tests build "picollama"), saved with a
+byte-level tokenizer so MergeKit and transformers can load them from a local folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Depth pruning removes whole decoder layers.",
+    "a",
+    "Layer similarity is measured on the residual stream, before the final norm, for every block.",
+    "Short text.",
+    "MergeKit passthrough copies tensors and renumbers the layers it keeps, in order.",
+    "Calibration data should look like the data the model will see.",
+]
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2}
+    vocab.update({c: i + 3 for i, c in enumerate(sorted(alphabet))})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    from tokenizers.processors import TemplateProcessing
+
+    tk.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+
+
+VOCAB = 3 + 256
+
+
+def tiny_config(arch: str):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if arch == "llama":
+        return AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                    tie_word_embeddings=False, architectures=["LlamaForCausalLM"], **common)
+    if arch == "qwen3":
+        return AutoConfig.for_model("qwen3", hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=256, use_sliding_window=True, sliding_window=16,
+                                    max_window_layers=4, tie_word_embeddings=True,
+                                    architectures=["Qwen3ForCausalLM"], **common)
+    if arch == "gemma3":
+        return AutoConfig.for_model("gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=256, sliding_window=16, sliding_window_pattern=2,
+                                    architectures=["Gemma3ForCausalLM"], **common)
+    if arch == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=32, n_layer=5, n_head=4, n_positions=256, vocab_size=VOCAB,
+                                    bos_token_id=0, eos_token_id=1, architectures=["GPT2LMHeadModel"])
+    raise ValueError(arch)
+
+
+def build_tiny(arch: str, path: Path, seed: int = 0, dtype=torch.float32) -> Path:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).to(dtype)
+    with torch.no_grad():  # random init leaves norms at 1 and biases at 0; perturb so every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2, max_new_tokens=8).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {a: build_tiny(a, root / a) for a in ("llama", "qwen3", "gemma3", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+def load(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    from compute_block_similarity.model import default_model_dir
+
+    return default_model_dir()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
