@@ -1,0 +1,142 @@
+"""Run a sliced.yml through MergeKit's API, then fix what MergeKit leaves wrong."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from unittest import mock
+
+from compute_block_similarity.errors import UserError
+
+from .plan import kept_source_layers, read_config
+from .surgery import slice_per_layer_fields
+
+log = logging.getLogger(__name__)
+
+COMPANIONS = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "special_tokens_map.json",
+              "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+              "generation_config.json")
+
+
+def local_source(model: str) -> Path:
+    """The source checkpoint's folder: itself if local, else the Hub snapshot (configs, tokenizer, weights)."""
+    if os.path.isdir(model):
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+
+
+@contextmanager
+def sliced_out_config(kept: list[int], num_layers: int) -> Iterator[None]:
+    """Patch MergeKit's output-config builder so per-layer lists match the kept layers (MergeKit
+    only sets num_hidden_layers, and transformers then refuses to save the config)."""
+    import mergekit.merge as mm
+
+    original = mm._model_out_config
+
+    def patched(*args, **kwargs):
+        cfg = original(*args, **kwargs)
+        fixed, notes = slice_per_layer_fields(cfg.to_dict(), kept, num_layers)
+        for note in notes:
+            log.info("config: %s", note)
+        for key, value in fixed.items():
+            if key == "text_config" and hasattr(cfg, "text_config"):
+                for k, v in value.items():
+                    if k in cfg.text_config.to_dict():
+                        setattr(cfg.text_config, k, v)
+            elif getattr(cfg, key, None) != value and key in cfg.to_dict():
+                setattr(cfg, key, value)
+        return cfg
+
+    with mock.patch.object(mm, "_model_out_config", patched):
+        yield
+
+
+def untie_check(out: Path) -> None:
+    """Tied embeddings stay tied: drop a spurious lm_head.weight that only duplicates the embeddings."""
+    cfg = json.loads((out / "config.json").read_text())
+    tied = cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings", False))
+    if not tied:
+        return
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(f, "pt") as sf:
+            names = list(sf.keys())
+            if "lm_head.weight" not in names:
+                continue
+            tensors = {k: sf.get_tensor(k) for k in names if k != "lm_head.weight"}
+            meta = sf.metadata()
+        log.info("dropping a spurious lm_head.weight from %s (the model ties it to the embeddings)", f.name)
+        save_file(tensors, str(f), metadata=meta or {"format": "pt"})
+        index = out / "model.safetensors.index.json"
+        if index.exists():
+            idx = json.loads(index.read_text())
+            idx["weight_map"].pop("lm_head.weight", None)
+            index.write_text(json.dumps(idx, indent=2))
+
+
+def copy_companions(src: Path, out: Path) -> list[str]:
+    """Tokenizer, chat template and generation config; fail if the source has a tokenizer we can't bring."""
+    copied = []
+    for name in COMPANIONS:
+        if (src / name).exists() and not (out / name).exists():
+            shutil.copy2(src / name, out / name)
+            copied.append(name)
+    from transformers import AutoTokenizer
+
+    try:
+        src_tok = AutoTokenizer.from_pretrained(src)
+        out_tok = AutoTokenizer.from_pretrained(out)
+    except Exception as e:
+        raise UserError(f"the tokenizer could not be copied to {out} ({str(e).splitlines()[0]}); "
+                        f"copy it from {src} by hand") from None
+    if src_tok.get_vocab() != out_tok.get_vocab():
+        raise UserError(f"the tokenizer in {out} differs from the source's; copy it from {src}")
+    if getattr(src_tok, "chat_template", None) and getattr(out_tok, "chat_template", None) != src_tok.chat_template:
+        raise UserError(f"the chat template was not carried over to {out}; copy it from {src}")
+    if not (out / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        try:
+            GenerationConfig.from_pretrained(src).save_pretrained(out)
+        except OSError:
+            from transformers import AutoConfig
+
+            GenerationConfig.from_model_config(AutoConfig.from_pretrained(src)).save_pretrained(out)
+        copied.append("generation_config.json")
+    return copied
+
+
+def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_remote_code: bool = False) -> Path:
+    """sliced.yml -> a loadable pruned checkpoint in ``out_path`` (written to a temporary folder first)."""
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    config = read_config(plan_path)
+    model, kept = kept_source_layers(config)
+    src = local_source(model)
+    from transformers import AutoConfig
+
+    L = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code).get_text_config().num_hidden_layers
+    out = Path(out_path)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    options = MergeOptions(device=device, copy_tokenizer=True, lazy_unpickle=True, trust_remote_code=trust_remote_code,
+                           quiet=True, write_model_card=True)
+    with sliced_out_config(kept, L):
+        run_merge(config, str(tmp), options=options, config_source=Path(plan_path).read_text())
+    untie_check(tmp)
+    copy_companions(src, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("wrote the pruned checkpoint to %s (%d of %d layers kept)", out, len(kept), L)
+    return out

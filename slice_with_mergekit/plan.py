@@ -1,0 +1,155 @@
+"""A scan result -> MergeKit passthrough config (sliced.yml), checked before any weight is read.
+
+Layers are 0-based and half-open ([start, end)), as in MergeKit's ``layer_range``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from mergekit.common import ModelReference
+from mergekit.config import InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
+
+from compute_block_similarity.errors import UserError
+from compute_block_similarity.ranges import format_layers, kept_ranges, parse_layers
+
+log = logging.getLogger(__name__)
+
+
+def load_scan(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            scan = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--scan {path} does not exist; run compute_block_similarity first") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--scan {path} is not valid JSON ({e.msg}); point it at block_distances.json") from None
+    for key in ("num_layers", "distances", "model"):
+        if key not in scan:
+            raise UserError(f"--scan {path} has no {key!r}; point it at a block_distances.json from compute_block_similarity")
+    return scan
+
+
+def removed_layers(scan: dict, *, layers_to_skip: int | None = None, start: int | None = None,
+                   remove: str | None = None) -> list[int]:
+    """The layers to cut: the scan's best block of ``layers_to_skip``, the block [start, start+n),
+    or an explicit ``remove`` list such as "21-28,30"."""
+    L = scan["num_layers"]
+    if remove is not None:
+        if start is not None:
+            raise ValueError("--remove and --start are exclusive: give one plan")
+        layers = parse_layers(remove)
+    else:
+        n = layers_to_skip if layers_to_skip is not None else scan.get("layers_to_skip")
+        if n is None:
+            raise ValueError("--layers_to_skip is required: this scan records no block size")
+        if not 1 <= n < L:
+            raise ValueError(f"--layers_to_skip {n} must be in [1, {L - 1}] for a {L}-layer model")
+        if start is None:
+            best = scan.get("best_start_per_n", {}).get(str(n))
+            if best is None:
+                row = scan["distances"][str(n)]
+                lower = scan.get("metric_info", {}).get("lower_is_redundant", True)
+                best = min(range(len(row)), key=lambda l: row[l] if lower else -row[l])
+            start = best
+        if not (0 <= start and start + n <= L):
+            raise ValueError(f"--start {start} with --layers_to_skip {n}: need 0 <= start < end <= {L}")
+        layers = list(range(start, start + n))
+    bad = [i for i in layers if not 0 <= i < L]
+    if bad:
+        raise ValueError(f"--remove: layers {format_layers(bad)} are outside [0, {L}) for a {L}-layer model")
+    if len(layers) >= L:
+        raise ValueError(f"the plan removes all {L} layers; keep at least one")
+    return layers
+
+
+def source_config(model: str, trust_remote_code: bool = False) -> Any:
+    """The source's config.json only; no weights are read."""
+    from transformers import AutoConfig
+
+    local_looking = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if local_looking and not os.path.exists(model):
+        raise UserError(f"model {model} does not exist; pass --model with a local checkpoint or a Hub id")
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model {model}: cannot read its config.json ({first})") from None
+
+
+def check_architecture(cfg: Any, model: str) -> None:
+    from mergekit.architecture import arch_info_for_config
+
+    archs = getattr(cfg, "architectures", None) or []
+    if len(archs) != 1 or arch_info_for_config(cfg) is None:
+        raise UserError(f"MergeKit has no architecture definition for {model} ({', '.join(archs) or 'no architectures'}); "
+                        "it cannot slice this model")
+
+
+def build_config(model: str, num_layers: int, removed: Sequence[int], dtype: str | None) -> MergeConfiguration:
+    """A passthrough MergeConfiguration keeping every layer not in ``removed``."""
+    ref = ModelReference.model_validate(model)
+    slices = [OutputSliceDefinition(sources=[InputSliceDefinition(model=ref, layer_range=r)])
+              for r in kept_ranges(num_layers, removed)]
+    return MergeConfiguration(merge_method="passthrough", slices=slices, dtype=dtype)
+
+
+def source_dtype(cfg: Any) -> str | None:
+    dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    return str(dt).replace("torch.", "") if dt is not None else None
+
+
+def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None = None, remove: str | None = None,
+         model: str | None = None, dtype: str | None = None, trust_remote_code: bool = False) -> MergeConfiguration:
+    """Everything MergeKit leaves unchecked, checked; then the config."""
+    scan = load_scan(scan_path)
+    removed = removed_layers(scan, layers_to_skip=layers_to_skip, start=start, remove=remove)
+    scanned = scan["model"]
+    if model is not None and os.path.normpath(model) != os.path.normpath(scanned):
+        log.warning("--model %s overrides the scanned model %s", model, scanned)
+    src = model or scanned
+    cfg = source_config(src, trust_remote_code)
+    L = cfg.get_text_config().num_hidden_layers
+    if L != scan["num_layers"]:
+        raise UserError(f"{src} has {L} layers but the scan saw {scan['num_layers']}; "
+                        "pass --model with the model that was scanned")
+    check_architecture(cfg, src)
+    config = build_config(src, L, removed, dtype or source_dtype(cfg))
+    keep = kept_ranges(L, removed)
+    log.info("removing layers %s of %d; keeping %s", format_layers(removed), L,
+             ", ".join(f"[{a}, {b}]" for a, b in keep))
+    return config
+
+
+def write_config(config: MergeConfiguration, path: str | os.PathLike) -> None:
+    from compute_block_similarity.atomic import write_text
+
+    write_text(path, config.to_yaml() + "\n")
+
+
+def read_config(path: str | os.PathLike) -> MergeConfiguration:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; write it with `python -m slice_with_mergekit --scan ...`") from None
+    try:
+        return MergeConfiguration.model_validate(data)
+    except Exception as e:
+        raise UserError(f"{path} is not a valid MergeKit config ({str(e).splitlines()[0]})") from None
+
+
+def kept_source_layers(config: MergeConfiguration) -> tuple[str, list[int]]:
+    """(source model, the source layer behind each output layer) for a single-source passthrough plan."""
+    if config.merge_method != "passthrough" or not config.slices:
+        raise UserError("the plan must be a passthrough merge with slices")
+    models = {str(s.model.model.path) for sl in config.slices for s in sl.sources}
+    if len(models) != 1 or any(len(sl.sources) != 1 for sl in config.slices):
+        raise UserError("the plan must slice one source model (one source per slice)")
+    layers = [i for sl in config.slices for i in range(*sl.sources[0].layer_range)]
+    return models.pop(), layers

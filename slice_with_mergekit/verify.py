@@ -1,0 +1,137 @@
+"""Check a pruned checkpoint against its source and plan: loads, right depth, bitwise-equal kept
+layers, exact parameter count, no spurious lm_head, and cached generation equal to uncached."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from compute_block_similarity.errors import UserError
+from compute_block_similarity.ranges import format_layers
+
+from .materialize import local_source
+from .plan import kept_source_layers, read_config
+
+log = logging.getLogger(__name__)
+
+LAYER_KEY = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+
+
+def tensor_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} holds no .safetensors weights")
+    return files
+
+
+def iter_tensors(folder: Path, names: bool = False) -> Iterator[tuple[str, torch.Tensor | None]]:
+    from safetensors import safe_open
+
+    for f in tensor_files(folder):
+        with safe_open(f, "pt") as sf:
+            for k in sf.keys():
+                yield k, None if names else sf.get_tensor(k)
+
+
+def numel_by_name(folder: Path) -> dict[str, int]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in tensor_files(folder):
+        with safe_open(f, "pt") as sf:
+            for k in sf.keys():
+                out[k] = math.prod(sf.get_slice(k).get_shape())
+    return out
+
+
+def source_key(name: str, kept: list[int]) -> str:
+    """The source tensor an output tensor came from: output layer k is source layer kept[k]."""
+    m = LAYER_KEY.match(name)
+    if not m:
+        return name
+    return f"{m['prefix']}.{kept[int(m['idx'])]}.{m['rest']}"
+
+
+@dataclass
+class Report:
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, detail: str) -> bool:
+        self.checks.append((name, ok, detail))
+        return ok
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for _, ok, _ in self.checks)
+
+    def render(self) -> str:
+        w = max(len(n) for n, _, _ in self.checks)
+        lines = [f"  {'PASS' if ok else 'FAIL'}  {n:<{w}}  {d}" for n, ok, d in self.checks]
+        return "\n".join(lines + [f"verification {'passed' if self.ok else 'FAILED'}"])
+
+
+def verify(out_path: str, plan_path: str, source: str | None = None, generate_tokens: int = 8) -> Report:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_path)
+    if not (out / "config.json").exists():
+        raise UserError(f"{out} is not a checkpoint folder (no config.json); materialize it first")
+    model_id, kept = kept_source_layers(read_config(plan_path))
+    src = local_source(source or model_id)
+    L = AutoConfig.from_pretrained(src).get_text_config().num_hidden_layers
+    removed = sorted(set(range(L)) - set(kept))
+    rep = Report()
+    rep.add("plan", True, f"source {source or model_id}: remove {format_layers(removed)}, keep {len(kept)} of {L} layers")
+
+    cfg = AutoConfig.from_pretrained(out)
+    n_out = cfg.get_text_config().num_hidden_layers
+    rep.add("num_hidden_layers", n_out == len(kept), f"{n_out} (expected {L} - {len(removed)} = {len(kept)})")
+
+    src_names = numel_by_name(src)
+    out_names = numel_by_name(out)
+    tied = bool(getattr(cfg.get_text_config(), "tie_word_embeddings", False))
+    expected = {source_key(k, kept) for k in out_names}
+    wanted = {k for k in src_names if not (LAYER_KEY.match(k) and int(LAYER_KEY.match(k)["idx"]) in removed)}
+    if tied:
+        wanted.discard("lm_head.weight")
+    missing, extra = sorted(wanted - expected), sorted(expected - wanted)
+    rep.add("tensor names", not missing and not extra,
+            f"{len(out_names)} tensors" + (f"; missing {missing[:3]}" if missing else "") + (f"; extra {extra[:3]}" if extra else ""))
+    rep.add("tied embeddings", not (tied and "lm_head.weight" in out_names),
+            "tied, no separate lm_head" if tied else "untied lm_head kept")
+
+    predicted = sum(v for k, v in src_names.items() if k in wanted)
+    actual = sum(out_names.values())
+    rep.add("parameter count", actual == predicted,
+            f"{actual:,} (plan predicts {predicted:,}; source {sum(src_names.values()):,})")
+
+    src_tensors = dict(iter_tensors(src))
+    diffs = [k for k, t in iter_tensors(out)
+             if source_key(k, kept) not in src_tensors or not torch.equal(t, src_tensors[source_key(k, kept)])]
+    rep.add("bitwise equal to source", not diffs, f"{len(out_names) - len(diffs)}/{len(out_names)} tensors identical"
+            + (f"; differ: {diffs[:3]}" if diffs else ""))
+    del src_tensors
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(out)
+    except Exception as e:
+        rep.add("AutoModelForCausalLM loads", False, str(e).splitlines()[0])
+        return rep
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    rep.add("AutoModelForCausalLM loads", not bad, type(model).__name__ + (f"; {bad}" if bad else ""))
+    ids = tok("The pruned model says", return_tensors="pt").input_ids
+    gen = dict(max_new_tokens=generate_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    with torch.no_grad():
+        cached = model.generate(ids, use_cache=True, **gen)
+        plain = model.generate(ids, use_cache=False, **gen)
+    same = torch.equal(cached, plain)
+    rep.add("generates with KV cache", same and cached.shape[1] > ids.shape[1],
+            repr(tok.decode(cached[0, ids.shape[1]:])) + ("" if same else " (differs from use_cache=False)"))
+    return rep
