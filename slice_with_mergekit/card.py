@@ -1,0 +1,54 @@
+"""The model card of a pruned checkpoint: what was cut, why, and how it scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from compute_block_similarity.ranges import format_layers
+
+from .plan import kept_source_layers, read_config
+
+
+def model_card(out: Path, plan_path: Path, scan: dict | None = None) -> str:
+    config = read_config(plan_path)
+    base, kept = kept_source_layers(config)
+    L = scan["num_layers"] if scan else None
+    from transformers import AutoConfig
+
+    if L is None:
+        try:
+            from .materialize import local_source
+
+            L = AutoConfig.from_pretrained(local_source(base)).get_text_config().num_hidden_layers
+        except Exception:
+            L = max(kept) + 1
+    removed = sorted(set(range(L)) - set(kept))
+    ranges = [list(s.sources[0].layer_range) for s in config.slices]
+    meta = {"base_model": base, "library_name": "transformers", "tags": ["mergekit", "pruned", "depth-pruning"]}
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {out.name}", "",
+             f"A depth-pruned copy of `{base}`: {len(removed)} of {L} decoder layers removed with a MergeKit passthrough merge.",
+             "Layers are 0-based; ranges are half-open `[start, end)` as in MergeKit's `layer_range`.", "",
+             f"- **Removed layers:** {format_layers(removed)} ({removed})",
+             f"- **Kept ranges:** {', '.join(f'[{a}, {b})' for a, b in ranges)}",
+             f"- **Layers:** {L} -> {len(kept)}"]
+    if scan:
+        n = len(removed)
+        ds = scan.get("dataset", {})
+        lines += [f"- **Metric:** `{scan['metric']}` ({scan.get('metric_info', {}).get('description', '')})",
+                  f"- **Calibration data:** {ds.get('name')} (split {ds.get('split')}, column {ds.get('column')}), "
+                  f"{scan.get('num_samples')} samples, {scan.get('num_tokens')} tokens, max_length {ds.get('max_length')}"]
+        if str(n) in scan.get("distances", {}):
+            row = scan["distances"][str(n)]
+            se = scan.get("stderr", {}).get(str(n), [0.0] * len(row))
+            lines += ["", f"Scores of every {n}-layer block (lower = more redundant):", "",
+                      "| start | block | score | std. error |", "|---|---|---|---|"]
+            lines += [f"| {l} | [{l}, {l + n}) | {v:.4f} | {e:.4f} |" for l, (v, e) in enumerate(zip(row, se))]
+    ev = out / "eval.json"
+    if ev.exists():
+        lines += ["", "## Evaluation", "", "```json", json.dumps(json.loads(ev.read_text()), indent=1), "```"]
+    lines += ["", "## sliced.yml", "", "```yaml", Path(plan_path).read_text().strip(), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Publish a pruned checkpoint with huggingface_hub: a model card, then only the files a model repo needs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from compute_block_similarity.atomic import write_text
+from compute_block_similarity.errors import UserError
+
+from .card import model_card
+
+log = logging.getLogger(__name__)
+
+UPLOAD_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".md", ".yml", ".yaml", ".gguf")
+NEVER = ("block_distances.json",)
+
+
+def files_to_upload(out: Path) -> list[str]:
+    """Top-level files of a model repository: weights, configs, tokenizer, card. No caches,
+    sub-folders (healing checkpoints), hidden files or scan temporaries."""
+    return sorted(p.name for p in out.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix in UPLOAD_SUFFIXES
+                  and p.name not in NEVER and not p.name.endswith((".tmp", ".partial")))
+
+
+def push(out_path: str, repo_id: str, *, plan_path: str | None = None, scan_path: str | None = None,
+         private: bool = False, revision: str | None = None, dry_run: bool = False) -> list[str]:
+    out = Path(out_path)
+    if not (out / "config.json").exists():
+        raise UserError(f"{out} is not a checkpoint folder (no config.json); materialize it first")
+    if repo_id.count("/") != 1:
+        raise ValueError(f"repo id {repo_id!r} must look like 'org/name'")
+    plan = Path(plan_path) if plan_path else out / "mergekit_config.yml"
+    if not plan.exists():
+        raise UserError(f"no plan at {plan}; pass --plan sliced.yml")
+    scan = json.loads(Path(scan_path).read_text()) if scan_path else None
+    write_text(out / "README.md", model_card(out, plan, scan))
+    files = files_to_upload(out)
+    if dry_run:
+        log.info("dry run: would upload %d files to %s%s", len(files), repo_id, f"@{revision}" if revision else "")
+        for f in files:
+            print(f"  {f}  ({(out / f).stat().st_size:,} bytes)")
+        return files
+    from huggingface_hub import HfApi, get_token
+
+    if not get_token():
+        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"))
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    info = api.upload_folder(folder_path=str(out), repo_id=repo_id, revision=revision, allow_patterns=files,
+                             commit_message=f"Upload depth-pruned model ({len(files)} files)")
+    log.info("pushed %d files to %s: %s", len(files), repo_id, getattr(info, "commit_url", info))
+    return files
