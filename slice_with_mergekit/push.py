@@ -49,10 +49,14 @@ def push(out_path: str, repo_id: str, *, plan_path: str | None = None, scan_path
     if not get_token():
         raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"))
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    info = api.upload_folder(folder_path=str(out), repo_id=repo_id, revision=revision, allow_patterns=files,
-                             commit_message=f"Upload depth-pruned model ({len(files)} files)")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(folder_path=str(out), repo_id=repo_id, revision=revision, allow_patterns=files,
+                                 commit_message=f"Upload depth-pruned model ({len(files)} files)")
+    except (OSError, ValueError) as e:  # HfHubHTTPError and OfflineModeIsEnabled are OSErrors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"push to {repo_id} failed: {first}") from None
     log.info("pushed %d files to %s: %s", len(files), repo_id, getattr(info, "commit_url", info))
     return files

@@ -1,0 +1,48 @@
+"""End to end on the real SmolLM2-135M-Instruct (30 layers): scan, slice, plain mergekit-yaml, verify."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compute_block_similarity.cli import main as scan_main
+from slice_with_mergekit.cli import main as slice_main
+from slice_with_mergekit.verify import verify
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol_scan(smollm2_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smol_scan")
+    assert scan_main(["--model_path", smollm2_dir, "--dataset", "python-stdlib-docs", "--dataset_size", "48",
+                      "--max_length", "128", "--batch_size", "16", "--layers_to_skip", "4",
+                      "--output_dir", str(out), "--no_progress"]) == 0
+    return out / "block_distances.json"
+
+
+def test_scan_on_smollm2(smol_scan):
+    js = json.loads(smol_scan.read_text())
+    assert js["num_layers"] == 30 and js["num_samples"] == 48
+    assert len(js["distances"]["4"]) == 27 and len(js["distances"]["1"]) == 30
+    best = js["best_start"]
+    assert js["distances"]["4"][best] == min(js["distances"]["4"])
+    # removing the first layer changes the state far more than any middle block: layer 0 is scored, and high
+    assert js["distances"]["1"][0] > 2 * min(js["distances"]["1"])
+    assert all(0 <= v <= 1 for row in js["distances"].values() for v in row)
+
+
+def test_slice_mergekit_yaml_verify(smol_scan, tmp_path):
+    plan = tmp_path / "sliced.yml"
+    assert slice_main(["--scan", str(smol_scan), "-o", str(plan)]) == 0
+    out = tmp_path / "out"
+    mk = str(Path(sys.executable).with_name("mergekit-yaml"))
+    r = subprocess.run([mk, str(plan), str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = verify(str(out), str(plan))
+    assert report.ok, report.render()
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 26
