@@ -120,3 +120,12 @@ def test_builtin_calibration_text_is_deterministic():
     assert a == load_texts(size=50) and len(a) == 50 and all(len(t) >= 200 for t in a)
     test = load_texts(split="test", size=20)
     assert not set(a) & set(test)
+
+
+def test_atomic_write_leaves_ordinary_permissions_and_no_temp(tmp_path):
+    from compute_block_similarity.atomic import write_text
+
+    write_text(tmp_path / "a.txt", "x")
+    umask = os.umask(0); os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert os.listdir(tmp_path) == ["a.txt"]
