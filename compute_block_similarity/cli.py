@@ -47,11 +47,34 @@ def build_parser() -> argparse.ArgumentParser:
     a("--trust_remote_code", action="store_true", help="allow model code from the Hub")
     a("--padding_side", default=None, choices=["left", "right"], help="default: the tokenizer's; scores do not depend on it")
     a("--no_progress", action="store_true", help="hide the progress bar")
+    a("--checkpoint_every", type=int, default=50, help="save running sums every N batches to "
+      "OUTPUT_DIR/scan_state.pt (0: never)")
+    a("--resume", action="store_true", help="continue from OUTPUT_DIR/scan_state.pt after a crash or preemption")
     return p
 
 
+def init_distributed(device: str) -> str:
+    """Join the process group that torchrun / accelerate launch describe in the environment."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return device
+
+
 def run(args: argparse.Namespace) -> dict[str, str]:
-    from .scan import scan_model
+    import os
+
+    from .scan import Checkpoint, scan_model
 
     if args.metric not in METRICS:
         raise ValueError(f"--metric {args.metric!r} is unknown; choose one of: {', '.join(METRICS)}")
@@ -61,10 +84,13 @@ def run(args: argparse.Namespace) -> dict[str, str]:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ValueError(f"--{flag} must be >= 1, got {v}")
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
+    device = init_distributed(args.device)
     model_path = args.model_path or default_model_dir()
     texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size,
                        args.dataset_config, args.streaming)
-    model, tok = load_model(model_path, dtype=args.dtype, device=args.device, device_map=args.device_map,
+    model, tok = load_model(model_path, dtype=args.dtype, device=device, device_map=args.device_map,
                             gguf_file=args.gguf_file, load_in_4bit=args.load_in_4bit,
                             trust_remote_code=args.trust_remote_code)
     L = model.config.get_text_config().num_hidden_layers
@@ -76,12 +102,18 @@ def run(args: argparse.Namespace) -> dict[str, str]:
         "dataset": {"name": args.dataset, "config": args.dataset_config, "split": args.dataset_subset,
                     "column": args.dataset_column, "size": args.dataset_size, "max_length": args.max_length},
     }
+    ckpt = None
+    if args.checkpoint_every or args.resume:
+        ckpt = Checkpoint(os.path.join(args.output_dir, "scan_state.pt"), args.checkpoint_every or 50, args.resume)
     result = scan_model(model, tok, texts, metric=args.metric, batch_size=args.batch_size,
                         max_length=args.max_length, padding_side=args.padding_side,
-                        progress=not args.no_progress, provenance=provenance)
+                        progress=not args.no_progress, provenance=provenance, checkpoint=ckpt)
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank != 0:
+        if ckpt:
+            ckpt.remove(rank)
         return {}
     n = args.layers_to_skip
     best, runner, z = result.separation(n)
@@ -94,6 +126,8 @@ def run(args: argparse.Namespace) -> dict[str, str]:
         log.warning("best block [%d, %d) beats the runner-up [%d, %d) by only %.1f standard errors (< 2): "
                     "a coin toss; use more calibration texts (--dataset_size)", best, best + n, runner, runner + n, z)
     paths = result.write(args.output_dir, n)
+    if ckpt:
+        ckpt.remove(rank)
     for kind, path in paths.items():
         log.info("wrote %s: %s", kind, path)
     log.info("%s", result.summary(n))

@@ -216,6 +216,61 @@ def check_finite(gram: torch.Tensor) -> None:
         raise UserError(f"NaN or inf in {where}; try --dtype float32 or check the checkpoint's weights")
 
 
+# ---------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """Running sums and the position in the batches, saved every ``every`` batches so that
+    ``resume=True`` continues a crashed or preempted scan with the same result."""
+
+    path: str
+    every: int = 50
+    resume: bool = False
+
+    def rank_path(self, rank: int) -> str:
+        return self.path if rank == 0 else f"{self.path}.rank{rank}"
+
+    def load(self, rank: int, fingerprint: str) -> tuple[Accumulator | None, int]:
+        import os
+
+        p = self.rank_path(rank)
+        if not self.resume or not os.path.exists(p):
+            if self.resume:
+                log.warning("--resume: no checkpoint at %s; starting from the beginning", p)
+            return None, 0
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != fingerprint:
+            raise UserError(f"--resume: {p} belongs to a scan with other inputs (model, data, batch size, "
+                            "max_length, metrics or ranks); rerun without --resume or delete it")
+        log.info("resuming from %s: %d batches done", p, state["done"])
+        return Accumulator.from_state_dict(state["acc"]), int(state["done"])
+
+    def save(self, rank: int, fingerprint: str, acc: Accumulator, done: int) -> None:
+        from .atomic import atomic_path
+
+        with atomic_path(self.rank_path(rank)) as tmp:
+            torch.save({"fingerprint": fingerprint, "done": done, "acc": acc.state_dict()}, tmp)
+
+    def remove(self, rank: int) -> None:
+        import contextlib
+        import os
+
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.rank_path(rank))
+
+
+def fingerprint(batches: Sequence[Batch], names: Sequence[str], world: int, extra: dict) -> str:
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps({"metrics": list(names), "world": world, **extra}, sort_keys=True).encode())
+    for b in batches:
+        h.update(b.input_ids.numpy().tobytes())
+        h.update(b.attention_mask.numpy().tobytes())
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------- result
 
 
@@ -313,6 +368,7 @@ def scan_model(
     padding_side: str | None = None,
     progress: bool = True,
     provenance: dict | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> ScanResult:
     """Score every block of consecutive decoder layers of a loaded causal LM.
 
@@ -327,6 +383,10 @@ def scan_model(
         padding_side: "left" or "right"; default: the tokenizer's. Scores do not depend on it.
         progress: show a tqdm bar with tokens per second.
         provenance: model/dataset facts recorded in the outputs.
+        checkpoint: save running sums every ``checkpoint.every`` batches; resume from them.
+
+    Under torchrun / accelerate launch (torch.distributed initialized), each rank takes every
+    world-th batch and the float64 sums are all-reduced; the result is the single-process one.
     """
     get_metric(metric)
     names = tuple(dict.fromkeys([metric, *(metrics if metrics is not None else METRICS)]))
@@ -352,15 +412,20 @@ def scan_model(
     layers = decoder_layers(model)
     num_layers = len(layers)
     all_tokens = any(m.reduce == "all_tokens" for m in chosen)
-    acc = Accumulator(names, num_layers)
+    acc, done = Accumulator(names, num_layers), 0
+    fp = fingerprint(batches, names, world, {"padding_side": side, "layers": num_layers}) if checkpoint else ""
+    if checkpoint:
+        acc, done = checkpoint.load(rank, fp)
+        acc = acc or Accumulator(names, num_layers)
     decoder, dev = decoder_of(model), input_device(model)
     capture = ResidualCapture(layers, stats_device=dev)
     total = sum(int(b.lengths.sum()) for b in batches)
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="scan", disable=not progress or rank != 0)
+    bar = tqdm(total=total, initial=sum(int(b.lengths.sum()) for b in batches[:done]), unit="tok", unit_scale=True,
+               desc="scan", disable=not progress or rank != 0)
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            for batch in batches:
+            for k, batch in enumerate(batches[done:], start=done + 1):
                 mask = batch.attention_mask.to(dev)
                 lengths = mask.sum(-1)  # (B,)
                 last = (mask * torch.arange(mask.shape[1], device=dev)).argmax(-1)  # (B,) last non-pad index
@@ -379,6 +444,8 @@ def scan_model(
                 acc.add(per_sample_values(gram, sample_of, last_rows, len(counts), chosen), int(lengths.sum()))
                 capture.states = []
                 bar.update(int(lengths.sum()))
+                if checkpoint and k % checkpoint.every == 0 and k < len(batches):
+                    checkpoint.save(rank, fp, acc, k)
     finally:
         capture.remove()
         bar.close()
