@@ -21,9 +21,21 @@ log = logging.getLogger("slice_with_mergekit")
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import plan, write_config
 
+    choices: list = []
     config = plan(args.scan, layers_to_skip=args.layers_to_skip, start=args.start, remove=args.remove,
-                  model=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+                  model=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                  select=args.select, top_k=args.top_k, select_texts=args.select_texts, choice_out=choices)
     write_config(config, args.output)
+    if choices:
+        import dataclasses
+        import json
+        from pathlib import Path
+
+        from compute_block_similarity.atomic import write_text
+
+        sel = Path(args.output).with_suffix(".select.json")
+        write_text(sel, json.dumps(dataclasses.asdict(choices[0]), indent=1) + "\n")
+        log.info("wrote the selection details to %s", sel)
     log.info("wrote %s; build the pruned model with: mergekit-yaml %s out/", args.output, args.output)
     return 0
 
@@ -60,6 +72,11 @@ def plan_parser(p: argparse.ArgumentParser) -> None:
     a("--remove", default=None, help="remove any set of 0-based layers, e.g. '21-28,30' (inclusive runs)")
     a("--model", default=None, help="source model path or id; default: the one the scan recorded")
     a("--dtype", default=None, help="output dtype; default: the source model's")
+    a("--select", default="angle", choices=["angle", "ppl", "iterative", "deepest"],
+      help="angle: the scan's best block; ppl: re-rank the scan's top-k blocks by the real perplexity of the "
+      "model without them; iterative: remove one layer at a time (SLEB); deepest: the n deepest but the last")
+    a("--top_k", type=int, default=5, help="candidates that --select ppl re-ranks")
+    a("--select_texts", type=int, default=None, help="calibration texts for --select ppl/iterative (default: the scan's)")
     a("--trust_remote_code", action="store_true", help="allow model code from the Hub")
 
 

@@ -103,11 +103,43 @@ def source_dtype(cfg: Any) -> str | None:
     return str(dt).replace("torch.", "") if dt is not None else None
 
 
+def calibration_scorer(scan: dict, model: str, num_texts: int | None = None, trust_remote_code: bool = False):
+    """A perplexity scorer on the scan's own calibration text (its dataset provenance)."""
+    from compute_block_similarity.data import load_texts
+    from compute_block_similarity.model import load_model
+
+    from .select import Scorer
+
+    ds = scan.get("dataset") or {}
+    texts = load_texts(ds.get("name", "python-stdlib-docs"), ds.get("column", "text"), ds.get("split", "train"),
+                       num_texts or ds.get("size"), ds.get("config"))
+    m, tok = load_model(model, trust_remote_code=trust_remote_code, gguf_file=scan.get("gguf_file"))
+    ml = min(int(ds.get("max_length") or 256), 1024)
+    return Scorer(m, tok, texts, max_length=ml, stride=ml)
+
+
 def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None = None, remove: str | None = None,
-         model: str | None = None, dtype: str | None = None, trust_remote_code: bool = False) -> MergeConfiguration:
-    """Everything MergeKit leaves unchecked, checked; then the config."""
+         model: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
+         select: str = "angle", top_k: int = 5, select_texts: int | None = None,
+         choice_out: list | None = None) -> MergeConfiguration:
+    """Everything MergeKit leaves unchecked, checked; then the config.
+
+    ``select`` picks the block of ``layers_to_skip`` when no explicit --start/--remove is given:
+    angle (the scan's best), ppl (re-rank the top_k by real perplexity), iterative (SLEB), deepest.
+    """
+    from .select import choose
+
     scan = load_scan(scan_path)
     removed = removed_layers(scan, layers_to_skip=layers_to_skip, start=start, remove=remove)
+    if select != "angle" and start is None and remove is None:
+        src0 = model or scan["model"]
+        choice = choose(select, scan, len(removed),
+                        lambda: calibration_scorer(scan, src0, select_texts, trust_remote_code), top_k)
+        removed = choice.removed
+        if choice_out is not None:
+            choice_out.append(choice)
+        log.info("--select %s: remove %s (%d calibration passes%s)", select, format_layers(removed), choice.passes,
+                 f", perplexity {choice.perplexity:.3f}" if choice.perplexity else "")
     scanned = scan["model"]
     if model is not None and os.path.normpath(model) != os.path.normpath(scanned):
         log.warning("--model %s overrides the scanned model %s", model, scanned)

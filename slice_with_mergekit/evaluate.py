@@ -1,0 +1,114 @@
+"""Token-weighted perplexity on held-out text, with a fixed window (max_length) and stride.
+
+Each text is tokenized on its own, with BOS/EOS by the tokenizer's own convention. A text longer
+than max_length is scored in sliding windows: each window predicts only the tokens the previous
+window did not, with up to max_length - stride tokens of context. The first token of a text has
+nothing to condition on and is not scored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from compute_block_similarity.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Perplexity:
+    perplexity: float
+    nll_sum: float
+    tokens_scored: int
+    num_texts: int
+    max_length: int
+    stride: int
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens_scored
+
+
+def windows(ids: Sequence[int], max_length: int, stride: int) -> list[tuple[list[int], int]]:
+    """(window token ids, how many leading tokens are context only) covering every token once."""
+    out, prev_end = [], 0
+    for begin in range(0, max(len(ids) - 1, 1), stride):
+        end = min(begin + max_length, len(ids))
+        out.append((list(ids[begin:end]), max(prev_end - begin, 1) if begin else 1))
+        prev_end = end
+        if end == len(ids):
+            break
+    return out
+
+
+def tokenize_windows(tok: Any, texts: Sequence[str], max_length: int, stride: int) -> list[tuple[list[int], int]]:
+    if not 0 < stride <= max_length:
+        raise ValueError(f"--stride must be in [1, --max_length={max_length}], got {stride}")
+    out = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=True)["input_ids"]
+        if len(ids) >= 2:
+            out.extend(windows(ids, max_length, stride))
+    if not out:
+        raise UserError("no held-out text has two or more tokens; give a dataset with real text")
+    return out
+
+
+@torch.inference_mode()
+def perplexity(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 512, stride: int = 256,
+               batch_size: int = 4, progress: bool = False, _windows: list | None = None) -> Perplexity:
+    """Token-weighted perplexity of ``model`` on ``texts``."""
+    wins = _windows if _windows is not None else tokenize_windows(tok, texts, max_length, stride)
+    dev = model.get_input_embeddings().weight.device
+    order = sorted(range(len(wins)), key=lambda i: -len(wins[i][0]))
+    nll, count = 0.0, 0
+    for k in tqdm(range(0, len(order), batch_size), desc="perplexity", disable=not progress):
+        rows = [wins[i] for i in order[k : k + batch_size]]
+        width = max(len(r[0]) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        score = torch.zeros_like(ids, dtype=torch.bool)  # positions whose token is predicted
+        for b, (w, ctx) in enumerate(rows):
+            ids[b, : len(w)] = torch.tensor(w)
+            mask[b, : len(w)] = 1
+            score[b, ctx : len(w)] = True
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, S-1, V) predicts tokens 1..S-1
+        target = ids[:, 1:].to(logp.device)
+        tok_nll = -logp.gather(-1, target[..., None])[..., 0]  # (B, S-1)
+        sel = score[:, 1:].to(logp.device)
+        nll += float(tok_nll[sel].double().sum())
+        count += int(sel.sum())
+    if not math.isfinite(nll):
+        raise UserError("the model produced NaN or inf log-probabilities; try float32")
+    return Perplexity(math.exp(nll / count), nll, count, len(texts), max_length, stride)
+
+
+def write_eval(out_dir: str | Path, key: str, result: Perplexity, extra: dict | None = None) -> Path:
+    """Merge ``{key: result}`` into out_dir/eval.json (atomic), where the model card picks it up."""
+    from compute_block_similarity.atomic import write_text
+
+    path = Path(out_dir) / "eval.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = {**asdict(result), **(extra or {})}
+    write_text(path, json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def run_lm_eval(model_path: str, tasks: str, batch_size: int = 8, device: str = "cpu") -> dict:
+    """lm-evaluation-harness scores, where it is installed."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise UserError("--tasks needs lm-evaluation-harness: pip install lm-eval") from None
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path}", tasks=tasks.split(","),
+                                  batch_size=batch_size, device=device)
+    return {t: {k: v for k, v in r.items() if isinstance(v, (int, float))} for t, r in res["results"].items()}

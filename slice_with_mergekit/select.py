@@ -1,0 +1,117 @@
+"""Choosing which layers to cut. The angle scan is a cheap proxy; these strategies check it
+against the real perplexity of the model with the layers removed (in memory, nothing written).
+
+Cost is counted in calibration passes: one forward pass of the model over the calibration text.
+The scan itself is one pass with every strategy.
+
+| strategy  | what it removes                                        | extra passes           |
+|-----------|--------------------------------------------------------|------------------------|
+| angle     | the scan's best block                                  | 0                      |
+| ppl       | the best of the scan's top-k blocks by real perplexity | k                      |
+| iterative | one layer at a time, the one whose loss hurts least (SLEB) | sum of alive layers per step |
+| deepest   | baseline: the n deepest layers but the last (Gromov et al.) | 0                 |
+| exhaustive| every contiguous block by real perplexity (the reference) | L - n + 1           |
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from compute_block_similarity.ranges import format_layers
+
+from .evaluate import perplexity, tokenize_windows
+from .inmemory import removed_layers
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("angle", "ppl", "iterative", "deepest")
+
+
+@dataclass
+class Choice:
+    strategy: str
+    removed: list[int]
+    passes: int
+    perplexity: float | None = None
+    candidates: list[dict] = field(default_factory=list)
+
+
+def scan_ranking(scan: dict, n: int) -> list[int]:
+    row = scan["distances"][str(n)]
+    lower = scan.get("metric_info", {}).get("lower_is_redundant", True)
+    return sorted(range(len(row)), key=lambda l: (row[l] if lower else -row[l], l))
+
+
+class Scorer:
+    """Perplexity of the model with some layers removed, on fixed calibration windows."""
+
+    def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
+                 batch_size: int = 8):
+        self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
+        self.wins = tokenize_windows(tok, texts, max_length, stride)
+        self.kw = dict(max_length=max_length, stride=stride)
+        self.passes = 0
+
+    def __call__(self, removed: Sequence[int]) -> float:
+        self.passes += 1
+        with removed_layers(self.model, removed):
+            return perplexity(self.model, self.tok, self.texts, batch_size=self.batch_size,
+                              _windows=self.wins, **self.kw).perplexity
+
+
+def select_angle(scan: dict, n: int) -> Choice:
+    s = scan_ranking(scan, n)[0]
+    return Choice("angle", list(range(s, s + n)), 0)
+
+
+def select_deepest(num_layers: int, n: int) -> Choice:
+    """Gromov et al.'s baseline: the n deepest layers excluding the final one, [L-1-n, L-1)."""
+    return Choice("deepest", list(range(num_layers - 1 - n, num_layers - 1)), 0)
+
+
+def select_ppl(scan: dict, n: int, score: Scorer, top_k: int = 5) -> Choice:
+    cands = []
+    for s in scan_ranking(scan, n)[:top_k]:
+        p = score(list(range(s, s + n)))
+        cands.append({"start": s, "removed": format_layers(range(s, s + n)), "perplexity": p,
+                      "score": scan["distances"][str(n)][s]})
+        log.info("candidate block [%d, %d): perplexity %.3f", s, s + n, p)
+    best = min(cands, key=lambda c: c["perplexity"])
+    return Choice("ppl", list(range(best["start"], best["start"] + n)), len(cands), best["perplexity"], cands)
+
+
+def select_iterative(num_layers: int, n: int, score: Scorer) -> Choice:
+    """SLEB: remove one layer per step, the one whose removal gives the lowest perplexity on the
+    current (already pruned) model. The first and last surviving layers are never candidates."""
+    gone: list[int] = []
+    passes0, p = score.passes, None
+    steps = []
+    for _ in range(n):
+        alive = [i for i in range(num_layers) if i not in gone]
+        trials = {i: score(sorted(gone + [i])) for i in alive[1:-1]}
+        pick = min(trials, key=trials.get)
+        gone.append(pick)
+        p = trials[pick]
+        steps.append({"removed": pick, "perplexity": p})
+        log.info("iterative: remove layer %d -> perplexity %.3f", pick, p)
+    return Choice("iterative", sorted(gone), score.passes - passes0, p, steps)
+
+
+def exhaustive(num_layers: int, n: int, score: Scorer) -> dict[int, float]:
+    return {s: score(list(range(s, s + n))) for s in range(num_layers - n + 1)}
+
+
+def choose(strategy: str, scan: dict, n: int, score_factory: Callable[[], Scorer] | None, top_k: int = 5) -> Choice:
+    L = scan["num_layers"]
+    if strategy == "angle":
+        return select_angle(scan, n)
+    if strategy == "deepest":
+        return select_deepest(L, n)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--select {strategy!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
+    if top_k < 1:
+        raise ValueError(f"--top_k must be >= 1, got {top_k}")
+    score = score_factory()
+    return select_ppl(scan, n, score, top_k) if strategy == "ppl" else select_iterative(L, n, score)
