@@ -1,0 +1,84 @@
+"""Regret of each block-selection strategy on SmolLM2-135M-Instruct (or --model_path).
+
+regret = held-out perplexity after the strategy's cut / the best held-out perplexity over every
+contiguous block of the same size (exhaustive search). Strategies choose on the calibration split;
+regret is measured on the held-out split. Cost: calibration passes beyond the scan (one forward
+pass over the calibration text each); the exhaustive search costs L - n + 1 held-out passes.
+
+    python bench/bench_select.py [--sizes 2,4,6,8] [--calib 64] [--heldout 64] [--max_length 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", default=None)
+    p.add_argument("--sizes", default="2,4,6,8")
+    p.add_argument("--calib", type=int, default=64, help="calibration texts (train split)")
+    p.add_argument("--heldout", type=int, default=64, help="held-out texts (test split)")
+    p.add_argument("--max_length", type=int, default=256)
+    p.add_argument("--top_k", type=int, default=5)
+    p.add_argument("--iterative_max_n", type=int, default=4, help="run SLEB-style iterative only up to this n (it is costly)")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    args = p.parse_args()
+
+    from compute_block_similarity import scan_model
+    from compute_block_similarity.data import load_texts
+    from compute_block_similarity.model import default_model_dir, load_model
+    from slice_with_mergekit.select import Scorer, select_deepest, select_iterative, select_ppl
+
+    model, tok = load_model(args.model_path or default_model_dir(), dtype="float32", device="auto")
+    calib = load_texts(size=args.calib)
+    held = load_texts(split="test", size=args.heldout)
+    t0 = time.perf_counter()
+    res = scan_model(model, tok, calib, batch_size=16, max_length=args.max_length, progress=False)
+    scan_s = time.perf_counter() - t0
+    L = res.num_layers
+    scan = {"num_layers": L, "distances": {str(n): v for n, v in res.triangle().items()},
+            "metric_info": {"lower_is_redundant": True}}
+    cal = Scorer(model, tok, calib, max_length=args.max_length, stride=args.max_length)
+    hel = Scorer(model, tok, held, max_length=args.max_length, stride=args.max_length)
+    dense = hel([])
+    rows = []
+    for n in map(int, args.sizes.split(",")):
+        t = time.perf_counter()
+        exh = {s: hel(list(range(s, s + n))) for s in range(L - n + 1)}
+        exh_s = time.perf_counter() - t
+        best_s = min(exh, key=exh.get)
+        choices = {"angle": (list(range(res.best_start(n), res.best_start(n) + n)), 0),
+                   "deepest": (select_deepest(L, n).removed, 0)}
+        c = select_ppl(scan, n, cal, args.top_k)
+        choices[f"ppl (k={args.top_k})"] = (c.removed, c.passes)
+        if n <= args.iterative_max_n:
+            c = select_iterative(L, n, cal)
+            choices["iterative"] = (c.removed, c.passes)
+        for name, (removed, passes) in choices.items():
+            ppl = exh[removed[0]] if removed == list(range(removed[0], removed[0] + n)) else hel(removed)
+            rows.append({"n": n, "strategy": name, "removed": removed, "heldout_ppl": ppl,
+                         "regret": ppl / exh[best_s], "extra_passes": passes})
+        rows.append({"n": n, "strategy": "exhaustive", "removed": list(range(best_s, best_s + n)),
+                     "heldout_ppl": exh[best_s], "regret": 1.0, "extra_passes": L - n + 1, "seconds": exh_s})
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(f"machine: {dev} ({platform.machine()}), torch {torch.__version__}")
+    print(f"model: {L} layers; calibration {args.calib} texts (train split), held-out {args.heldout} texts "
+          f"(test split), max_length {args.max_length}; scan {scan_s:.1f}s; dense held-out perplexity {dense:.2f}")
+    print(f"{'n':>2} {'strategy':<12} {'removed':<16} {'held-out ppl':>12} {'regret':>7} {'extra passes':>12}")
+    for r in rows:
+        rm = f"{r['removed'][0]}-{r['removed'][-1]}" if r["removed"] == list(range(r["removed"][0], r["removed"][-1] + 1)) else ",".join(map(str, r["removed"]))
+        print(f"{r['n']:>2} {r['strategy']:<12} {rm:<16} {r['heldout_ppl']:12.2f} {r['regret']:7.3f} {r['extra_passes']:12d}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"dense_heldout_ppl": dense, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
