@@ -63,6 +63,72 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import os
+
+    from compute_block_similarity.data import load_texts
+    from compute_block_similarity.model import load_model
+
+    from .evaluate import perplexity, run_lm_eval, write_eval
+
+    texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    res = perplexity(model, tok, texts, max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
+                     progress=True)
+    extra = {"dataset": args.dataset, "split": args.dataset_subset}
+    if args.tasks:
+        extra["lm_eval"] = run_lm_eval(args.model, args.tasks, device=str(model.device))
+    print(f"perplexity {res.perplexity:.4f} over {res.tokens_scored} tokens ({res.num_texts} texts, "
+          f"max_length {res.max_length}, stride {res.stride})")
+    into = args.into or (args.model if os.path.isdir(args.model) else None)
+    if into:
+        log.info("wrote %s", write_eval(into, args.name, res, extra))
+    return 0
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    from compute_block_similarity.data import load_texts
+
+    from .heal import HealConfig, heal
+
+    train = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
+    held = load_texts(args.dataset, args.dataset_column, args.eval_subset, args.eval_size, args.dataset_config)
+    cfg = HealConfig(rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps, warmup=args.warmup,
+                     batch_size=args.batch_size, seq_len=args.seq_len, eval_every=args.eval_every,
+                     save_every=args.save_every, eval_max_length=args.max_length,
+                     target_modules=args.target_modules.split(",") if args.target_modules else None,
+                     load_in_4bit=args.load_in_4bit)
+    out = args.output or args.out.rstrip("/") + "-healed"
+    summary = heal(args.out, train, held, out, cfg, resume=args.resume)
+    print(f"perplexity after the cut {summary['after_cut']:.3f} -> after healing {summary['after_heal']:.3f} "
+          f"(best step {summary['best_step']}); merged model in {out}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .pipeline import PruneArgs, prune
+
+    sizes = [int(x) for x in str(args.layers_to_skip).split(",") if x]
+    report = prune(PruneArgs(model=args.model, layers_to_skip=sizes, dataset=args.dataset,
+                             dataset_column=args.dataset_column, dataset_subset=args.dataset_subset,
+                             dataset_size=args.dataset_size, eval_subset=args.eval_subset, eval_size=args.eval_size,
+                             max_length=args.max_length, batch_size=args.batch_size, metric=args.metric,
+                             select=args.select, top_k=args.top_k, heal=args.heal, heal_steps=args.heal_steps,
+                             heal_rank=args.heal_rank, heal_lr=args.heal_lr, work_dir=args.work_dir,
+                             trust_remote_code=args.trust_remote_code))
+    print(f"report: {report}")
+    return 0
+
+
+def data_args(p: argparse.ArgumentParser, split: str = "train") -> None:
+    a = p.add_argument
+    a("--dataset", default="python-stdlib-docs", help="Hub id, local file/folder, or python-stdlib-docs")
+    a("--dataset_column", default="text")
+    a("--dataset_subset", default=split, help="split")
+    a("--dataset_size", type=int, default=None, help="first N texts (default: all)")
+    a("--dataset_config", default=None)
+
+
 def plan_parser(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--scan", default="block_distances.json", help="block_distances.json written by compute_block_similarity")
@@ -85,6 +151,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "materialize": (cmd_materialize, "run sliced.yml through MergeKit and fix per-layer config, tied embeddings, tokenizer"),
     "verify": (cmd_verify, "check a pruned checkpoint against its source and plan"),
     "push": (cmd_push, "write a model card and upload the checkpoint to the Hugging Face Hub"),
+    "evaluate": (cmd_evaluate, "token-weighted perplexity on held-out text (and lm-eval --tasks); writes eval.json"),
+    "heal": (cmd_heal, "LoRA-heal a pruned checkpoint, keep the best by held-out perplexity, merge"),
+    "prune": (cmd_prune, "scan -> choose -> sliced.yml -> materialize -> verify -> evaluate -> (heal) -> report"),
 }
 
 
@@ -113,6 +182,55 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     u.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="write the card and list what would be uploaded, upload nothing")
+    e = parsers["evaluate"]
+    e.add_argument("model", help="checkpoint folder or Hub id")
+    data_args(e, split="test")
+    e.add_argument("--max_length", type=int, default=512, help="tokens per window")
+    e.add_argument("--stride", type=int, default=256, help="new tokens scored per window")
+    e.add_argument("--batch_size", type=int, default=4)
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. 'arc_easy,hellaswag' (needs lm-eval)")
+    e.add_argument("--into", default=None, help="folder whose eval.json gets the result (default: MODEL if local)")
+    e.add_argument("--name", default="perplexity", help="key of this result in eval.json (e.g. source, pruned)")
+    e.add_argument("--trust_remote_code", action="store_true")
+    h = parsers["heal"]
+    h.add_argument("out", help="pruned checkpoint folder")
+    data_args(h)
+    h.add_argument("--eval_subset", default="test", help="held-out split for periodic perplexity")
+    h.add_argument("--eval_size", type=int, default=64)
+    h.add_argument("--output", default=None, help="merged healed model (default: OUT-healed)")
+    h.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    h.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
+    h.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (cosine schedule)")
+    h.add_argument("--steps", type=int, default=200)
+    h.add_argument("--warmup", type=int, default=20)
+    h.add_argument("--batch_size", type=int, default=4)
+    h.add_argument("--seq_len", type=int, default=256, help="tokens per packed training sequence")
+    h.add_argument("--max_length", type=int, default=256, help="evaluation window")
+    h.add_argument("--eval_every", type=int, default=50)
+    h.add_argument("--save_every", type=int, default=50)
+    h.add_argument("--target_modules", default=None, help="comma list; default: the MLP projections")
+    h.add_argument("--load_in_4bit", action="store_true", help="QLoRA: 4-bit base (CUDA + bitsandbytes)")
+    h.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.work/last")
+    r = parsers["prune"]
+    r.add_argument("model", help="checkpoint folder or Hub id")
+    r.add_argument("--layers_to_skip", default="4", help="block size, or several: '2,4,6,8'")
+    data_args(r)
+    r.set_defaults(dataset_size=256)
+    r.add_argument("--eval_subset", default="test")
+    r.add_argument("--eval_size", type=int, default=64)
+    r.add_argument("--max_length", type=int, default=256)
+    r.add_argument("--batch_size", type=int, default=8)
+    r.add_argument("--metric", default="angular_last_token")
+    r.add_argument("--select", default="angle", choices=["angle", "ppl", "iterative", "deepest"])
+    r.add_argument("--top_k", type=int, default=5)
+    r.add_argument("--heal", action="store_true", help="LoRA-heal each pruned model")
+    r.add_argument("--heal_steps", type=int, default=100)
+    r.add_argument("--heal_rank", type=int, default=8)
+    r.add_argument("--heal_lr", type=float, default=3e-4)
+    r.add_argument("--work_dir", default="prune_out", help="every stage's output, and report.md")
+    r.add_argument("--trust_remote_code", action="store_true")
     return p
 
 

@@ -1,0 +1,211 @@
+"""`prune`: scan -> choose -> sliced.yml -> materialize -> verify -> evaluate -> (heal) -> report.
+
+Every stage's output stays under --work_dir. A stage records a fingerprint of its inputs (its
+arguments and the fingerprints of the stages it reads); a rerun skips a stage whose fingerprint
+and outputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from compute_block_similarity.atomic import write_text
+from compute_block_similarity.ranges import format_layers, kept_ranges
+
+log = logging.getLogger(__name__)
+
+
+def stage(work: Path, name: str, inputs: dict, outputs: list[Path], fn: Callable[[], Any]) -> str:
+    """Run ``fn`` unless its inputs' fingerprint and outputs are unchanged. Returns the fingerprint."""
+    fp = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    stamp = work / f".stage-{name}.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp and all(p.exists() for p in outputs):
+        log.info("stage %s: inputs unchanged, skipped", name)
+        return fp
+    log.info("stage %s: running", name)
+    fn()
+    write_text(stamp, json.dumps({"fingerprint": fp, "inputs": inputs}, default=str, indent=1))
+    return fp
+
+
+@dataclass
+class PruneArgs:
+    model: str
+    layers_to_skip: list[int]
+    dataset: str = "python-stdlib-docs"
+    dataset_column: str = "text"
+    dataset_subset: str = "train"
+    dataset_size: int | None = 256
+    eval_subset: str = "test"
+    eval_size: int = 64
+    max_length: int = 256
+    batch_size: int = 8
+    metric: str = "angular_last_token"
+    select: str = "angle"
+    top_k: int = 5
+    heal: bool = False
+    heal_steps: int = 100
+    heal_rank: int = 8
+    heal_lr: float = 3e-4
+    work_dir: str = "prune_out"
+    trust_remote_code: bool = False
+
+
+def prune(a: PruneArgs) -> Path:
+    from compute_block_similarity.data import load_texts
+
+    work = Path(a.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    scan_dir = work / "scan"
+    scan_json = scan_dir / "block_distances.json"
+    scan_in = {"model": a.model, "dataset": a.dataset, "column": a.dataset_column, "split": a.dataset_subset,
+               "size": a.dataset_size, "max_length": a.max_length, "batch_size": a.batch_size, "metric": a.metric,
+               "n": a.layers_to_skip[0]}
+
+    def run_scan() -> None:
+        from compute_block_similarity.cli import build_parser, run
+
+        args = build_parser().parse_args([
+            "--model_path", a.model, "--dataset", a.dataset, "--dataset_column", a.dataset_column,
+            "--dataset_subset", a.dataset_subset, "--max_length", str(a.max_length), "--batch_size", str(a.batch_size),
+            "--layers_to_skip", str(a.layers_to_skip[0]), "--metric", a.metric, "--output_dir", str(scan_dir),
+            *(["--dataset_size", str(a.dataset_size)] if a.dataset_size else []),
+            *(["--trust_remote_code"] if a.trust_remote_code else [])])
+        run(args)
+
+    scan_fp = stage(work, "scan", scan_in, [scan_json], run_scan)
+    eval_texts = load_texts(a.dataset, a.dataset_column, a.eval_subset, a.eval_size)
+    eval_in = {"texts": hashlib.sha256("\x00".join(eval_texts).encode()).hexdigest(), "max_length": a.max_length}
+
+    def eval_model(path: str, out: Path) -> None:
+        from compute_block_similarity.model import load_model
+
+        from .evaluate import perplexity
+
+        m, tok = load_model(path, trust_remote_code=a.trust_remote_code)
+        p = perplexity(m, tok, eval_texts, max_length=a.max_length, stride=a.max_length, progress=True)
+        write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
+
+    src_eval = work / "source_eval.json"
+    stage(work, "eval-source", {"model": a.model, **eval_in}, [src_eval], lambda: eval_model(a.model, src_eval))
+    rows = []
+    for n in a.layers_to_skip:
+        d = work / f"n{n}"
+        plan_path, model_dir = d / "sliced.yml", d / "model"
+
+        def run_plan() -> None:
+            from .plan import plan, write_config
+
+            choices: list = []
+            cfg = plan(str(scan_json), layers_to_skip=n, select=a.select, top_k=a.top_k, model=a.model,
+                       trust_remote_code=a.trust_remote_code, choice_out=choices)
+            write_config(cfg, plan_path)
+
+        plan_fp = stage(work, f"plan-n{n}", {"scan": scan_fp, "n": n, "select": a.select, "top_k": a.top_k},
+                        [plan_path], run_plan)
+
+        def run_materialize() -> None:
+            from .materialize import materialize
+
+            materialize(str(plan_path), str(model_dir), trust_remote_code=a.trust_remote_code)
+
+        mat_fp = stage(work, f"materialize-n{n}", {"plan": plan_fp}, [model_dir / "config.json"], run_materialize)
+
+        def run_verify() -> None:
+            from .verify import verify
+
+            rep = verify(str(model_dir), str(plan_path))
+            write_text(d / "verify.txt", rep.render() + "\n")
+            if not rep.ok:
+                from compute_block_similarity.errors import UserError
+
+                raise UserError(f"verification of {model_dir} failed; see {d / 'verify.txt'}")
+
+        stage(work, f"verify-n{n}", {"model": mat_fp}, [d / "verify.txt"], run_verify)
+        pr_eval = d / "pruned_eval.json"
+        stage(work, f"eval-n{n}", {"model": mat_fp, **eval_in}, [pr_eval], lambda: eval_model(str(model_dir), pr_eval))
+        healed = None
+        if a.heal:
+            hdir = d / "healed"
+
+            def run_heal() -> None:
+                from .heal import HealConfig, heal
+
+                train = load_texts(a.dataset, a.dataset_column, a.dataset_subset, a.dataset_size)
+                heal(str(model_dir), train, eval_texts, str(hdir),
+                     HealConfig(steps=a.heal_steps, rank=a.heal_rank, lr=a.heal_lr, eval_every=max(a.heal_steps // 4, 1),
+                                save_every=max(a.heal_steps // 4, 1), eval_max_length=a.max_length,
+                                warmup=min(10, a.heal_steps)),
+                     resume=(Path(str(hdir) + ".work")).exists(), progress=True)
+
+            stage(work, f"heal-n{n}", {"model": mat_fp, "steps": a.heal_steps, "rank": a.heal_rank, "lr": a.heal_lr,
+                                       **eval_in}, [hdir / "heal.json"], run_heal)
+            healed = json.loads((hdir / "heal.json").read_text())["after_heal"]
+        removed = sorted(set(range(json.loads(scan_json.read_text())["num_layers"])) -
+                         {i for r in _ranges(plan_path) for i in range(*r)})
+        src_ppl = json.loads(src_eval.read_text())["perplexity"]
+        pr = json.loads(pr_eval.read_text())
+        ev = {"source": {"perplexity": src_ppl}, "pruned": pr, **({"healed": {"perplexity": healed}} if healed else {})}
+        write_text(model_dir / "eval.json", json.dumps(ev, indent=1) + "\n")
+        rows.append({"n": n, "removed": removed, "ranges": _ranges(plan_path), "source": src_ppl,
+                     "pruned": pr["perplexity"], "healed": healed, "tokens": pr["tokens_scored"]})
+    write_report(work, a, rows, json.loads(scan_json.read_text()))
+    return work / "report.md"
+
+
+def _ranges(plan_path: Path) -> list[list[int]]:
+    from .plan import read_config
+
+    return [list(s.sources[0].layer_range) for s in read_config(plan_path).slices]
+
+
+def plot_ppl(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from compute_block_similarity.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ns = [0] + [r["n"] for r in rows]
+    ax.plot(ns, [rows[0]["source"]] + [r["pruned"] for r in rows], "o-", label="pruned")
+    if any(r["healed"] for r in rows):
+        ax.plot([0] + [r["n"] for r in rows if r["healed"]], [rows[0]["source"]] + [r["healed"] for r in rows if r["healed"]],
+                "s--", label="pruned + LoRA healing")
+    ax.set_xlabel("layers removed")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: dict) -> None:
+    shutil.copyfile(work / "scan" / "block_distances.png", work / "heatmap.png")
+    plot_ppl(rows, work / "perplexity_vs_layers.png")
+    L = scan["num_layers"]
+    lines = [f"# Depth-pruning report: `{a.model}`", "",
+             f"{L} decoder layers. Scan: `{scan['metric']}` on {scan['num_samples']} texts ({scan['num_tokens']} tokens) "
+             f"of `{a.dataset}`; selection: `{a.select}`. Perplexity: held-out split `{a.eval_subset}` "
+             f"({a.eval_size} texts, {rows[0]['tokens']} tokens scored, window {a.max_length}).",
+             "Layers are 0-based; ranges are half-open `[start, end)` as in MergeKit's `layer_range`.", "",
+             "| n removed | layers removed | kept `layer_range`s | perplexity source | pruned | healed | checkpoint |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        healed = f"{r['healed']:.2f}" if r["healed"] else "-"
+        lines.append(f"| {r['n']} | {format_layers(r['removed'])} | {', '.join(f'[{x}, {y}]' for x, y in r['ranges'])} | "
+                     f"{r['source']:.2f} | {r['pruned']:.2f} | {healed} | "
+                     f"`n{r['n']}/{'healed' if r['healed'] else 'model'}` |")
+    lines += ["", "![heatmap](heatmap.png)", "", "![perplexity](perplexity_vs_layers.png)", ""]
+    write_text(work / "report.md", "\n".join(lines))
+    log.info("report: %s", work / "report.md")
