@@ -38,18 +38,23 @@ class Perplexity:
 
 
 def windows(ids: Sequence[int], max_length: int, stride: int) -> list[tuple[list[int], int]]:
-    """(window token ids, how many leading tokens are context only) covering every token once."""
-    out, prev_end = [], 0
-    for begin in range(0, max(len(ids) - 1, 1), stride):
-        end = min(begin + max_length, len(ids))
-        out.append((list(ids[begin:end]), max(prev_end - begin, 1) if begin else 1))
-        prev_end = end
-        if end == len(ids):
-            break
+    """(window token ids, how many leading tokens are context only) scoring every token after the
+    first exactly once. Each later window adds up to ``stride`` new tokens (at most max_length - 1,
+    so at least one token of context precedes them) and fills the rest with the tokens before."""
+    end = min(max_length, len(ids))
+    out = [(list(ids[:end]), 1)]
+    step = min(stride, max_length - 1)
+    while end < len(ids):
+        new_end = min(end + step, len(ids))
+        start = max(0, new_end - max_length)
+        out.append((list(ids[start:new_end]), end - start))
+        end = new_end
     return out
 
 
 def tokenize_windows(tok: Any, texts: Sequence[str], max_length: int, stride: int) -> list[tuple[list[int], int]]:
+    if max_length < 2:
+        raise ValueError(f"--max_length must be >= 2 to score anything, got {max_length}")
     if not 0 < stride <= max_length:
         raise ValueError(f"--stride must be in [1, --max_length={max_length}], got {stride}")
     out = []

@@ -1,0 +1,169 @@
+"""Evaluation, in-memory cuts, block selection, healing and the one-command pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from slice_with_mergekit.cli import main as slice_main
+from slice_with_mergekit.evaluate import perplexity, windows
+from slice_with_mergekit.inmemory import removed_layers
+from slice_with_mergekit.select import Scorer, exhaustive, select_deepest, select_iterative, select_ppl
+from conftest import TEXTS, load
+
+
+def reference_ppl(model, tok, texts) -> float:
+    """One text at a time, no windows, transformers' own loss."""
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = tok(t, return_tensors="pt").input_ids
+            if ids.shape[1] < 2:
+                continue
+            nll += model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            n += ids.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def test_perplexity_matches_reference(tiny_models):
+    model, tok = load(tiny_models["qwen3"])
+    got = perplexity(model, tok, TEXTS, max_length=512, stride=512, batch_size=3)
+    assert got.perplexity == pytest.approx(reference_ppl(model, tok, TEXTS), rel=1e-5)
+    assert got.tokens_scored == sum(len(tok(t).input_ids) - 1 for t in TEXTS)
+
+
+@pytest.mark.parametrize("length,max_length,stride", [(10, 4, 2), (10, 4, 4), (3, 8, 4), (17, 5, 3)])
+def test_windows_score_every_token_once(length, max_length, stride):
+    scored = []
+    for w, ctx in windows(list(range(length)), max_length, stride):
+        assert len(w) <= max_length
+        scored += w[ctx:]
+    assert scored == list(range(1, length))
+
+
+def test_sliding_windows_give_nearly_the_full_context_result(tiny_llama):
+    model, tok = load(tiny_llama)
+    full = perplexity(model, tok, TEXTS, max_length=512, stride=512)
+    slid = perplexity(model, tok, TEXTS, max_length=32, stride=16)
+    assert slid.tokens_scored == full.tokens_scored
+    assert slid.perplexity == pytest.approx(full.perplexity, rel=0.05)
+
+
+@pytest.mark.parametrize("arch,remove", [("llama", "1-2"), ("qwen3", "3,6"), ("gemma3", "0"), ("gpt2", "4")])
+def test_in_memory_cut_equals_mergekit_checkpoint(tiny_models, tmp_path, arch, remove):
+    from compute_block_similarity.ranges import parse_layers
+    from slice_with_mergekit.plan import build_config, write_config
+
+    src = tiny_models[arch]
+    model, tok = load(src)
+    L = model.config.get_text_config().num_hidden_layers
+    plan = tmp_path / "s.yml"
+    write_config(build_config(str(src), L, parse_layers(remove), "float32"), plan)
+    assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 0
+    cut, _ = load(tmp_path / "out")
+    ids = tok(TEXTS[3], return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = model(ids).logits
+        with removed_layers(model, parse_layers(remove)):
+            inmem = model(ids).logits
+            gen = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=2)
+        want = cut(ids).logits
+        want_gen = cut.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=2)
+        after = model(ids).logits
+    torch.testing.assert_close(inmem, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen, want_gen)  # KV-cache layer indices renumbered
+    torch.testing.assert_close(after, before)  # restored
+    assert model.config.get_text_config().num_hidden_layers == L
+
+
+def test_select_strategies(tiny_llama):
+    model, tok = load(tiny_llama)
+    score = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+    L, n = 6, 2
+    ref = exhaustive(L, n, score)
+    scan = {"num_layers": L, "distances": {"2": [0.5, 0.1, 0.3, 0.2, 0.4]}}
+    c = select_ppl(scan, n, score, top_k=3)
+    assert [x["start"] for x in c.candidates] == [1, 3, 2] and c.passes == 3
+    best = min((1, 3, 2), key=lambda s: ref[s])
+    assert c.removed == [best, best + 1] and c.perplexity == pytest.approx(ref[best])
+    assert select_deepest(L, n).removed == [3, 4]  # the deepest but the last
+    it = select_iterative(L, 1, score)
+    singles = {i: score([i]) for i in range(1, L - 1)}
+    assert it.removed == [min(singles, key=singles.get)] and it.passes == L - 2
+
+
+def test_select_ppl_cli_writes_details(tiny_llama, tmp_path):
+    from compute_block_similarity.cli import main as scan_main
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    assert scan_main(["--model_path", str(tiny_llama), "--dataset", str(data), "--layers_to_skip", "2",
+                      "--output_dir", str(tmp_path / "scan"), "--no_progress"]) == 0
+    out = tmp_path / "sliced.yml"
+    assert slice_main(["--scan", str(tmp_path / "scan" / "block_distances.json"), "-o", str(out),
+                       "--select", "ppl", "--top_k", "3"]) == 0
+    sel = json.loads(out.with_suffix(".select.json").read_text())
+    assert sel["strategy"] == "ppl" and len(sel["candidates"]) == 3
+    assert sel["perplexity"] == min(c["perplexity"] for c in sel["candidates"])
+
+
+def test_heal_improves_keeps_best_and_resumes(tiny_models, tmp_path, monkeypatch):
+    from slice_with_mergekit.heal import HealConfig, heal
+
+    src = tiny_models["llama"]
+    cfg = dict(steps=6, eval_every=2, save_every=2, seq_len=32, lr=3e-3, warmup=1, batch_size=2, eval_max_length=64)
+    train, held = TEXTS * 10, TEXTS
+    full = heal(str(src), train, held, str(tmp_path / "a"), HealConfig(**cfg), progress=False)
+    assert full["after_heal"] < full["after_cut"]
+    assert full["after_heal"] == min(h["perplexity"] for h in full["history"])
+    healed, tok = load(tmp_path / "a")
+    assert perplexity(healed, tok, held, max_length=64, stride=64).perplexity == pytest.approx(full["after_heal"], rel=1e-4)
+    assert not any("lora" in k for k in healed.state_dict())  # adapters merged into a normal checkpoint
+
+    import torch.optim
+
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("interrupted")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        heal(str(src), train, held, str(tmp_path / "b"), HealConfig(**cfg), progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    from compute_block_similarity import UserError
+
+    with pytest.raises(UserError, match="--resume"):
+        heal(str(src), train, held, str(tmp_path / "b"), HealConfig(**cfg), progress=False)
+    resumed = heal(str(src), train, held, str(tmp_path / "b"), HealConfig(**cfg), resume=True, progress=False)
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in full["history"]]
+    assert resumed["after_heal"] == pytest.approx(full["after_heal"], rel=1e-6)
+
+
+def test_prune_pipeline_reruns_only_changed_stages(tiny_models, tmp_path, caplog):
+    args = ["prune", str(tiny_models["qwen3"]), "--layers_to_skip", "1,2", "--dataset_size", "24", "--eval_size", "6",
+            "--max_length", "64", "--work_dir", str(tmp_path / "w")]
+    assert slice_main(args) == 0
+    w = tmp_path / "w"
+    for f in ("report.md", "heatmap.png", "perplexity_vs_layers.png", "n1/model/config.json", "n2/verify.txt",
+              "n2/model/eval.json", "scan/block_distances.json"):
+        assert (w / f).exists(), f
+    report = (w / "report.md").read_text()
+    assert "| 1 |" in report and "| 2 |" in report
+    ev = json.loads((w / "n2/model/eval.json").read_text())
+    assert ev["pruned"]["perplexity"] > 0 and ev["source"]["perplexity"] > 0
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert slice_main(args) == 0
+    assert caplog.text.count("inputs unchanged, skipped") == 10 and "stage scan: running" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert slice_main(args[:3] + ["1,2", *args[4:], "--select", "deepest"]) == 0
+    assert "stage scan: inputs unchanged" in caplog.text and "stage plan-n1: running" in caplog.text
