@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -30,6 +31,9 @@ def main() -> None:
     p.add_argument("--iterative_max_n", type=int, default=4, help="run SLEB-style iterative only up to this n (it is costly)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     from compute_block_similarity import scan_model
     from compute_block_similarity.data import load_texts

@@ -51,7 +51,13 @@ def decoder_of(model: nn.Module) -> nn.Module:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    """Where the input ids go: the embedding's device, or accelerate's execution device when the
+    weights are offloaded (device_map / cpu_offload leave them on "meta" between forwards)."""
+    emb = model.get_input_embeddings()
+    hook = getattr(emb, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return emb.weight.device
 
 
 # ---------------------------------------------------------------- batching

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compute_block_similarity.errors import UserError
+from compute_block_similarity.scan import input_device
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def perplexity(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 
                batch_size: int = 4, progress: bool = False, _windows: list | None = None) -> Perplexity:
     """Token-weighted perplexity of ``model`` on ``texts``."""
     wins = _windows if _windows is not None else tokenize_windows(tok, texts, max_length, stride)
-    dev = model.get_input_embeddings().weight.device
+    dev = input_device(model)
     order = sorted(range(len(wins)), key=lambda i: -len(wins[i][0]))
     nll, count = 0.0, 0
     for k in tqdm(range(0, len(order), batch_size), desc="perplexity", disable=not progress):

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compute_block_similarity.errors import UserError
+from compute_block_similarity.scan import input_device
 
 from .evaluate import perplexity, tokenize_windows, write_eval
 
@@ -135,7 +136,7 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.steps)
     state = HealState()
-    dev = model.get_input_embeddings().weight.device
+    dev = input_device(model)
 
     def evaluate() -> float:
         model.eval()

@@ -110,3 +110,25 @@ def test_killed_cli_scan_resumes(tiny_llama, tmp_path):
     for n in a["distances"]:
         assert a["distances"][n] == pytest.approx(b["distances"][n], rel=1e-9)
     assert not state.exists()
+
+
+def test_hooks_capture_the_same_states_under_accelerate_offload(tiny_llama):
+    """Layers whose weights live off-device (accelerate hooks load them per forward) still give
+    the same scores: our forward hooks see the real activations."""
+    from accelerate import cpu_offload
+
+    model, tok = load(tiny_llama)
+    plain = scan_model(model, tok, TEXTS, batch_size=3, progress=False)
+    offloaded, _ = load(tiny_llama)
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert any(p.device.type == "meta" for p in offloaded.parameters())
+    got = scan_model(offloaded, tok, TEXTS, batch_size=3, progress=False)
+    for name in plain.mean:
+        torch.testing.assert_close(got.mean[name], plain.mean[name], rtol=1e-6, atol=1e-9)
+
+
+def test_cli_device_map_auto(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    assert scan_main(["--model_path", str(tiny_llama), "--dataset", str(data), "--layers_to_skip", "2",
+                      "--device_map", "auto", "--output_dir", str(tmp_path / "o"), "--no_progress"]) == 0
+    assert json.loads((tmp_path / "o" / "block_distances.json").read_text())["num_samples"] == len(TEXTS)
