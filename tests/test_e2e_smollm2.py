@@ -46,3 +46,20 @@ def test_slice_mergekit_yaml_verify(smol_scan, tmp_path):
     report = verify(str(out), str(plan))
     assert report.ok, report.render()
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 26
+
+
+def test_prune_with_healing_on_smollm2(smollm2_dir, tmp_path):
+    """The one command on the real model: scan, choose by perplexity, cut, verify, evaluate, heal a few steps."""
+    work = tmp_path / "w"
+    assert slice_main(["prune", smollm2_dir, "--layers_to_skip", "4", "--dataset_size", "32", "--eval_size", "8",
+                       "--max_length", "128", "--select", "ppl", "--top_k", "2", "--heal", "--heal_steps", "3",
+                       "--work_dir", str(work)]) == 0
+    report = (work / "report.md").read_text()
+    assert "| 4 |" in report
+    ev = json.loads((work / "n4" / "model" / "eval.json").read_text())
+    src, cut, healed = ev["source"]["perplexity"], ev["pruned"]["perplexity"], ev["healed"]["perplexity"]
+    assert 1 < src < cut  # removing 4 of 30 layers costs something
+    assert healed <= cut  # the best checkpoint is kept, so healing never makes it worse
+    heal = json.loads((work / "n4" / "healed" / "heal.json").read_text())
+    assert heal["after_cut"] == pytest.approx(cut, rel=1e-3)
+    assert "verification passed" in (work / "n4" / "verify.txt").read_text()
