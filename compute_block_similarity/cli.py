@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dataset_subset", default="train", help="dataset split")
     # ours
     a("--output_dir", default=".", help="where layer_distances.csv, block_distances.json and the heatmap go")
-    a("--metric", default=DEFAULT_METRIC, help=f"one of: {', '.join(METRICS)}")
+    a("--metric", default=DEFAULT_METRIC, help=f"the metric that picks the block; one of: {', '.join(METRICS)}")
+    a("--metrics", default="all", help="metrics computed in the same pass: 'all', 'last_token' (only those that "
+      "need just the last token: least memory on big models), or a comma list")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="auto: bfloat16 on CUDA, float32 on CPU")
     a("--device", default="auto", help="auto, cpu or cuda")
@@ -51,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
       "OUTPUT_DIR/scan_state.pt (0: never)")
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/scan_state.pt after a crash or preemption")
     return p
+
+
+def metric_names(spec: str) -> list[str]:
+    if spec == "all":
+        return list(METRICS)
+    if spec == "last_token":
+        return [m.name for m in METRICS.values() if m.reduce == "last_token"]
+    names = [x.strip() for x in spec.split(",") if x.strip()]
+    bad = [x for x in names if x not in METRICS]
+    if bad or not names:
+        raise ValueError(f"--metrics {spec!r}: unknown {bad}; use 'all', 'last_token' or names from: {', '.join(METRICS)}")
+    return names
 
 
 def init_distributed(device: str) -> str:
@@ -84,6 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, str]:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ValueError(f"--{flag} must be >= 1, got {v}")
+    metric_names(args.metrics)
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
     device = init_distributed(args.device)
@@ -105,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, str]:
     ckpt = None
     if args.checkpoint_every or args.resume:
         ckpt = Checkpoint(os.path.join(args.output_dir, "scan_state.pt"), args.checkpoint_every or 50, args.resume)
-    result = scan_model(model, tok, texts, metric=args.metric, batch_size=args.batch_size,
+    result = scan_model(model, tok, texts, metric=args.metric, metrics=metric_names(args.metrics), batch_size=args.batch_size,
                         max_length=args.max_length, padding_side=args.padding_side,
                         progress=not args.no_progress, provenance=provenance, checkpoint=ckpt)
     import torch.distributed as dist

@@ -167,3 +167,39 @@ def test_prune_pipeline_reruns_only_changed_stages(tiny_models, tmp_path, caplog
     with caplog.at_level("INFO"):
         assert slice_main(args[:3] + ["1,2", *args[4:], "--select", "deepest"]) == 0
     assert "stage scan: inputs unchanged" in caplog.text and "stage plan-n1: running" in caplog.text
+
+
+def test_evaluate_cli_writes_eval_json(tiny_models, tmp_path, capsys):
+    import shutil
+
+    from conftest import write_jsonl
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_models["llama"], ckpt)
+    data = write_jsonl(tmp_path / "held.jsonl", [{"text": t} for t in TEXTS])
+    assert slice_main(["evaluate", str(ckpt), "--dataset", str(data), "--dataset_subset", "train",
+                       "--max_length", "64", "--stride", "32", "--name", "pruned"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    ev = json.loads((ckpt / "eval.json").read_text())
+    model, tok = load(ckpt)
+    assert ev["pruned"]["tokens_scored"] == sum(len(tok(t).input_ids) - 1 for t in TEXTS)
+    assert ev["pruned"]["max_length"] == 64 and ev["pruned"]["stride"] == 32
+
+
+def test_evaluate_tasks_without_lm_eval_is_one_line(tiny_llama, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    from conftest import write_jsonl
+
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *a, **k):
+        if name == "lm_eval":
+            raise ImportError("no lm_eval")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    data = write_jsonl(tmp_path / "held.jsonl", [{"text": t} for t in TEXTS])
+    assert slice_main(["evaluate", str(tiny_llama), "--dataset", str(data), "--dataset_subset", "train",
+                       "--tasks", "arc_easy", "--into", str(tmp_path)]) == 2
+    assert "pip install lm-eval" in capsys.readouterr().err

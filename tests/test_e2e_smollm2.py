@@ -63,3 +63,16 @@ def test_prune_with_healing_on_smollm2(smollm2_dir, tmp_path):
     heal = json.loads((work / "n4" / "healed" / "heal.json").read_text())
     assert heal["after_cut"] == pytest.approx(cut, rel=1e-3)
     assert "verification passed" in (work / "n4" / "verify.txt").read_text()
+
+
+def test_scan_straight_from_the_gguf(tmp_path):
+    import importlib.util
+
+    from compute_block_similarity.model import DEFAULT_GGUF_FILE, DEFAULT_GGUF_PACKAGE
+
+    folder = list(importlib.util.find_spec(DEFAULT_GGUF_PACKAGE).submodule_search_locations)[0]
+    assert scan_main(["--model_path", folder, "--gguf_file", DEFAULT_GGUF_FILE, "--dataset_size", "8",
+                      "--max_length", "64", "--layers_to_skip", "4", "--metrics", "last_token",
+                      "--output_dir", str(tmp_path), "--no_progress"]) == 0
+    js = json.loads((tmp_path / "block_distances.json").read_text())
+    assert js["num_layers"] == 30 and js["gguf_file"] == DEFAULT_GGUF_FILE

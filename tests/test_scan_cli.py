@@ -129,3 +129,26 @@ def test_atomic_write_leaves_ordinary_permissions_and_no_temp(tmp_path):
     umask = os.umask(0); os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
     assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_metrics_subset_captures_only_last_tokens(tiny_llama, data, tmp_path):
+    out = tmp_path / "o"
+    assert run_cli("--model_path", tiny_llama, "--dataset", data, "--layers_to_skip", 2, "--metrics", "last_token",
+                   "--output_dir", out) == 0
+    js = json.load(open(out / "block_distances.json"))
+    assert set(js["all_metrics"]) == {"relative_magnitude", "euclidean_last_token"}
+    assert run_cli("--model_path", tiny_llama, "--dataset", data, "--metrics", "angular,typo", "--output_dir", out) == 2
+
+
+def test_pruneme_script_name_still_works(tiny_llama, data, tmp_path):
+    from pathlib import Path
+
+    import compute_block_similarity
+
+    script = Path(compute_block_similarity.__file__).with_name("layer_similarity.py")
+    r = subprocess.run([sys.executable, str(script), "--model_path", str(tiny_llama), "--dataset", str(data),
+                        "--dataset_column", "text", "--batch_size", "8", "--max_length", "1024", "--layers_to_skip", "2",
+                        "--dataset_size", "4", "--dataset_subset", "train", "--output_dir", str(tmp_path / "p"),
+                        "--no_progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "p" / "layer_distances.csv").exists()
