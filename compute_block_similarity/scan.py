@@ -154,8 +154,8 @@ class Accumulator:
 
     metrics: tuple[str, ...]
     num_layers: int
-    sums: torch.Tensor = None  # (M, L+1, L+1)
-    sumsq: torch.Tensor = None  # (M, L+1, L+1)
+    sums: torch.Tensor | None = None  # (M, L+1, L+1)
+    sumsq: torch.Tensor | None = None  # (M, L+1, L+1)
     num_samples: int = 0
     num_tokens: int = 0
 
@@ -428,7 +428,7 @@ def scan_model(
     total = sum(int(b.lengths.sum()) for b in batches)
     bar = tqdm(total=total, initial=sum(int(b.lengths.sum()) for b in batches[:done]), unit="tok", unit_scale=True,
                desc="scan", disable=not progress or rank != 0)
-    t0 = time.perf_counter()
+    t0, tokens_before = time.perf_counter(), acc.num_tokens
     try:
         with torch.inference_mode():
             for k, batch in enumerate(batches[done:], start=done + 1):
@@ -458,5 +458,5 @@ def scan_model(
     acc.all_reduce()
     elapsed = time.perf_counter() - t0
     log.info("scanned %d samples, %d tokens in %.1fs (%.0f tok/s)", acc.num_samples, acc.num_tokens,
-             elapsed, acc.num_tokens / max(elapsed, 1e-9))
+             elapsed, (acc.num_tokens - tokens_before * world) / max(elapsed, 1e-9))
     return ScanResult.from_accumulator(acc, metric, num_skipped=skipped, provenance=dict(provenance or {}))
