@@ -58,8 +58,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from .push import push
 
-    push(args.out, args.repo_id, plan_path=args.plan, scan_path=args.scan, private=args.private,
-         revision=args.revision, dry_run=args.dry_run)
+    from pathlib import Path
+
+    files = push(args.out, args.repo_id, plan_path=args.plan, scan_path=args.scan, private=args.private,
+                 revision=args.revision, dry_run=args.dry_run)
+    for f in files:
+        print(f"  {f}  ({(Path(args.out) / f).stat().st_size:,} bytes)")
     return 0
 
 

@@ -41,8 +41,6 @@ def push(out_path: str, repo_id: str, *, plan_path: str | None = None, scan_path
     files = files_to_upload(out)
     if dry_run:
         log.info("dry run: would upload %d files to %s%s", len(files), repo_id, f"@{revision}" if revision else "")
-        for f in files:
-            print(f"  {f}  ({(out / f).stat().st_size:,} bytes)")
         return files
     from huggingface_hub import HfApi, get_token
 
