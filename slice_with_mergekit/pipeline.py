@@ -182,6 +182,13 @@ def plot_ppl(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("layers removed")
     ax.set_ylabel("held-out perplexity")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axis in (ax.yaxis,):
+        axis.set_major_formatter(FormatStrFormatter("%.3g"))
+        axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+    ax.set_title("held-out perplexity by number of layers removed", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
