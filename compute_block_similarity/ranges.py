@@ -29,11 +29,14 @@ def kept_ranges(num_layers: int, removed: Iterable[int]) -> list[tuple[int, int]
 
 
 def format_layers(layers: Iterable[int]) -> str:
-    """Compact "2-5,9" form of a sorted set of layer indices (inclusive runs)."""
-    out: list[str] = []
-    for s, e in kept_ranges(max(layers, default=-1) + 1, set(range(max(layers, default=-1) + 1)) - set(layers)):
-        out.append(f"{s}" if e - s == 1 else f"{s}-{e - 1}")
-    return ",".join(out)
+    """Compact "2-5,9" form of a set of layer indices (inclusive runs, as people write them)."""
+    runs: list[list[int]] = []
+    for i in sorted(set(layers)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def parse_layers(spec: str) -> list[int]:
