@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.scan import input_device
 
-from .evaluate import perplexity, tokenize_windows, write_eval
+from .evaluate import perplexity, tokenize_windows
 
 log = logging.getLogger(__name__)
 

@@ -16,20 +16,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from compute_block_similarity.atomic import write_text
-from compute_block_similarity.ranges import format_layers, kept_ranges
+from compute_block_similarity.ranges import format_layers
 
 log = logging.getLogger(__name__)
 
 
-def stage(work: Path, name: str, inputs: dict, outputs: list[Path], fn: Callable[[], Any]) -> str:
-    """Run ``fn`` unless its inputs' fingerprint and outputs are unchanged. Returns the fingerprint."""
+def stage(work: Path, name: str, inputs: dict, outputs: list[Path], fn: Callable[..., Any], *args: Any) -> str:
+    """Run ``fn(*args)`` unless its inputs' fingerprint and outputs are unchanged. Returns the fingerprint."""
     fp = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
     stamp = work / f".stage-{name}.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp and all(p.exists() for p in outputs):
         log.info("stage %s: inputs unchanged, skipped", name)
         return fp
     log.info("stage %s: running", name)
-    fn()
+    fn(*args)
     write_text(stamp, json.dumps({"fingerprint": fp, "inputs": inputs}, default=str, indent=1))
     return fp
 
@@ -57,105 +57,102 @@ class PruneArgs:
     trust_remote_code: bool = False
 
 
+def run_scan(a: "PruneArgs", scan_dir: Path) -> None:
+    from compute_block_similarity.cli import build_parser, run
+
+    run(build_parser().parse_args([
+        "--model_path", a.model, "--dataset", a.dataset, "--dataset_column", a.dataset_column,
+        "--dataset_subset", a.dataset_subset, "--max_length", str(a.max_length), "--batch_size", str(a.batch_size),
+        "--layers_to_skip", str(a.layers_to_skip[0]), "--metric", a.metric, "--output_dir", str(scan_dir),
+        *(["--dataset_size", str(a.dataset_size)] if a.dataset_size else []),
+        *(["--trust_remote_code"] if a.trust_remote_code else [])]))
+
+
+def run_eval(a: "PruneArgs", texts: list[str], model: str, out: Path) -> None:
+    from compute_block_similarity.model import load_model
+
+    from .evaluate import perplexity
+
+    m, tok = load_model(model, trust_remote_code=a.trust_remote_code)
+    p = perplexity(m, tok, texts, max_length=a.max_length, stride=a.max_length, progress=True)
+    write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
+
+
+def run_plan(a: "PruneArgs", scan_json: Path, n: int, plan_path: Path) -> None:
+    from .plan import plan, write_config
+
+    write_config(plan(str(scan_json), layers_to_skip=n, select=a.select, top_k=a.top_k, model=a.model,
+                      trust_remote_code=a.trust_remote_code), plan_path)
+
+
+def run_materialize(a: "PruneArgs", plan_path: Path, model_dir: Path) -> None:
+    from .materialize import materialize
+
+    materialize(str(plan_path), str(model_dir), trust_remote_code=a.trust_remote_code)
+
+
+def run_verify(plan_path: Path, model_dir: Path, report: Path) -> None:
+    from compute_block_similarity.errors import UserError
+
+    from .verify import verify
+
+    rep = verify(str(model_dir), str(plan_path))
+    write_text(report, rep.render() + "\n")
+    if not rep.ok:
+        raise UserError(f"verification of {model_dir} failed; see {report}")
+
+
+def run_heal(a: "PruneArgs", model_dir: Path, eval_texts: list[str], hdir: Path) -> None:
+    from compute_block_similarity.data import load_texts
+
+    from .heal import HealConfig, heal
+
+    every = max(a.heal_steps // 4, 1)
+    cfg = HealConfig(steps=a.heal_steps, rank=a.heal_rank, lr=a.heal_lr, eval_every=every, save_every=every,
+                     eval_max_length=a.max_length, warmup=min(10, a.heal_steps))
+    train = load_texts(a.dataset, a.dataset_column, a.dataset_subset, a.dataset_size)
+    heal(str(model_dir), train, eval_texts, str(hdir), cfg, resume=Path(f"{hdir}.work").exists(), progress=True)
+
+
 def prune(a: PruneArgs) -> Path:
     from compute_block_similarity.data import load_texts
 
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    scan_dir = work / "scan"
-    scan_json = scan_dir / "block_distances.json"
+    scan_json = work / "scan" / "block_distances.json"
     scan_in = {"model": a.model, "dataset": a.dataset, "column": a.dataset_column, "split": a.dataset_subset,
                "size": a.dataset_size, "max_length": a.max_length, "batch_size": a.batch_size, "metric": a.metric,
                "n": a.layers_to_skip[0]}
-
-    def run_scan() -> None:
-        from compute_block_similarity.cli import build_parser, run
-
-        args = build_parser().parse_args([
-            "--model_path", a.model, "--dataset", a.dataset, "--dataset_column", a.dataset_column,
-            "--dataset_subset", a.dataset_subset, "--max_length", str(a.max_length), "--batch_size", str(a.batch_size),
-            "--layers_to_skip", str(a.layers_to_skip[0]), "--metric", a.metric, "--output_dir", str(scan_dir),
-            *(["--dataset_size", str(a.dataset_size)] if a.dataset_size else []),
-            *(["--trust_remote_code"] if a.trust_remote_code else [])])
-        run(args)
-
-    scan_fp = stage(work, "scan", scan_in, [scan_json], run_scan)
+    scan_fp = stage(work, "scan", scan_in, [scan_json], run_scan, a, work / "scan")
+    scan = json.loads(scan_json.read_text())
     eval_texts = load_texts(a.dataset, a.dataset_column, a.eval_subset, a.eval_size)
     eval_in = {"texts": hashlib.sha256("\x00".join(eval_texts).encode()).hexdigest(), "max_length": a.max_length}
-
-    def eval_model(path: str, out: Path) -> None:
-        from compute_block_similarity.model import load_model
-
-        from .evaluate import perplexity
-
-        m, tok = load_model(path, trust_remote_code=a.trust_remote_code)
-        p = perplexity(m, tok, eval_texts, max_length=a.max_length, stride=a.max_length, progress=True)
-        write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
-
     src_eval = work / "source_eval.json"
-    stage(work, "eval-source", {"model": a.model, **eval_in}, [src_eval], lambda: eval_model(a.model, src_eval))
+    stage(work, "eval-source", {"model": a.model, **eval_in}, [src_eval], run_eval, a, eval_texts, a.model, src_eval)
+    src_ppl = json.loads(src_eval.read_text())["perplexity"]
     rows = []
     for n in a.layers_to_skip:
         d = work / f"n{n}"
-        plan_path, model_dir = d / "sliced.yml", d / "model"
-
-        def run_plan() -> None:
-            from .plan import plan, write_config
-
-            choices: list = []
-            cfg = plan(str(scan_json), layers_to_skip=n, select=a.select, top_k=a.top_k, model=a.model,
-                       trust_remote_code=a.trust_remote_code, choice_out=choices)
-            write_config(cfg, plan_path)
-
+        plan_path, model_dir, pr_eval, hdir = d / "sliced.yml", d / "model", d / "pruned_eval.json", d / "healed"
         plan_fp = stage(work, f"plan-n{n}", {"scan": scan_fp, "n": n, "select": a.select, "top_k": a.top_k},
-                        [plan_path], run_plan)
-
-        def run_materialize() -> None:
-            from .materialize import materialize
-
-            materialize(str(plan_path), str(model_dir), trust_remote_code=a.trust_remote_code)
-
-        mat_fp = stage(work, f"materialize-n{n}", {"plan": plan_fp}, [model_dir / "config.json"], run_materialize)
-
-        def run_verify() -> None:
-            from .verify import verify
-
-            rep = verify(str(model_dir), str(plan_path))
-            write_text(d / "verify.txt", rep.render() + "\n")
-            if not rep.ok:
-                from compute_block_similarity.errors import UserError
-
-                raise UserError(f"verification of {model_dir} failed; see {d / 'verify.txt'}")
-
-        stage(work, f"verify-n{n}", {"model": mat_fp}, [d / "verify.txt"], run_verify)
-        pr_eval = d / "pruned_eval.json"
-        stage(work, f"eval-n{n}", {"model": mat_fp, **eval_in}, [pr_eval], lambda: eval_model(str(model_dir), pr_eval))
+                        [plan_path], run_plan, a, scan_json, n, plan_path)
+        mat_fp = stage(work, f"materialize-n{n}", {"plan": plan_fp}, [model_dir / "config.json"],
+                       run_materialize, a, plan_path, model_dir)
+        stage(work, f"verify-n{n}", {"model": mat_fp}, [d / "verify.txt"], run_verify, plan_path, model_dir, d / "verify.txt")
+        stage(work, f"eval-n{n}", {"model": mat_fp, **eval_in}, [pr_eval], run_eval, a, eval_texts, str(model_dir), pr_eval)
         healed = None
         if a.heal:
-            hdir = d / "healed"
-
-            def run_heal() -> None:
-                from .heal import HealConfig, heal
-
-                train = load_texts(a.dataset, a.dataset_column, a.dataset_subset, a.dataset_size)
-                heal(str(model_dir), train, eval_texts, str(hdir),
-                     HealConfig(steps=a.heal_steps, rank=a.heal_rank, lr=a.heal_lr, eval_every=max(a.heal_steps // 4, 1),
-                                save_every=max(a.heal_steps // 4, 1), eval_max_length=a.max_length,
-                                warmup=min(10, a.heal_steps)),
-                     resume=(Path(str(hdir) + ".work")).exists(), progress=True)
-
             stage(work, f"heal-n{n}", {"model": mat_fp, "steps": a.heal_steps, "rank": a.heal_rank, "lr": a.heal_lr,
-                                       **eval_in}, [hdir / "heal.json"], run_heal)
+                                       **eval_in}, [hdir / "heal.json"], run_heal, a, model_dir, eval_texts, hdir)
             healed = json.loads((hdir / "heal.json").read_text())["after_heal"]
-        removed = sorted(set(range(json.loads(scan_json.read_text())["num_layers"])) -
-                         {i for r in _ranges(plan_path) for i in range(*r)})
-        src_ppl = json.loads(src_eval.read_text())["perplexity"]
+        ranges = _ranges(plan_path)
+        removed = sorted(set(range(scan["num_layers"])) - {i for r in ranges for i in range(*r)})
         pr = json.loads(pr_eval.read_text())
         ev = {"source": {"perplexity": src_ppl}, "pruned": pr, **({"healed": {"perplexity": healed}} if healed else {})}
         write_text(model_dir / "eval.json", json.dumps(ev, indent=1) + "\n")
-        rows.append({"n": n, "removed": removed, "ranges": _ranges(plan_path), "source": src_ppl,
+        rows.append({"n": n, "removed": removed, "ranges": ranges, "source": src_ppl,
                      "pruned": pr["perplexity"], "healed": healed, "tokens": pr["tokens_scored"]})
-    write_report(work, a, rows, json.loads(scan_json.read_text()))
+    write_report(work, a, rows, scan)
     return work / "report.md"
 
 
