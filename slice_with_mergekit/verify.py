@@ -8,7 +8,6 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -30,13 +29,26 @@ def tensor_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(folder: Path, names: bool = False) -> Iterator[tuple[str, torch.Tensor | None]]:
+def differing_tensors(out: Path, src: Path, kept: list[int]) -> list[str]:
+    """Output tensors not bitwise equal to the source tensor they came from. Streams one pair
+    of tensors at a time, shard by shard, so a 70B checkpoint is compared in little memory."""
+    from contextlib import ExitStack
+
     from safetensors import safe_open
 
-    for f in tensor_files(folder):
-        with safe_open(f, "pt") as sf:
-            for k in sf.keys():
-                yield k, None if names else sf.get_tensor(k)
+    with ExitStack() as stack:
+        src_files = {}
+        for f in tensor_files(src):
+            h = stack.enter_context(safe_open(f, "pt"))
+            src_files.update(dict.fromkeys(h.keys(), h))
+        diffs = []
+        for f in tensor_files(out):
+            h = stack.enter_context(safe_open(f, "pt"))
+            for k in h.keys():
+                sk = source_key(k, kept)
+                if sk not in src_files or not torch.equal(h.get_tensor(k), src_files[sk].get_tensor(sk)):
+                    diffs.append(k)
+        return diffs
 
 
 def numel_by_name(folder: Path) -> dict[str, int]:
@@ -111,12 +123,9 @@ def verify(out_path: str, plan_path: str, source: str | None = None, generate_to
     rep.add("parameter count", actual == predicted,
             f"{actual:,} (plan predicts {predicted:,}; source {sum(src_names.values()):,})")
 
-    src_tensors = dict(iter_tensors(src))
-    diffs = [k for k, t in iter_tensors(out)
-             if source_key(k, kept) not in src_tensors or not torch.equal(t, src_tensors[source_key(k, kept)])]
+    diffs = differing_tensors(out, src, kept)
     rep.add("bitwise equal to source", not diffs, f"{len(out_names) - len(diffs)}/{len(out_names)} tensors identical"
             + (f"; differ: {diffs[:3]}" if diffs else ""))
-    del src_tensors
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
