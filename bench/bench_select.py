@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=64, help="calibration texts (train split)")
     p.add_argument("--heldout", type=int, default=64, help="held-out texts (test split)")
     p.add_argument("--max_length", type=int, default=256)
-    p.add_argument("--top_k", type=int, default=5)
+    p.add_argument("--top_k", default="5", help="one or more k for --select ppl, e.g. 5,8")
     p.add_argument("--iterative_max_n", type=int, default=4, help="run SLEB-style iterative only up to this n (it is costly)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
@@ -60,8 +60,9 @@ def main() -> None:
         best_s = min(exh, key=exh.get)
         choices = {"angle": (list(range(res.best_start(n), res.best_start(n) + n)), 0),
                    "deepest": (select_deepest(L, n).removed, 0)}
-        c = select_ppl(scan, n, cal, args.top_k)
-        choices[f"ppl (k={args.top_k})"] = (c.removed, c.passes)
+        for k in sorted(map(int, args.top_k.split(","))):
+            c = select_ppl(scan, n, cal, k)  # cached: a larger k pays only for its new candidates
+            choices[f"ppl (k={k})"] = (c.removed, len(c.candidates))
         if n <= args.iterative_max_n:
             c = select_iterative(L, n, cal)
             choices["iterative"] = (c.removed, c.passes)

@@ -52,13 +52,17 @@ class Scorer:
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.wins = tokenize_windows(tok, texts, max_length, stride)
         self.kw = dict(max_length=max_length, stride=stride)
-        self.passes = 0
+        self.passes = 0  # forward passes over the calibration text actually run
+        self.cache: dict[tuple[int, ...], float] = {}
 
     def __call__(self, removed: Sequence[int]) -> float:
-        self.passes += 1
-        with removed_layers(self.model, removed):
-            return perplexity(self.model, self.tok, self.texts, batch_size=self.batch_size,
-                              _windows=self.wins, **self.kw).perplexity
+        key = tuple(sorted(removed))
+        if key not in self.cache:
+            self.passes += 1
+            with removed_layers(self.model, key):
+                self.cache[key] = perplexity(self.model, self.tok, self.texts, batch_size=self.batch_size,
+                                             _windows=self.wins, **self.kw).perplexity
+        return self.cache[key]
 
 
 def select_angle(scan: dict, n: int) -> Choice:
@@ -72,14 +76,14 @@ def select_deepest(num_layers: int, n: int) -> Choice:
 
 
 def select_ppl(scan: dict, n: int, score: Scorer, top_k: int = 5) -> Choice:
-    cands = []
+    cands, passes0 = [], score.passes
     for s in scan_ranking(scan, n)[:top_k]:
         p = score(list(range(s, s + n)))
         cands.append({"start": s, "removed": format_layers(range(s, s + n)), "perplexity": p,
                       "score": scan["distances"][str(n)][s]})
         log.info("candidate block [%d, %d): perplexity %.3f", s, s + n, p)
     best = min(cands, key=lambda c: c["perplexity"])
-    return Choice("ppl", list(range(best["start"], best["start"] + n)), len(cands), best["perplexity"], cands)
+    return Choice("ppl", list(range(best["start"], best["start"] + n)), score.passes - passes0, best["perplexity"], cands)
 
 
 def select_iterative(num_layers: int, n: int, score: Scorer) -> Choice:

@@ -85,8 +85,10 @@ def test_select_strategies(tiny_llama):
     L, n = 6, 2
     ref = exhaustive(L, n, score)
     scan = {"num_layers": L, "distances": {"2": [0.5, 0.1, 0.3, 0.2, 0.4]}}
-    c = select_ppl(scan, n, score, top_k=3)
+    fresh = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+    c = select_ppl(scan, n, fresh, top_k=3)
     assert [x["start"] for x in c.candidates] == [1, 3, 2] and c.passes == 3
+    assert select_ppl(scan, n, fresh, top_k=4).passes == 1  # cached: only the new candidate costs a pass
     best = min((1, 3, 2), key=lambda s: ref[s])
     assert c.removed == [best, best + 1] and c.perplexity == pytest.approx(ref[best])
     assert select_deepest(L, n).removed == [3, 4]  # the deepest but the last
