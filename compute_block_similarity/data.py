@@ -11,7 +11,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from .errors import UserError, first_line, looks_local
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,14 @@ def _load_datasets(dataset: str, config: str | None, split: str, streaming: bool
             args, kw = (LOCAL_BUILDERS[p.suffix.lower()],), {"data_files": {"train": str(p)}}
         else:
             raise UserError(f"--dataset {dataset}: unknown file type {p.suffix!r}; use one of {', '.join(LOCAL_BUILDERS)}")
-    elif dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
+    elif looks_local(dataset):
         raise UserError(f"--dataset {dataset} does not exist; give an existing file/folder or a Hub dataset id")
     else:
         args, kw = (dataset, config), {}
     try:
         dd = datasets.load_dataset(*args, streaming=streaming, **kw)
     except Exception as e:  # datasets raises many types; all are "can't load this"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"--dataset {dataset}: cannot load it ({first})") from None
     if split not in dd:
         raise UserError(f"--dataset_subset {split!r} is not in --dataset {dataset}; splits there: {', '.join(dd)}")

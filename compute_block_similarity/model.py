@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line, looks_local
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def check_model_path(model_path: str) -> None:
-    local_looking = model_path.startswith((".", "/", "~")) or model_path.count("/") > 1
-    if local_looking and not os.path.exists(os.path.expanduser(model_path)):
+    if looks_local(model_path) and not os.path.exists(os.path.expanduser(model_path)):
         raise UserError(f"--model_path {model_path} does not exist; give a local checkpoint folder or a Hub model id")
 
 
@@ -116,7 +115,7 @@ def load_model(
                                             **({"gguf_file": gguf_file} if gguf_file else {}))
         model = AutoModelForCausalLM.from_pretrained(model_path, **kw)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"--model_path {model_path}: cannot load it ({first})") from None
     if "device_map" not in kw:
         model.to(dev)

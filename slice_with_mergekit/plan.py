@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from mergekit.common import ModelReference
 from mergekit.config import InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
 
-from compute_block_similarity.errors import UserError
+from compute_block_similarity.errors import UserError, first_line, looks_local
 from compute_block_similarity.ranges import format_layers, kept_ranges, parse_layers
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,9 @@ def removed_layers(scan: dict, *, layers_to_skip: int | None = None, start: int 
         if start is None:
             best = scan.get("best_start_per_n", {}).get(str(n))
             if best is None:
-                row = scan["distances"][str(n)]
-                lower = scan.get("metric_info", {}).get("lower_is_redundant", True)
-                best = min(range(len(row)), key=lambda l: row[l] if lower else -row[l])
+                from .select import scan_ranking
+
+                best = scan_ranking(scan, n)[0]
             start = best
         if not (0 <= start and start + n <= L):
             raise ValueError(f"--start {start} with --layers_to_skip {n}: need 0 <= start < end <= {L}")
@@ -71,13 +71,12 @@ def source_config(model: str, trust_remote_code: bool = False) -> Any:
     """The source's config.json only; no weights are read."""
     from transformers import AutoConfig
 
-    local_looking = model.startswith((".", "/", "~")) or model.count("/") > 1
-    if local_looking and not os.path.exists(model):
+    if looks_local(model) and not os.path.exists(model):
         raise UserError(f"model {model} does not exist; pass --model with a local checkpoint or a Hub id")
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"model {model}: cannot read its config.json ({first})") from None
 
 

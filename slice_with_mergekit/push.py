@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from compute_block_similarity.atomic import write_text
-from compute_block_similarity.errors import UserError
+from compute_block_similarity.errors import UserError, first_line
 
 from .card import model_card
 
@@ -54,7 +54,7 @@ def push(out_path: str, repo_id: str, *, plan_path: str | None = None, scan_path
         info = api.upload_folder(folder_path=str(out), repo_id=repo_id, revision=revision, allow_patterns=files,
                                  commit_message=f"Upload depth-pruned model ({len(files)} files)")
     except (OSError, ValueError) as e:  # HfHubHTTPError and OfflineModeIsEnabled are OSErrors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"push to {repo_id} failed: {first}") from None
     log.info("pushed %d files to %s: %s", len(files), repo_id, getattr(info, "commit_url", info))
     return files
