@@ -40,10 +40,39 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def repair_inputs(args: argparse.Namespace) -> tuple[list[str], dict]:
+    """Calibration texts for a repair, and their provenance (recorded in repair.safetensors)."""
+    from compute_block_similarity.data import load_texts
+
+    texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
+    return texts, {"dataset": args.dataset, "column": args.dataset_column, "split": args.dataset_subset,
+                   "size": len(texts), "config": args.dataset_config}
+
+
 def cmd_materialize(args: argparse.Namespace) -> int:
     from .materialize import materialize
 
-    materialize(args.plan, args.out, device=args.device, trust_remote_code=args.trust_remote_code)
+    from .repair import get_repair
+
+    get_repair(args.repair)
+    texts, cal = repair_inputs(args) if args.repair != "none" else ([], {})
+    materialize(args.plan, args.out, device=args.device, trust_remote_code=args.trust_remote_code,
+                repair=args.repair, repair_texts=texts, repair_calibration=cal, max_length=args.max_length,
+                batch_size=args.batch_size)
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from .repair import describe, get_repair, repair_checkpoint
+
+    get_repair(args.repair)
+    texts, cal = repair_inputs(args)
+    res = repair_checkpoint(args.out, args.plan, texts, method=args.repair, source=args.source, dtype=args.dtype,
+                            device=args.device, batch_size=args.batch_size, max_length=args.max_length,
+                            calibration=cal, trust_remote_code=args.trust_remote_code)
+    for b in res.bridges:
+        print(f"  [{b.start}, {b.end}) -> {b.writer}: {b.decision}")
+    print(f"repair {describe(res)}; recorded in {args.out.rstrip('/')}/repair.safetensors")
     return 0
 
 
@@ -133,6 +162,18 @@ def data_args(p: argparse.ArgumentParser, split: str = "train") -> None:
     a("--dataset_config", default=None)
 
 
+def repair_args(p: argparse.ArgumentParser, default: str) -> None:
+    from .repair import REPAIRS
+
+    a = p.add_argument
+    a("--repair", default=default, choices=list(REPAIRS),
+      help="; ".join(f"{m.name}: {m.help}" for m in REPAIRS.values()))
+    data_args(p)
+    p.set_defaults(dataset_size=256)
+    a("--max_length", type=int, default=256, help="calibration tokens per text for the repair fit")
+    a("--batch_size", type=int, default=8)
+
+
 def plan_parser(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--scan", default="block_distances.json", help="block_distances.json written by compute_block_similarity")
@@ -153,6 +194,7 @@ def plan_parser(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "plan": (cmd_plan, "write sliced.yml from a scan (the default command)"),
     "materialize": (cmd_materialize, "run sliced.yml through MergeKit and fix per-layer config, tied embeddings, tokenizer"),
+    "repair": (cmd_repair, "fit a least-squares bridge over each cut and fold it into the checkpoint (no training)"),
     "verify": (cmd_verify, "check a pruned checkpoint against its source and plan"),
     "push": (cmd_push, "write a model card and upload the checkpoint to the Hugging Face Hub"),
     "evaluate": (cmd_evaluate, "token-weighted perplexity on held-out text (and lm-eval --tasks); writes eval.json"),
@@ -173,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="output folder")
     m.add_argument("--device", default="cpu", help="device MergeKit computes on")
     m.add_argument("--trust_remote_code", action="store_true")
+    repair_args(m, default="none")
+    f = parsers["repair"]
+    f.add_argument("out", help="pruned checkpoint folder, from mergekit-yaml or materialize (patched in place)")
+    f.add_argument("--plan", default="sliced.yml", help="the sliced.yml it was built from")
+    f.add_argument("--source", default=None, help="dense source model; default: the plan's")
+    f.add_argument("--dtype", default="auto", help="dtype the source runs in for the fit (sums are float64)")
+    f.add_argument("--device", default="auto")
+    f.add_argument("--trust_remote_code", action="store_true")
+    repair_args(f, default="linear")
     v = parsers["verify"]
     v.add_argument("out", help="pruned checkpoint folder")
     v.add_argument("--plan", default="sliced.yml", help="the sliced.yml it was built from")

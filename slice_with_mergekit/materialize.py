@@ -115,8 +115,13 @@ def copy_companions(src: Path, out: Path) -> list[str]:
     return copied
 
 
-def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_remote_code: bool = False) -> Path:
-    """sliced.yml -> a loadable pruned checkpoint in ``out_path`` (written to a temporary folder first)."""
+def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_remote_code: bool = False,
+                repair: str = "none", repair_texts: list[str] | None = None, repair_calibration: dict | None = None,
+                max_length: int = 256, batch_size: int = 8) -> Path:
+    """sliced.yml -> a loadable pruned checkpoint in ``out_path`` (written to a temporary folder first).
+
+    ``repair`` (see repair.REPAIRS) fits bridges on ``repair_texts`` and folds them in before the
+    folder replaces ``out_path``, so a failed repair leaves the previous checkpoint as it was."""
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
@@ -135,6 +140,12 @@ def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_rem
         run_merge(config, str(tmp), options=options, config_source=Path(plan_path).read_text())
     untie_check(tmp)
     copy_companions(src, tmp)
+    if repair != "none":
+        from .repair import repair_checkpoint
+
+        repair_checkpoint(str(tmp), plan_path, repair_texts or [], method=repair, source=str(src), device=device,
+                          batch_size=batch_size, max_length=max_length, calibration=repair_calibration,
+                          trust_remote_code=trust_remote_code)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -23,7 +23,8 @@ LAYER_KEY = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks))\.(?P<idx>\d+)\.(?
 
 
 def tensor_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors"))
+    """The checkpoint's weight shards (repair.safetensors holds bridges, not weights)."""
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != "repair.safetensors")
     if not files:
         raise UserError(f"{folder} holds no .safetensors weights")
     return files
@@ -123,9 +124,16 @@ def verify(out_path: str, plan_path: str, source: str | None = None, generate_to
     rep.add("parameter count", actual == predicted,
             f"{actual:,} (plan predicts {predicted:,}; source {sum(src_names.values()):,})")
 
-    diffs = differing_tensors(out, src, kept)
-    rep.add("bitwise equal to source", not diffs, f"{len(out_names) - len(diffs)}/{len(out_names)} tensors identical"
-            + (f"; differ: {diffs[:3]}" if diffs else ""))
+    from .repair import REPAIR_FILE, check_repaired
+
+    patched, bad = check_repaired(out, src, kept)
+    diffs = [k for k in differing_tensors(out, src, kept) if k not in patched]
+    plain = len(out_names) - len(patched)
+    rep.add("bitwise equal to source", not diffs, f"{plain - len(diffs)}/{plain} "
+            f"{'unpatched ' if patched else ''}tensors identical" + (f"; differ: {diffs[:3]}" if diffs else ""))
+    if (out / REPAIR_FILE).exists():
+        rep.add("repair bridges", not bad, f"{len(patched) - len(bad)}/{len(patched)} patched tensors equal source x "
+                f"recorded T" + (f"; differ: {bad[:3]}" if bad else ""))
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)

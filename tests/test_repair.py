@@ -1,0 +1,165 @@
+"""The least-squares bridge: the math against plain references, the fold against the in-memory model,
+verify's view of a repaired checkpoint, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from compute_block_similarity.errors import UserError
+from compute_block_similarity.ranges import parse_layers
+from slice_with_mergekit.cli import main as slice_main
+from slice_with_mergekit.inmemory import removed_layers
+from slice_with_mergekit.plan import build_config, write_config
+from slice_with_mergekit.repair import (REPAIR_FILE, RunStats, apply_to_checkpoint, bridged, contiguous_runs,
+                                        find_writer, fit_linear, fit_repair, _mse)
+from slice_with_mergekit.verify import verify
+from conftest import TEXTS, build_tiny, load
+
+CALIB = TEXTS * 6  # ~2.4k byte tokens: enough for d = 32
+
+
+def _plan(src, tmp_path, remove: str):
+    model, _ = load(src)
+    L = model.config.get_text_config().num_hidden_layers
+    plan = tmp_path / "s.yml"
+    write_config(build_config(str(src), L, parse_layers(remove), "float32"), plan)
+    return plan
+
+
+def test_contiguous_runs():
+    assert contiguous_runs([5, 2, 3, 9, 10]) == [(2, 4), (5, 6), (9, 11)]
+
+
+def test_solver_recovers_a_linear_map():
+    """y = m T* exactly: the fit returns T*, and the closed-form held-out error matches a direct sum."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 8, 400
+    T_star = torch.randn(d, d, generator=g, dtype=torch.float64)
+    m = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(2)]
+    y = [x @ T_star for x in m]
+    e = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(2)]
+    st = RunStats([x.T @ x for x in m], [x.T @ t for x, t in zip(m, y)], [float((t * t).sum()) for t in y],
+                  [float((x * x).sum()) for x in e], [n, n])
+    _, T_all, _, _, mse = fit_linear(st, d)
+    torch.testing.assert_close(T_all, T_star, rtol=1e-4, atol=1e-4)
+    assert mse == pytest.approx(0, abs=1e-6)
+    T = torch.randn(d, d, generator=g, dtype=torch.float64)
+    direct = float(((y[1] - m[1] @ T) ** 2).sum())
+    assert _mse(T, st.AtA[1], st.AtY[1], st.YtY[1]) == pytest.approx(direct, rel=1e-9)
+
+
+def test_identity_block_gives_identity_bridge(tmp_path):
+    """Layers whose writers are zeroed leave the stream unchanged: the fitted T is the identity."""
+    src = build_tiny("llama", tmp_path / "m", seed=3)
+    model, tok = load(src)
+    with torch.no_grad():
+        for i in (2, 3):
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    res = fit_repair(model, tok, CALIB, [2, 3], guard=False, progress=False)
+    (b,) = res.bridges
+    assert (b.start, b.end, b.writer) == (2, 4, "model.layers.1.mlp.down_proj")
+    torch.testing.assert_close(b.T, torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-3)
+    assert b.heldout_mse_cut == pytest.approx(0, abs=1e-8)
+
+
+@pytest.mark.parametrize("arch,remove", [("llama", "2-3"), ("llama", "1,3-4"), ("llama", "0-1"), ("gpt2", "2-3"),
+                                         ("qwen3", "3-5")])
+def test_folded_checkpoint_equals_in_memory_bridge(tiny_models, tmp_path, arch, remove):
+    src = tiny_models[arch]
+    plan = _plan(src, tmp_path, remove)
+    assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 0
+    model, tok = load(src)
+    removed = parse_layers(remove)
+    res = fit_repair(model, tok, CALIB, removed, guard=False, progress=False)
+    assert len(res.bridges) == len(contiguous_runs(removed))
+    kept = [i for i in range(model.config.get_text_config().num_hidden_layers) if i not in removed]
+    patched = apply_to_checkpoint(tmp_path / "out", src, res, kept)
+    assert len(patched) == len(res.bridges) * (2 if arch == "gpt2" else 1)  # GPT-2's Conv1D has a bias
+    out, _ = load(tmp_path / "out")
+    ids = tok(TEXTS[3], return_tensors="pt").input_ids
+    probe = (ids, torch.ones_like(ids))
+    writers = [find_writer(model, b.start, probe) for b in res.bridges]
+    with torch.no_grad():
+        with removed_layers(model, removed), bridged(writers, [b.T for b in res.bridges]):
+            want = model(ids).logits
+        got = out(ids).logits
+        plain = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    rep = verify(str(tmp_path / "out"), str(plan))
+    assert rep.ok, rep.render()
+    assert any(n == "repair bridges" and ok for n, ok, _ in rep.checks)
+
+
+def test_verify_fails_when_a_patched_tensor_is_altered(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    plan = _plan(tiny_llama, tmp_path, "2-3")
+    assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 0
+    model, tok = load(tiny_llama)
+    res = fit_repair(model, tok, CALIB, [2, 3], guard=False, progress=False)
+    (key,) = apply_to_checkpoint(tmp_path / "out", tiny_llama, res, [0, 1, 4, 5])
+    assert key == "model.layers.1.mlp.down_proj.weight"
+    assert verify(str(tmp_path / "out"), str(plan)).ok
+    f = tmp_path / "out" / "model.safetensors"
+    t = load_file(f)
+    t[key][0, 0] += 1e-3
+    save_file(t, f, metadata={"format": "pt"})
+    rep = verify(str(tmp_path / "out"), str(plan))
+    assert not rep.ok and any(n == "repair bridges" and not ok for n, ok, _ in rep.checks)
+
+
+def test_repair_cli_after_plain_mergekit_yaml(tiny_llama, tmp_path):
+    """A user who ran mergekit-yaml by hand repairs the result, and reruns do not compound."""
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in CALIB])
+    plan = _plan(tiny_llama, tmp_path, "2-3")
+    assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 0
+    args = ["repair", str(tmp_path / "out"), "--plan", str(plan), "--dataset", str(data), "--device", "cpu"]
+    assert slice_main(args) == 0
+    info = json.loads(__import__("safetensors").safe_open(str(tmp_path / "out" / REPAIR_FILE), "pt").metadata()["repair"])
+    assert info["calibration"]["dataset"] == str(data) and info["calibration"]["size"] == len(CALIB)
+    assert info["bridges"][0]["decision"]
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert slice_main(args) == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == first  # folded from the source, not on top
+    assert verify(str(tmp_path / "out"), str(plan)).ok
+
+
+def test_materialize_with_repair_is_atomic_on_failure(tiny_models, tmp_path, capsys):
+    """A refused repair (tied embeddings, cut at 0) leaves an earlier checkpoint untouched."""
+    src = tiny_models["qwen3"]
+    plan = _plan(src, tmp_path, "0-1")
+    assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 0
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert slice_main(["materialize", str(plan), str(tmp_path / "out"), "--repair", "linear"]) == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "ties to the LM head" in lines[0] and "Traceback" not in err
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+    assert not (tmp_path / "out" / REPAIR_FILE).exists()
+
+
+def test_refusals(tiny_models):
+    model, tok = load(tiny_models["gemma3"])  # post_feedforward_layernorm sits between the MLP and the stream
+    with pytest.raises(UserError, match="not added unchanged"):
+        fit_repair(model, tok, CALIB, [3, 4], progress=False)
+    model, tok = load(tiny_models["llama"])
+    with pytest.raises(UserError, match="calibration tokens"):
+        fit_repair(model, tok, ["a", "Short text."], [2, 3], progress=False)
+    with pytest.raises(UserError, match="no layers"):
+        fit_repair(model, tok, CALIB, [], progress=False)
+
+
+def test_guard_keeps_a_bridge_only_if_it_lowers_heldout_loss(tiny_llama):
+    model, tok = load(tiny_llama)
+    res = fit_repair(model, tok, CALIB, [2, 3], progress=False)
+    (b,) = res.bridges
+    assert b.heldout_ppl_cut is not None and b.heldout_ppl_bridged is not None
+    assert b.applied == (b.heldout_ppl_bridged < b.heldout_ppl_cut)
