@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, on a fresh machine: set up .venv, scan the embedded SmolLM2-135M-Instruct on the
-# embedded calibration text, write sliced.yml, run `mergekit-yaml sliced.yml out/`, verify out/.
+# embedded calibration text, write sliced.yml, run `mergekit-yaml sliced.yml out/`, bridge the cut
+# (repair), verify out/.
 # Extra arguments go to the scan (e.g. --layers_to_skip 6).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -9,6 +10,7 @@ source scripts/bootstrap.sh
 bash compute_block_similarity/run_layer_similarity.sh --output_dir scan "$@"
 python -m slice_with_mergekit --scan scan/block_distances.json --output sliced.yml
 mergekit-yaml sliced.yml out/
+python -m slice_with_mergekit repair out/ --plan sliced.yml      # least-squares bridge over the cut, no training
 python -m slice_with_mergekit verify out/ --plan sliced.yml
 cat <<TXT
 

@@ -47,8 +47,26 @@ def model_card(out: Path, plan_path: Path, scan: dict | None = None) -> str:
             lines += ["", f"Scores of every {n}-layer block (lower = more redundant):", "",
                       "| start | block | score | std. error |", "|---|---|---|---|"]
             lines += [f"| {l} | [{l}, {l + n}) | {v:.4f} | {e:.4f} |" for l, (v, e) in enumerate(zip(row, se))]
+    from .repair import REPAIR_FILE, load_repair
+
+    if (out / REPAIR_FILE).exists():
+        info, _ = load_repair(out / REPAIR_FILE)
+        cal = info.get("calibration", {})
+        lines += ["", "## Repair (no training)", "",
+                  f"Each cut is bridged by one d x d matrix T, fitted by `{info['method']}` on {cal.get('size')} texts of "
+                  f"{cal.get('dataset')} (split {cal.get('split')}, {cal.get('tokens_fit')} tokens) and folded into the "
+                  "output projection of the layer before the cut (ReplaceMe). `repair.safetensors` holds T.", ""]
+        lines += [f"- [{b['start']}, {b['end']}) via `{b['writer']}`: {b['decision']}" for b in info["bridges"]]
     ev = out / "eval.json"
     if ev.exists():
-        lines += ["", "## Evaluation", "", "```json", json.dumps(json.loads(ev.read_text()), indent=1), "```"]
+        data = json.loads(ev.read_text())
+        stages = [k for k in ("source", "cut", "repaired", "healed") if isinstance(data.get(k), dict)]
+        lines += ["", "## Evaluation", ""]
+        if stages:
+            lines += ["| " + " | ".join(("dense" if k == "source" else k) for k in stages) + " |",
+                      "|" + "---|" * len(stages),
+                      "| " + " | ".join(f"{data[k]['perplexity']:.2f}" for k in stages) + " |", "",
+                      "Held-out perplexity (lower is better).", ""]
+        lines += ["```json", json.dumps(data, indent=1), "```"]
     lines += ["", "## sliced.yml", "", "```yaml", Path(plan_path).read_text().strip(), "```", ""]
     return "\n".join(lines)

@@ -24,7 +24,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     choices: list = []
     config = plan(args.scan, layers_to_skip=args.layers_to_skip, start=args.start, remove=args.remove,
                   model=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                  select=args.select, top_k=args.top_k, select_texts=args.select_texts, choice_out=choices)
+                  select=args.select, top_k=args.top_k, select_texts=args.select_texts, repair=args.repair,
+                  choice_out=choices)
     write_config(config, args.output)
     if choices:
         import dataclasses
@@ -146,7 +147,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                              dataset_column=args.dataset_column, dataset_subset=args.dataset_subset,
                              dataset_size=args.dataset_size, eval_subset=args.eval_subset, eval_size=args.eval_size,
                              max_length=args.max_length, batch_size=args.batch_size, metric=args.metric,
-                             select=args.select, top_k=args.top_k, heal=args.heal, heal_steps=args.heal_steps,
+                             select=args.select, top_k=args.top_k, repair=args.repair, heal=args.heal, heal_steps=args.heal_steps,
                              heal_rank=args.heal_rank, heal_lr=args.heal_lr, work_dir=args.work_dir,
                              trust_remote_code=args.trust_remote_code))
     print(f"report: {report}")
@@ -188,6 +189,10 @@ def plan_parser(p: argparse.ArgumentParser) -> None:
       "model without them; iterative: remove one layer at a time (SLEB); deepest: the n deepest but the last")
     a("--top_k", type=int, default=5, help="candidates that --select ppl re-ranks")
     a("--select_texts", type=int, default=None, help="calibration texts for --select ppl/iterative (default: the scan's)")
+    from .repair import REPAIRS
+
+    a("--repair", default="none", choices=list(REPAIRS),
+      help="with --select ppl/iterative: score each candidate after this repair (sliced.yml stays the plain cut)")
     a("--trust_remote_code", action="store_true", help="allow model code from the Hub")
 
 
@@ -269,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--load_in_4bit", action="store_true", help="QLoRA: 4-bit base (CUDA + bitsandbytes)")
     h.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.work/last")
     r = parsers["prune"]
+    from .repair import REPAIRS
+
     r.add_argument("model", help="checkpoint folder or Hub id")
     r.add_argument("--layers_to_skip", default="4", help="block size, or several: '2,4,6,8'")
     data_args(r)
@@ -280,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--metric", default="angular_last_token")
     r.add_argument("--select", default="angle", choices=["angle", "ppl", "iterative", "deepest"])
     r.add_argument("--top_k", type=int, default=5)
-    r.add_argument("--heal", action="store_true", help="LoRA-heal each pruned model")
+    r.add_argument("--repair", default="linear", choices=list(REPAIRS),
+                   help="bridge each cut without training before evaluation and healing")
+    r.add_argument("--heal", action="store_true", help="LoRA-heal each pruned (and repaired) model")
     r.add_argument("--heal_steps", type=int, default=100)
     r.add_argument("--heal_rank", type=int, default=8)
     r.add_argument("--heal_lr", type=float, default=3e-4)

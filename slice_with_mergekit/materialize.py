@@ -117,7 +117,7 @@ def copy_companions(src: Path, out: Path) -> list[str]:
 
 def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_remote_code: bool = False,
                 repair: str = "none", repair_texts: list[str] | None = None, repair_calibration: dict | None = None,
-                max_length: int = 256, batch_size: int = 8) -> Path:
+                max_length: int = 256, batch_size: int = 8, skip_unfoldable: bool = False) -> Path:
     """sliced.yml -> a loadable pruned checkpoint in ``out_path`` (written to a temporary folder first).
 
     ``repair`` (see repair.REPAIRS) fits bridges on ``repair_texts`` and folds them in before the
@@ -145,7 +145,7 @@ def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_rem
 
         repair_checkpoint(str(tmp), plan_path, repair_texts or [], method=repair, source=str(src), device=device,
                           batch_size=batch_size, max_length=max_length, calibration=repair_calibration,
-                          trust_remote_code=trust_remote_code)
+                          skip_unfoldable=skip_unfoldable, trust_remote_code=trust_remote_code)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

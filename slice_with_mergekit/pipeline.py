@@ -49,6 +49,7 @@ class PruneArgs:
     metric: str = "angular_last_token"
     select: str = "angle"
     top_k: int = 5
+    repair: str = "linear"
     heal: bool = False
     heal_steps: int = 100
     heal_rank: int = 8
@@ -78,17 +79,37 @@ def run_eval(a: "PruneArgs", texts: list[str], model: str, out: Path) -> None:
     write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
 
 
+def run_eval_cut(a: "PruneArgs", texts: list[str], plan_path: Path, out: Path) -> None:
+    """Perplexity of the plain cut, computed in memory from the source (equal to its checkpoint's)."""
+    from compute_block_similarity.model import load_model
+
+    from .evaluate import perplexity
+    from .inmemory import removed_layers
+
+    m, tok = load_model(a.model, trust_remote_code=a.trust_remote_code)
+    keep = {i for r in _ranges(plan_path) for i in range(*r)}
+    with removed_layers(m, [i for i in range(m.config.get_text_config().num_hidden_layers) if i not in keep]):
+        p = perplexity(m, tok, texts, max_length=a.max_length, stride=a.max_length, progress=True)
+    write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
+
+
 def run_plan(a: "PruneArgs", scan_json: Path, n: int, plan_path: Path) -> None:
     from .plan import plan, write_config
 
     write_config(plan(str(scan_json), layers_to_skip=n, select=a.select, top_k=a.top_k, model=a.model,
-                      trust_remote_code=a.trust_remote_code), plan_path)
+                      repair=a.repair, trust_remote_code=a.trust_remote_code), plan_path)
 
 
 def run_materialize(a: "PruneArgs", plan_path: Path, model_dir: Path) -> None:
+    from compute_block_similarity.data import load_texts
+
     from .materialize import materialize
 
-    materialize(str(plan_path), str(model_dir), trust_remote_code=a.trust_remote_code)
+    texts = load_texts(a.dataset, a.dataset_column, a.dataset_subset, a.dataset_size) if a.repair != "none" else []
+    cal = {"dataset": a.dataset, "column": a.dataset_column, "split": a.dataset_subset, "size": len(texts)}
+    materialize(str(plan_path), str(model_dir), trust_remote_code=a.trust_remote_code, repair=a.repair,
+                repair_texts=texts, repair_calibration=cal, max_length=a.max_length, batch_size=a.batch_size,
+                skip_unfoldable=True)
 
 
 def run_verify(plan_path: Path, model_dir: Path, report: Path) -> None:
@@ -134,12 +155,16 @@ def prune(a: PruneArgs) -> Path:
     for n in a.layers_to_skip:
         d = work / f"n{n}"
         plan_path, model_dir, pr_eval, hdir = d / "sliced.yml", d / "model", d / "pruned_eval.json", d / "healed"
-        plan_fp = stage(work, f"plan-n{n}", {"scan": scan_fp, "n": n, "select": a.select, "top_k": a.top_k},
-                        [plan_path], run_plan, a, scan_json, n, plan_path)
-        mat_fp = stage(work, f"materialize-n{n}", {"plan": plan_fp}, [model_dir / "config.json"],
+        cut_eval = d / "cut_eval.json"
+        plan_fp = stage(work, f"plan-n{n}", {"scan": scan_fp, "n": n, "select": a.select, "top_k": a.top_k,
+                                            "repair": a.repair}, [plan_path], run_plan, a, scan_json, n, plan_path)
+        mat_fp = stage(work, f"materialize-n{n}", {"plan": plan_fp, "repair": a.repair}, [model_dir / "config.json"],
                        run_materialize, a, plan_path, model_dir)
         stage(work, f"verify-n{n}", {"model": mat_fp}, [d / "verify.txt"], run_verify, plan_path, model_dir, d / "verify.txt")
         stage(work, f"eval-n{n}", {"model": mat_fp, **eval_in}, [pr_eval], run_eval, a, eval_texts, str(model_dir), pr_eval)
+        if a.repair != "none":
+            stage(work, f"eval-cut-n{n}", {"plan": plan_fp, **eval_in}, [cut_eval], run_eval_cut, a, eval_texts,
+                  plan_path, cut_eval)
         healed = None
         if a.heal:
             stage(work, f"heal-n{n}", {"model": mat_fp, "steps": a.heal_steps, "rank": a.heal_rank, "lr": a.heal_lr,
@@ -148,10 +173,14 @@ def prune(a: PruneArgs) -> Path:
         ranges = _ranges(plan_path)
         removed = sorted(set(range(scan["num_layers"])) - {i for r in ranges for i in range(*r)})
         pr = json.loads(pr_eval.read_text())
-        ev = {"source": {"perplexity": src_ppl}, "pruned": pr, **({"healed": {"perplexity": healed}} if healed else {})}
+        cut = json.loads(cut_eval.read_text()) if a.repair != "none" else pr
+        ev = {"source": {"perplexity": src_ppl}, "cut": cut,
+              **({"repaired": {**pr, "method": a.repair}} if a.repair != "none" else {}),
+              **({"healed": {"perplexity": healed}} if healed else {})}
         write_text(model_dir / "eval.json", json.dumps(ev, indent=1) + "\n")
-        rows.append({"n": n, "removed": removed, "ranges": ranges, "source": src_ppl,
-                     "pruned": pr["perplexity"], "healed": healed, "tokens": pr["tokens_scored"]})
+        rows.append({"n": n, "removed": removed, "ranges": ranges, "source": src_ppl, "cut": cut["perplexity"],
+                     "repaired": pr["perplexity"] if a.repair != "none" else None, "pruned": pr["perplexity"],
+                     "healed": healed, "tokens": pr["tokens_scored"]})
     write_report(work, a, rows, scan)
     return work / "report.md"
 
@@ -172,7 +201,9 @@ def plot_ppl(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ns = [0] + [r["n"] for r in rows]
-    ax.plot(ns, [rows[0]["source"]] + [r["pruned"] for r in rows], "o-", label="pruned")
+    ax.plot(ns, [rows[0]["source"]] + [r["cut"] for r in rows], "o-", label="cut")
+    if any(r["repaired"] for r in rows):
+        ax.plot(ns, [rows[0]["source"]] + [r["repaired"] for r in rows], "^-", label="cut + bridge (no training)")
     if any(r["healed"] for r in rows):
         ax.plot([0] + [r["n"] for r in rows if r["healed"]], [rows[0]["source"]] + [r["healed"] for r in rows if r["healed"]],
                 "s--", label="pruned + LoRA healing")
@@ -203,12 +234,15 @@ def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: dict) -> None
              f"of `{a.dataset}`; selection: `{a.select}`. Perplexity: held-out split `{a.eval_subset}` "
              f"({a.eval_size} texts, {rows[0]['tokens']} tokens scored, window {a.max_length}).",
              "Layers are 0-based; ranges are half-open `[start, end)` as in MergeKit's `layer_range`.", "",
-             "| n removed | layers removed | kept `layer_range`s | perplexity source | pruned | healed | checkpoint |",
-             "|---|---|---|---|---|---|---|"]
+             f"Repair: `{a.repair}` (a least-squares bridge folded into the layer before each cut; "
+             "see `n*/model/repair.safetensors`).", "",
+             "| n removed | layers removed | kept `layer_range`s | perplexity dense | cut | repaired | healed | checkpoint |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         healed = f"{r['healed']:.2f}" if r["healed"] else "-"
-        lines.append(f"| {r['n']} | {format_layers(r['removed'])} | {', '.join(f'[{x}, {y}]' for x, y in r['ranges'])} | "
-                     f"{r['source']:.2f} | {r['pruned']:.2f} | {healed} | "
+        repaired = f"{r['repaired']:.2f}" if r["repaired"] else "-"
+        lines.append(f"| {r['n']} | {format_layers(r['removed'])} | {', '.join(f'[{x}, {y})' for x, y in r['ranges'])} | "
+                     f"{r['source']:.2f} | {r['cut']:.2f} | {repaired} | {healed} | "
                      f"`n{r['n']}/{'healed' if r['healed'] else 'model'}` |")
     lines += ["", "![heatmap](heatmap.png)", "", "![perplexity](perplexity_vs_layers.png)", ""]
     write_text(work / "report.md", "\n".join(lines))

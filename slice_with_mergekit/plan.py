@@ -102,7 +102,8 @@ def source_dtype(cfg: Any) -> str | None:
     return str(dt).replace("torch.", "") if dt is not None else None
 
 
-def calibration_scorer(scan: dict, model: str, num_texts: int | None = None, trust_remote_code: bool = False):
+def calibration_scorer(scan: dict, model: str, num_texts: int | None = None, trust_remote_code: bool = False,
+                       repair: str = "none"):
     """A perplexity scorer on the scan's own calibration text (its dataset provenance)."""
     from compute_block_similarity.data import load_texts
     from compute_block_similarity.model import load_model
@@ -114,17 +115,18 @@ def calibration_scorer(scan: dict, model: str, num_texts: int | None = None, tru
                        num_texts or ds.get("size"), ds.get("config"))
     m, tok = load_model(model, trust_remote_code=trust_remote_code, gguf_file=scan.get("gguf_file"))
     ml = min(int(ds.get("max_length") or 256), 1024)
-    return Scorer(m, tok, texts, max_length=ml, stride=ml)
+    return Scorer(m, tok, texts, max_length=ml, stride=ml, repair=repair)
 
 
 def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None = None, remove: str | None = None,
          model: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
-         select: str = "angle", top_k: int = 5, select_texts: int | None = None,
+         select: str = "angle", top_k: int = 5, select_texts: int | None = None, repair: str = "none",
          choice_out: list | None = None) -> MergeConfiguration:
     """Everything MergeKit leaves unchecked, checked; then the config.
 
     ``select`` picks the block of ``layers_to_skip`` when no explicit --start/--remove is given:
     angle (the scan's best), ppl (re-rank the top_k by real perplexity), iterative (SLEB), deepest.
+    With ``repair``, candidates are scored after that repair (the plan itself stays the plain cut).
     """
     from .select import choose
 
@@ -133,7 +135,7 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
     if select != "angle" and start is None and remove is None:
         src0 = model or scan["model"]
         choice = choose(select, scan, len(removed),
-                        lambda: calibration_scorer(scan, src0, select_texts, trust_remote_code), top_k)
+                        lambda: calibration_scorer(scan, src0, select_texts, trust_remote_code, repair), top_k)
         removed = choice.removed
         if choice_out is not None:
             choice_out.append(choice)

@@ -397,11 +397,13 @@ class RepairResult:
 
 def fit_repair(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[int], *, method: str = "linear",
                batch_size: int = 8, max_length: int = 256, guard: bool = True, cosine_steps: int = 100,
-               sample_tokens: int = 32768, calibration: dict | None = None, progress: bool = True) -> RepairResult:
+               sample_tokens: int = 32768, calibration: dict | None = None, skip_unfoldable: bool = False,
+               progress: bool = True) -> RepairResult:
     """Fit one bridge per contiguous run of ``removed`` on the dense ``model`` (nothing is written).
 
     A bridge is kept only if the model without the layers but with the bridge has a lower loss on the
-    held-out fifth of the calibration text than the plain cut (``guard``)."""
+    held-out fifth of the calibration text than the plain cut (``guard``). A run whose bridge cannot be
+    folded exactly raises UserError, or with ``skip_unfoldable`` is left plain and recorded so."""
     meth = get_repair(method)
     if method == "none":
         return RepairResult("none", [], dict(calibration or {}), 0.0)
@@ -415,11 +417,24 @@ def fit_repair(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequen
         raise UserError("the calibration text is empty; give --dataset with real text")
     dev = input_device(model)
     probe = (torch.tensor(ids[:1], device=dev), torch.ones((1, len(ids[0])), dtype=torch.long, device=dev))
-    writers = {s: find_writer(model, s, probe) for s, _ in runs}
+    writers, refused = {}, {}
+    for s, _ in runs:
+        try:
+            writers[s] = find_writer(model, s, probe)
+        except UserError as err:
+            if not skip_unfoldable:
+                raise
+            refused[s] = str(err)
+    d = text_config(model).hidden_size
+    bridges = [Bridge(s, e, "", "", torch.eye(d, dtype=torch.float64), False, 0.0, f"not bridged: {refused[s]}",
+                      float("nan"), float("nan")) for s, e in runs if s in refused]
+    runs = [r for r in runs if r[0] not in refused]
+    if not runs:
+        for b in bridges:
+            log.warning("repair [%d, %d): %s", b.start, b.end, b.decision)
+        return RepairResult(method, bridges, dict(calibration or {}), time.perf_counter() - t0)
     stats = collect(model, tok, texts, runs, writers, batch_size=batch_size, max_length=max_length,
                     sample_tokens=sample_tokens if meth.stores_tokens else 0, progress=progress)
-    d = text_config(model).hidden_size
-    bridges = []
     for s, e in runs:
         st = stats[(s, e)]
         T_fit, T_all, alpha, mse_cut, mse_br = fit_linear(st, d)
@@ -428,11 +443,13 @@ def fit_repair(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequen
             mse_br = _mse(T_fit, st.AtA[1], st.AtY[1], st.YtY[1]) / max(st.tokens[1], 1)
         bridges.append(Bridge(s, e, writers[s].name, writers[s].kind, T_all.cpu(), True, alpha, "", mse_cut, mse_br,
                               bias="bias" in writers[s].params(), T_fit=T_fit.cpu()))
+    fitted = [b for b in bridges if b.start in writers]
     if guard:
-        _guard(model, tok, texts, removed, bridges, [writers[b.start] for b in bridges], max_length, batch_size)
+        _guard(model, tok, texts, removed, fitted, [writers[b.start] for b in fitted], max_length, batch_size)
     else:
-        for b in bridges:
+        for b in fitted:
             b.decision = "applied (no guard)"
+    bridges.sort(key=lambda b: b.start)
     for b in bridges:
         log.info("repair [%d, %d) via %s: %s", b.start, b.end, b.writer, b.decision)
     cal = {**(calibration or {}), "tokens_fit": sum(stats[r].tokens[0] for r in runs) // len(runs),
@@ -589,7 +606,7 @@ def fold_tensor(kind: str, is_bias: bool, w: torch.Tensor, T: torch.Tensor) -> t
 
 def repair_checkpoint(out_path: str, plan_path: str, texts: Sequence[str], *, method: str = "linear",
                       source: str | None = None, dtype: str = "auto", device: str = "auto", batch_size: int = 8,
-                      max_length: int = 256, calibration: dict | None = None,
+                      max_length: int = 256, calibration: dict | None = None, skip_unfoldable: bool = False,
                       trust_remote_code: bool = False) -> RepairResult:
     """Fit bridges on the plan's dense source and fold them into the checkpoint ``out_path`` built from it."""
     from compute_block_similarity.model import load_model
@@ -606,7 +623,7 @@ def repair_checkpoint(out_path: str, plan_path: str, texts: Sequence[str], *, me
     L = len(decoder_layers(model))
     removed = sorted(set(range(L)) - set(kept))
     result = fit_repair(model, tok, texts, removed, method=method, batch_size=batch_size, max_length=max_length,
-                        calibration=calibration)
+                        calibration=calibration, skip_unfoldable=skip_unfoldable)
     del model
     done = apply_to_checkpoint(out, src, result, kept)
     log.info("repair %s: %d of %d bridge(s) folded into %s (%s) in %.1fs", method, len(result.applied),

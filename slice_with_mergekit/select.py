@@ -19,7 +19,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import torch
+
 from compute_block_similarity.ranges import format_layers
+from compute_block_similarity.scan import input_device
 
 from .evaluate import perplexity, tokenize_windows
 from .inmemory import removed_layers
@@ -45,13 +48,16 @@ def scan_ranking(scan: dict, n: int) -> list[int]:
 
 
 class Scorer:
-    """Perplexity of the model with some layers removed, on fixed calibration windows."""
+    """Perplexity of the model with some layers removed, on fixed calibration windows; with
+    ``repair`` (see repair.REPAIRS), of the model with the layers removed and the cut bridged,
+    each candidate's bridge fitted on the same calibration text (one more pass)."""
 
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
-                 batch_size: int = 8):
+                 batch_size: int = 8, repair: str = "none"):
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.wins = tokenize_windows(tok, texts, max_length, stride)
         self.kw = dict(max_length=max_length, stride=stride)
+        self.repair = repair
         self.passes = 0  # forward passes over the calibration text actually run
         self.cache: dict[tuple[int, ...], float] = {}
 
@@ -59,10 +65,27 @@ class Scorer:
         key = tuple(sorted(removed))
         if key not in self.cache:
             self.passes += 1
-            with removed_layers(self.model, key):
+            bridge = self._bridge(key)  # fitted on the dense model, before the layers go
+            with removed_layers(self.model, key), bridge:
                 self.cache[key] = perplexity(self.model, self.tok, self.texts, batch_size=self.batch_size,
                                              _windows=self.wins, **self.kw).perplexity
         return self.cache[key]
+
+    def _bridge(self, removed: tuple[int, ...]) -> Any:
+        from contextlib import nullcontext
+
+        from .repair import bridged, find_writer, fit_repair
+
+        if self.repair == "none" or not removed:
+            return nullcontext()
+        fit = fit_repair(self.model, self.tok, self.texts, removed, method=self.repair, batch_size=self.batch_size,
+                         max_length=self.kw["max_length"], skip_unfoldable=True, progress=False)
+        self.passes += 1
+        applied = [b for b in fit.bridges if b.applied]
+        ids = self.wins[0][0][:16]
+        probe = (torch.tensor([ids], device=input_device(self.model)), torch.ones((1, len(ids)), dtype=torch.long,
+                                                                                  device=input_device(self.model)))
+        return bridged([find_writer(self.model, b.start, probe) for b in applied], [b.T for b in applied])
 
 
 def select_angle(scan: dict, n: int) -> Choice:

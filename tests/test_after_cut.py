@@ -160,11 +160,13 @@ def test_prune_pipeline_reruns_only_changed_stages(tiny_models, tmp_path, caplog
     report = (w / "report.md").read_text()
     assert "| 1 |" in report and "| 2 |" in report
     ev = json.loads((w / "n2/model/eval.json").read_text())
-    assert ev["pruned"]["perplexity"] > 0 and ev["source"]["perplexity"] > 0
+    assert ev["cut"]["perplexity"] > 0 and ev["source"]["perplexity"] > 0
+    assert ev["repaired"]["method"] == "linear" and (w / "n2/model/repair.safetensors").exists()
+    assert "| perplexity dense | cut | repaired |" in report
     caplog.clear()
     with caplog.at_level("INFO"):
         assert slice_main(args) == 0
-    assert caplog.text.count("inputs unchanged, skipped") == 10 and "stage scan: running" not in caplog.text
+    assert caplog.text.count("inputs unchanged, skipped") == 12 and "stage scan: running" not in caplog.text
     caplog.clear()
     with caplog.at_level("INFO"):
         assert slice_main(args[:3] + ["1,2", *args[4:], "--select", "deepest"]) == 0
