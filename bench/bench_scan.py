@@ -3,6 +3,11 @@ PruneMe-style `output_hidden_states` scan. Each mode runs in its own process so 
 (RSS on CPU, max allocated on CUDA) is its own.
 
     python bench/bench_scan.py [--model_path P] [--dataset_size 256] [--batch_size 16] [--max_length 256]
+    # a randomly initialised Llama built in the benchmark (no download), with SmolLM2's tokenizer and vocabulary:
+    python bench/bench_scan.py --random_llama 4096,32,11008 --dtype bfloat16 --device cuda --concat 16 --max_length 1024
+
+--concat N joins every N calibration paragraphs into one text, for long sequences. The
+repair_fit mode times fitting a least-squares bridge over --layers_to_skip layers in the middle.
 """
 
 from __future__ import annotations
@@ -18,7 +23,36 @@ import time
 
 import torch
 
-MODES = ("bare_forward", "scan_default_metric", "scan_all_metrics", "naive_hidden_states")
+MODES = ("bare_forward", "scan_default_metric", "scan_all_metrics", "scan_last_token_metrics", "naive_hidden_states",
+         "repair_fit")
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM, for model FLOPs utilisation
+
+
+def random_llama(spec: str, tok_dir: str, dtype: str, device: str):
+    """A randomly initialised Llama (hidden, layers, intermediate) with the vocabulary of ``tok_dir``'s tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from compute_block_similarity.model import resolve_device, resolve_dtype
+
+    hidden, layers, inter = map(int, spec.split(","))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = AutoConfig.for_model("llama", hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+                               num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128,
+                               vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=False,
+                               architectures=["LlamaForCausalLM"])
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=resolve_dtype(dtype, dev))
+    return model.eval(), tok
+
+
+def model_flops(model, batches) -> float:
+    """Forward FLOPs: 2 x non-embedding parameters per token, plus causal attention 2 L d S^2 per sequence."""
+    cfg = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name and "lm_head" not in name)
+    lens = torch.cat([b.lengths for b in batches]).double()
+    return 2 * n * float(lens.sum()) + 2 * cfg.num_hidden_layers * cfg.hidden_size * float((lens ** 2).sum())
 
 
 def machine() -> str:
@@ -32,8 +66,12 @@ def run_mode(args: argparse.Namespace) -> dict:
     from compute_block_similarity.model import default_model_dir, load_model
     from compute_block_similarity.scan import decoder_of, input_device, make_batches, scan_model, tokenize
 
-    model, tok = load_model(args.model_path or default_model_dir(), dtype=args.dtype, device=args.device)
-    texts = load_texts(size=args.dataset_size)
+    if args.random_llama:
+        model, tok = random_llama(args.random_llama, args.model_path or default_model_dir(), args.dtype, args.device)
+    else:
+        model, tok = load_model(args.model_path or default_model_dir(), dtype=args.dtype, device=args.device)
+    texts = load_texts(size=args.dataset_size * args.concat)
+    texts = ["\n\n".join(texts[i : i + args.concat]) for i in range(0, len(texts), args.concat)]
     ids, _ = tokenize(tok, texts, args.max_length)
     batches = make_batches(ids, args.batch_size, tok.pad_token_id or 0, "right")
     dev = input_device(model)
@@ -50,8 +88,16 @@ def run_mode(args: argparse.Namespace) -> dict:
                 m = b.attention_mask.to(dev)
                 decoder_of(model)(input_ids=b.input_ids.to(dev), attention_mask=m,
                                   position_ids=(m.cumsum(-1) - 1).clamp_min(0), use_cache=False)
+    elif args.mode == "repair_fit":
+        from compute_block_similarity.scan import decoder_layers
+        from slice_with_mergekit.repair import fit_repair
+
+        s = (len(decoder_layers(model)) - n) // 2
+        fit_repair(model, tok, texts, list(range(s, s + n)), batch_size=args.batch_size, max_length=args.max_length,
+                   progress=False)
     elif args.mode.startswith("scan"):
-        metrics = None if args.mode == "scan_all_metrics" else ["angular_last_token"]
+        metrics = {"scan_all_metrics": None, "scan_default_metric": ["angular_last_token"],
+                   "scan_last_token_metrics": ["angular_last_token", "relative_magnitude", "euclidean_last_token"]}[args.mode]
         scan_model(model, tok, texts, metrics=metrics, batch_size=args.batch_size, max_length=args.max_length,
                    padding_side="right", progress=False)
     else:  # PruneMe: full model with LM head, every layer's whole sequence kept, last token compared
@@ -70,6 +116,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"mode": args.mode, "wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall, "peak_bytes": peak,
+            "flops": model_flops(model, batches),
             "peak_kind": "cuda max allocated" if dev.type == "cuda" else "process peak RSS"}
 
 
@@ -83,6 +130,10 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--repeat", type=int, default=2, help="runs per mode; the fastest is reported")
+    p.add_argument("--random_llama", default=None, metavar="HIDDEN,LAYERS,INTERMEDIATE",
+                   help="benchmark a randomly initialised Llama of this shape (tokenizer from --model_path)")
+    p.add_argument("--concat", type=int, default=1, help="join every N calibration texts into one (long sequences)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of modes to run")
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode:
@@ -90,7 +141,7 @@ def main() -> None:
         return
     passthrough = [a for a in sys.argv[1:]]
     rows = {}
-    for mode in MODES:
+    for mode in args.modes.split(","):
         runs = []
         for _ in range(args.repeat):
             out = subprocess.run([sys.executable, __file__, *passthrough, "--mode", mode], capture_output=True, text=True)
@@ -99,12 +150,18 @@ def main() -> None:
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         rows[mode] = min(runs, key=lambda r: r["wall_s"])
     base = rows["bare_forward"]["wall_s"]
+    cuda = torch.cuda.is_available() and args.device != "cpu"
     print(f"machine: {machine()}")
-    print(f"workload: {args.dataset_size} texts, batch {args.batch_size}, max_length {args.max_length}, "
-          f"{rows['bare_forward']['tokens']} tokens, best of {args.repeat}")
-    print(f"{'mode':<22} {'wall s':>8} {'tok/s':>9} {'x bare':>7} {'peak MiB':>9}  ({rows['bare_forward']['peak_kind']})")
+    print(f"model: {args.random_llama and f'random Llama (hidden, layers, intermediate) = ({args.random_llama})' or args.model_path or 'SmolLM2-135M-Instruct'}, dtype {args.dtype}")
+    print(f"workload: {args.dataset_size} texts (each {args.concat} paragraphs), batch {args.batch_size}, max_length "
+          f"{args.max_length}, {rows['bare_forward']['tokens']} tokens, best of {args.repeat}")
+    print(f"{'mode':<24} {'wall s':>8} {'tok/s':>9} {'x bare':>7} {'peak MiB':>9} {'x bare':>7}"
+          + (f" {'MFU':>6}" if cuda else "") + f"  ({rows['bare_forward']['peak_kind']})")
+    peak0 = rows["bare_forward"]["peak_bytes"]
     for mode, r in rows.items():
-        print(f"{mode:<22} {r['wall_s']:8.2f} {r['tok_per_s']:9.0f} {r['wall_s'] / base:7.3f} {r['peak_bytes'] / 2**20:9.0f}")
+        mfu = f" {r['flops'] / r['wall_s'] / H100_BF16_PEAK:6.1%}" if cuda and mode != "repair_fit" else ""
+        print(f"{mode:<24} {r['wall_s']:8.2f} {r['tok_per_s']:9.0f} {r['wall_s'] / base:7.3f} "
+              f"{r['peak_bytes'] / 2**20:9.0f} {r['peak_bytes'] / peak0:7.3f}{mfu}")
 
 
 if __name__ == "__main__":

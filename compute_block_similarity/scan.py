@@ -114,14 +114,19 @@ class ResidualCapture:
     def __init__(self, layers: nn.ModuleList, stats_device: torch.device):
         self.layers = layers
         self.stats_device = stats_device
-        self.select: torch.Tensor | None = None  # (B, S) bool: tokens to keep
+        self.rows: torch.Tensor | None = None  # (N,) flat (B*S) indices of the tokens to keep, row-major
         self.states: list[torch.Tensor] = []  # L+1 entries of (N, H)
         self.handles = [layers[0].register_forward_pre_hook(self._pre, with_kwargs=True)]
         self.handles += [layer.register_forward_hook(self._post) for layer in layers]
 
+    def select(self, keep: torch.Tensor, device: torch.device) -> None:
+        """keep: (B, S) bool, on the CPU. Indices are found once per batch, on the CPU: a boolean
+        index in every hook would make the GPU wait for the CPU L+1 times per batch."""
+        self.rows = keep.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+
     def _keep(self, h: torch.Tensor) -> None:
-        sel = self.select.to(h.device)
-        self.states.append(h[sel].to(self.stats_device))  # (N, H), model dtype
+        rows = self.rows.to(h.device, non_blocking=True)
+        self.states.append(h.flatten(0, 1).index_select(0, rows).to(self.stats_device))  # (N, H), model dtype
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.states = []
@@ -436,10 +441,9 @@ def scan_model(
                 lengths = mask.sum(-1)  # (B,)
                 last = (mask * torch.arange(mask.shape[1], device=dev)).argmax(-1)  # (B,) last non-pad index
                 if all_tokens:
-                    capture.select = mask.bool()
+                    capture.select(batch.attention_mask.bool(), dev)
                 else:
-                    capture.select = torch.zeros_like(mask, dtype=torch.bool)
-                    capture.select[torch.arange(mask.shape[0], device=dev), last] = True
+                    capture.rows = torch.arange(mask.shape[0], device=dev) * mask.shape[1] + last
                 positions = (mask.cumsum(-1) - 1).clamp_min(0)  # same positions whatever the padding side
                 decoder(input_ids=batch.input_ids.to(dev), attention_mask=mask, position_ids=positions, use_cache=False)
                 gram = gram_across_depth(capture.states)  # (N, L+1, L+1)
