@@ -10,6 +10,7 @@ from typing import Sequence
 from .data import BUILTIN_DATASET, load_texts
 from .errors import UserError
 from .metrics import DEFAULT_METRIC, METRICS
+from .scan import GRAM_BYTES, TOKENS_PER_TEXT
 from .model import default_model_dir, load_model
 
 log = logging.getLogger("compute_block_similarity")
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoint_every", type=int, default=50, help="save running sums every N batches to "
       "OUTPUT_DIR/scan_state.pt (0: never)")
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/scan_state.pt after a crash or preemption")
+    a("--tokens_per_text", type=int, default=TOKENS_PER_TEXT, help="all-token metrics use this many evenly spaced "
+      "non-pad positions of each text (0: every token); bounds the scan's memory whatever --max_length is")
+    a("--gram_bytes", type=int, default=GRAM_BYTES, help="float64 working set of the Gram computation, in bytes")
     return p
 
 
@@ -101,6 +105,10 @@ def run(args: argparse.Namespace) -> dict[str, str]:
     metric_names(args.metrics)
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
+    if args.tokens_per_text < 0:
+        raise ValueError(f"--tokens_per_text must be >= 0 (0: every token), got {args.tokens_per_text}")
+    if args.gram_bytes < 1:
+        raise ValueError(f"--gram_bytes must be >= 1, got {args.gram_bytes}")
     device = init_distributed(args.device)
     model_path = args.model_path or default_model_dir()
     texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size,
@@ -116,13 +124,15 @@ def run(args: argparse.Namespace) -> dict[str, str]:
         "load_in_4bit": args.load_in_4bit,
         "dataset": {"name": args.dataset, "config": args.dataset_config, "split": args.dataset_subset,
                     "column": args.dataset_column, "size": args.dataset_size, "max_length": args.max_length},
+        "tokens_per_text": args.tokens_per_text,
     }
     ckpt = None
     if args.checkpoint_every or args.resume:
         ckpt = Checkpoint(os.path.join(args.output_dir, "scan_state.pt"), args.checkpoint_every or 50, args.resume)
     result = scan_model(model, tok, texts, metric=args.metric, metrics=metric_names(args.metrics), batch_size=args.batch_size,
                         max_length=args.max_length, padding_side=args.padding_side,
-                        progress=not args.no_progress, provenance=provenance, checkpoint=ckpt)
+                        progress=not args.no_progress, provenance=provenance, checkpoint=ckpt,
+                        tokens_per_text=args.tokens_per_text, gram_bytes=args.gram_bytes)
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

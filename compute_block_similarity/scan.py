@@ -140,14 +140,37 @@ class ResidualCapture:
             h.remove()
 
 
-def gram_across_depth(states: Sequence[torch.Tensor], chunk: int = 4096) -> torch.Tensor:
-    """G[t, i, j] = <x^i_t, x^j_t> in float64.  states: L+1 of (N, H) -> (N, L+1, L+1)."""
-    x = torch.stack(list(states), dim=1)  # (N, L+1, H)
+GRAM_BYTES = 256 * 2**20  # float64 working set of one Gram chunk
+TOKENS_PER_TEXT = 128  # all-token metrics: evenly spaced non-pad positions per text (0: every token); see README
+
+
+def gram_across_depth(states: Sequence[torch.Tensor], max_bytes: int = GRAM_BYTES) -> torch.Tensor:
+    """G[t, i, j] = <x^i_t, x^j_t> in float64.  states: L+1 of (N, H) -> (N, L+1, L+1).
+
+    Tokens are upcast in chunks whose float64 copy and Gram together stay within ``max_bytes``."""
+    x = torch.stack(list(states), dim=1)  # (N, L+1, H), model dtype
+    depth, hidden = x.shape[1], x.shape[2]
+    chunk = max(1, max_bytes // (8 * depth * (hidden + depth)))
     out = []
     for k in range(0, x.shape[0], chunk):
-        xc = x[k : k + chunk].double()
+        xc = x[k : k + chunk].double()  # (chunk, L+1, H)
         out.append(xc @ xc.transpose(1, 2))
     return torch.cat(out)
+
+
+def sample_positions(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, S) bool: at most k evenly spaced non-pad positions per row, the first and last always kept
+    (so last-token metrics are unchanged). Depends only on each text's own length, never on the
+    batch or the padding side. k = 0 keeps every non-pad position."""
+    if k <= 0:
+        return mask.bool()
+    keep = torch.zeros_like(mask, dtype=torch.bool)
+    for b in range(mask.shape[0]):
+        pos = mask[b].nonzero().squeeze(1)  # (n_b,)
+        if len(pos) > k:
+            pos = pos[torch.linspace(0, len(pos) - 1, k).round().long()] if k > 1 else pos[-1:]
+        keep[b, pos] = True
+    return keep
 
 
 # ---------------------------------------------------------------- accumulation
@@ -380,6 +403,8 @@ def scan_model(
     progress: bool = True,
     provenance: dict | None = None,
     checkpoint: Checkpoint | None = None,
+    tokens_per_text: int = TOKENS_PER_TEXT,
+    gram_bytes: int = GRAM_BYTES,
 ) -> ScanResult:
     """Score every block of consecutive decoder layers of a loaded causal LM.
 
@@ -395,6 +420,10 @@ def scan_model(
         progress: show a tqdm bar with tokens per second.
         provenance: model/dataset facts recorded in the outputs.
         checkpoint: save running sums every ``checkpoint.every`` batches; resume from them.
+        tokens_per_text: all-token metrics average over at most this many evenly spaced non-pad
+            positions per text (0: all), so memory beyond the forward pass is bounded by
+            (L+1) x batch_size x tokens_per_text x hidden states, whatever max_length is.
+        gram_bytes: the float64 working set of the Gram computation, in bytes.
 
     Under torchrun / accelerate launch (torch.distributed initialized), each rank takes every
     world-th batch and the float64 sums are all-reduced; the result is the single-process one.
@@ -424,7 +453,8 @@ def scan_model(
     num_layers = len(layers)
     all_tokens = any(m.reduce == "all_tokens" for m in chosen)
     acc, done = Accumulator(names, num_layers), 0
-    fp = fingerprint(batches, names, world, {"padding_side": side, "layers": num_layers}) if checkpoint else ""
+    fp = fingerprint(batches, names, world, {"padding_side": side, "layers": num_layers,
+                                                     "tokens_per_text": tokens_per_text}) if checkpoint else ""
     if checkpoint:
         acc, done = checkpoint.load(rank, fp)
         acc = acc or Accumulator(names, num_layers)
@@ -441,14 +471,15 @@ def scan_model(
                 lengths = mask.sum(-1)  # (B,)
                 last = (mask * torch.arange(mask.shape[1], device=dev)).argmax(-1)  # (B,) last non-pad index
                 if all_tokens:
-                    capture.select(batch.attention_mask.bool(), dev)
+                    keep = sample_positions(batch.attention_mask, tokens_per_text)  # (B, S) on the CPU
+                    capture.select(keep, dev)
                 else:
                     capture.rows = torch.arange(mask.shape[0], device=dev) * mask.shape[1] + last
                 positions = (mask.cumsum(-1) - 1).clamp_min(0)  # same positions whatever the padding side
                 decoder(input_ids=batch.input_ids.to(dev), attention_mask=mask, position_ids=positions, use_cache=False)
-                gram = gram_across_depth(capture.states)  # (N, L+1, L+1)
+                gram = gram_across_depth(capture.states, gram_bytes)  # (N, L+1, L+1)
                 check_finite(gram)
-                counts = mask.sum(-1) if all_tokens else torch.ones_like(lengths)
+                counts = keep.sum(-1).to(dev) if all_tokens else torch.ones_like(lengths)
                 sample_of = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
                 last_rows = counts.cumsum(0) - 1  # row-major packing: each sample's last kept token
                 acc.add(per_sample_values(gram, sample_of, last_rows, len(counts), chosen), int(lengths.sum()))

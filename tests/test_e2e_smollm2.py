@@ -76,3 +76,21 @@ def test_scan_straight_from_the_gguf(tmp_path):
                       "--output_dir", str(tmp_path), "--no_progress"]) == 0
     js = json.loads((tmp_path / "block_distances.json").read_text())
     assert js["num_layers"] == 30 and js["gguf_file"] == DEFAULT_GGUF_FILE
+
+
+def test_sampled_all_token_metrics_agree_with_full(smollm2_dir):
+    """The default --tokens_per_text sample gives every all-token score within one standard error
+    of the computation over every token (texts of up to 256 tokens)."""
+    from compute_block_similarity.data import load_texts
+    from compute_block_similarity.model import load_model
+    from compute_block_similarity.scan import TOKENS_PER_TEXT, scan_model
+
+    model, tok = load_model(smollm2_dir, device="cpu")
+    texts = load_texts(size=48)
+    assert sum(len(tok(t).input_ids) > TOKENS_PER_TEXT for t in texts) >= 4  # the sample really is a sample
+    full = scan_model(model, tok, texts, batch_size=16, max_length=256, progress=False, tokens_per_text=0)
+    sampled = scan_model(model, tok, texts, batch_size=16, max_length=256, progress=False)
+    for name in ("angular_all_tokens", "block_influence"):
+        for n in range(1, 30):
+            for a, b, se in zip(sampled.scores(n, name), full.scores(n, name), full.stderrs(n, name)):
+                assert abs(a - b) <= se, (name, n)

@@ -44,8 +44,16 @@ def reference_value(name: str, a: torch.Tensor, b: torch.Tensor) -> float:
     raise KeyError(name)
 
 
-def reference_scan(model, tok, texts):
+def reference_positions(n: int, k: int) -> list[int]:
+    """k evenly spaced positions of n, first and last included (all of them when k = 0 or n <= k)."""
+    if k == 0 or n <= k:
+        return list(range(n))
+    return [round(i * (n - 1) / (k - 1)) for i in range(k)]
+
+
+def reference_scan(model, tok, texts, tokens_per_text: int = 0):
     states = [reference_states(model, tok, t) for t in texts]
+    states = [s[:, reference_positions(s.shape[1], tokens_per_text)] for s in states]
     L = states[0].shape[0] - 1
     out = {}
     for name in METRICS:
@@ -57,11 +65,12 @@ def reference_scan(model, tok, texts):
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gemma3"])
-def test_matches_reference(tiny_models, arch):
+@pytest.mark.parametrize("arch,tokens_per_text", [("llama", 0), ("qwen3", 0), ("gpt2", 0), ("gemma3", 0),
+                                                  ("llama", 16), ("gpt2", 7)])
+def test_matches_reference(tiny_models, arch, tokens_per_text):
     model, tok = load(tiny_models[arch])
-    ref = reference_scan(model, tok, TEXTS)
-    res = scan_model(model, tok, TEXTS, batch_size=3, progress=False)
+    ref = reference_scan(model, tok, TEXTS, tokens_per_text)
+    res = scan_model(model, tok, TEXTS, batch_size=3, progress=False, tokens_per_text=tokens_per_text)
     L = res.num_layers
     assert L == len(decoder_layers(model))
     for name in METRICS:
@@ -69,6 +78,38 @@ def test_matches_reference(tiny_models, arch):
             got = [float(res.mean[name][l, l + n]) for l in range(L - n + 1)]
             want = [float(ref[name][l, l + n]) for l in range(L - n + 1)]
             assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (name, n)
+
+
+def test_gram_byte_budget_does_not_change_the_result(tiny_llama):
+    """A budget of one token per chunk gives the same scores as the default chunking."""
+    from compute_block_similarity.scan import gram_across_depth
+
+    states = [torch.randn(50, 32) for _ in range(7)]
+    torch.testing.assert_close(gram_across_depth(states, max_bytes=1), gram_across_depth(states), rtol=0, atol=0)
+    model, tok = load(tiny_llama)
+    a = scan_model(model, tok, TEXTS, progress=False, gram_bytes=1)
+    b = scan_model(model, tok, TEXTS, progress=False)
+    for name in METRICS:
+        torch.testing.assert_close(a.mean[name], b.mean[name], rtol=0, atol=1e-12)
+
+
+def test_gram_chunks_stay_within_the_budget(monkeypatch):
+    from compute_block_similarity import scan as scan_mod
+
+    seen = []
+    real = torch.Tensor.double
+
+    def spy(self):
+        out = real(self)
+        seen.append(out.numel() * 8)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "double", spy)
+    depth, hidden, budget = 7, 32, 10_000
+    scan_mod.gram_across_depth([torch.randn(100, hidden) for _ in range(depth)], max_bytes=budget)
+    monkeypatch.undo()
+    chunk_bytes = [b + b // hidden * depth for b in seen]  # float64 copy + its Gram
+    assert len(seen) > 1 and max(chunk_bytes) <= budget
 
 
 def test_last_state_is_before_final_norm(tiny_llama):
