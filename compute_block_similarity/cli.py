@@ -167,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # ScanInterrupted says where the progress is
+        print(f"error: {e or 'interrupted; rerun with --checkpoint_every N to be able to --resume'}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -196,10 +196,11 @@ class Accumulator:
     def add(self, values: torch.Tensor, num_tokens: int) -> None:
         """values: (M, B, L+1, L+1) per-sample metric values."""
         v = values.detach().to("cpu", torch.float64)
-        self.sums += v.sum(1)
-        self.sumsq += (v * v).sum(1)
+        # counters first: a Ctrl-C between these lines leaves counts that betray the half-added batch
         self.num_samples += v.shape[1]
         self.num_tokens += num_tokens
+        self.sums += v.sum(1)
+        self.sumsq += (v * v).sum(1)
 
     def all_reduce(self) -> None:
         """Sum over data-parallel ranks (no-op without torch.distributed)."""
@@ -253,6 +254,14 @@ def check_finite(gram: torch.Tensor) -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
+class ScanInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a scan, after its progress was saved."""
+
+    def __init__(self, path: str, done: int, total: int):
+        super().__init__(f"interrupted after {done} of {total} batches; the progress is saved in {path}: "
+                         "run the same command with --resume to continue")
+
+
 @dataclass
 class Checkpoint:
     """Running sums and the position in the batches, saved every ``every`` batches so that
@@ -292,6 +301,21 @@ class Checkpoint:
 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.rank_path(rank))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """The model's identity for --resume: its config, every parameter's name, shape and dtype, and a
+    strided sample of each parameter's values (64 of them), so another checkpoint of the same shape is told apart."""
+    import hashlib
+
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode() if hasattr(model, "config") else b"")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            if p.device.type != "meta" and p.numel():
+                flat = p.detach().reshape(-1)
+                h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def fingerprint(batches: Sequence[Batch], names: Sequence[str], world: int, extra: dict) -> str:
@@ -453,8 +477,8 @@ def scan_model(
     num_layers = len(layers)
     all_tokens = any(m.reduce == "all_tokens" for m in chosen)
     acc, done = Accumulator(names, num_layers), 0
-    fp = fingerprint(batches, names, world, {"padding_side": side, "layers": num_layers,
-                                                     "tokens_per_text": tokens_per_text}) if checkpoint else ""
+    fp = fingerprint(batches, names, world, {"padding_side": side, "layers": num_layers, "tokens_per_text": tokens_per_text,
+                                             "model": model_fingerprint(model)}) if checkpoint else ""
     if checkpoint:
         acc, done = checkpoint.load(rank, fp)
         acc = acc or Accumulator(names, num_layers)
@@ -485,8 +509,15 @@ def scan_model(
                 acc.add(per_sample_values(gram, sample_of, last_rows, len(counts), chosen), int(lengths.sum()))
                 capture.states = []
                 bar.update(int(lengths.sum()))
+                done = k
                 if checkpoint and k % checkpoint.every == 0 and k < len(batches):
                     checkpoint.save(rank, fp, acc, k)
+    except KeyboardInterrupt:
+        whole = acc.num_samples == sum(b.input_ids.shape[0] for b in batches[:done])  # no batch half-added
+        if checkpoint and done and whole:
+            checkpoint.save(rank, fp, acc, done)  # the sums cover exactly the first `done` batches
+            raise ScanInterrupted(checkpoint.rank_path(rank), done, len(batches)) from None
+        raise
     finally:
         capture.remove()
         bar.close()

@@ -142,7 +142,12 @@ def cmd_heal(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import PruneArgs, prune
 
-    sizes = [int(x) for x in str(args.layers_to_skip).split(",") if x]
+    try:
+        sizes = [int(x) for x in str(args.layers_to_skip).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers_to_skip {args.layers_to_skip!r}: expected block sizes like '4' or '2,4,6,8'") from None
+    if not sizes:
+        raise ValueError("--layers_to_skip is empty: give block sizes like '4' or '2,4,6,8'")
     report = prune(PruneArgs(model=args.model, layers_to_skip=sizes, dataset=args.dataset,
                              dataset_column=args.dataset_column, dataset_subset=args.dataset_subset,
                              dataset_size=args.dataset_size, eval_subset=args.eval_subset, eval_size=args.eval_size,

@@ -26,26 +26,38 @@ def files_to_upload(out: Path) -> list[str]:
                   and p.name not in NEVER and not p.name.endswith((".tmp", ".partial")))
 
 
+def check_repo_id(repo_id: str) -> None:
+    """The Hub's own rules for 'org/name', applied before anything is written or sent."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id.count("/") != 1:
+        raise ValueError(f"repo id {repo_id!r} must look like 'org/name'")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"repo id {repo_id!r} is not valid on the Hub ({first_line(e)})") from None
+
+
 def push(out_path: str, repo_id: str, *, plan_path: str | None = None, scan_path: str | None = None,
          private: bool = False, revision: str | None = None, dry_run: bool = False) -> list[str]:
     out = Path(out_path)
     if not (out / "config.json").exists():
         raise UserError(f"{out} is not a checkpoint folder (no config.json); materialize it first")
-    if repo_id.count("/") != 1:
-        raise ValueError(f"repo id {repo_id!r} must look like 'org/name'")
+    check_repo_id(repo_id)
     plan = Path(plan_path) if plan_path else out / "mergekit_config.yml"
     if not plan.exists():
         raise UserError(f"no plan at {plan}; pass --plan sliced.yml")
     scan = json.loads(Path(scan_path).read_text()) if scan_path else None
-    write_text(out / "README.md", model_card(out, plan, scan))
+    from huggingface_hub import HfApi, get_token
+
+    if not dry_run and not get_token():  # checked before the card replaces anything
+        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
+    card = model_card(out, plan, scan)
+    write_text(out / "README.md", card)
     files = files_to_upload(out)
     if dry_run:
         log.info("dry run: would upload %d files to %s%s", len(files), repo_id, f"@{revision}" if revision else "")
         return files
-    from huggingface_hub import HfApi, get_token
-
-    if not get_token():
-        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"))
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -46,6 +46,11 @@ def test_slice_mergekit_yaml_verify(smol_scan, tmp_path):
     report = verify(str(out), str(plan))
     assert report.ok, report.render()
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 26
+    # the user's own mergekit-yaml output, bridged afterwards: one tensor changes, verify still passes
+    assert slice_main(["repair", str(out), "--plan", str(plan), "--dataset_size", "48", "--max_length", "128"]) == 0
+    report = verify(str(out), str(plan))
+    assert report.ok, report.render()
+    assert "1/1 patched tensors equal source x recorded T" in report.render()
 
 
 def test_prune_with_healing_on_smollm2(smollm2_dir, tmp_path):
@@ -57,11 +62,14 @@ def test_prune_with_healing_on_smollm2(smollm2_dir, tmp_path):
     report = (work / "report.md").read_text()
     assert "| 4 |" in report
     ev = json.loads((work / "n4" / "model" / "eval.json").read_text())
-    src, cut, healed = ev["source"]["perplexity"], ev["pruned"]["perplexity"], ev["healed"]["perplexity"]
+    src, cut = ev["source"]["perplexity"], ev["cut"]["perplexity"]
+    repaired, healed = ev["repaired"]["perplexity"], ev["healed"]["perplexity"]
     assert 1 < src < cut  # removing 4 of 30 layers costs something
-    assert healed <= cut  # the best checkpoint is kept, so healing never makes it worse
+    assert repaired < cut  # the bridge undoes part of it
+    assert healed <= repaired  # healing starts from the repaired model and keeps its best checkpoint
     heal = json.loads((work / "n4" / "healed" / "heal.json").read_text())
-    assert heal["after_cut"] == pytest.approx(cut, rel=1e-3)
+    assert heal["after_cut"] == pytest.approx(repaired, rel=1e-3)
+    assert "repair bridges" in (work / "n4" / "verify.txt").read_text()
     assert "verification passed" in (work / "n4" / "verify.txt").read_text()
 
 

@@ -64,7 +64,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_llama, tmp_pat
         scan_model(model, tok, MANY, batch_size=4, progress=False, checkpoint=ck)
     monkeypatch.setattr(Accumulator, "add", real_add)
     state = torch.load(ck.path, weights_only=True)
-    assert state["done"] == 4  # saved after batches 2 and 4; batch 6 crashed
+    assert state["done"] == 5  # saved after batches 2 and 4, then on the interrupt during batch 6
     resumed = scan_model(model, tok, MANY, batch_size=4, progress=False,
                          checkpoint=Checkpoint(ck.path, every=2, resume=True))
     assert (resumed.num_samples, resumed.num_tokens) == (full.num_samples, full.num_tokens)
