@@ -28,6 +28,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_paths(paths: list[str | os.PathLike]) -> Iterator[list[str]]:
+    """Temporary paths for several outputs; only once all are written do they replace ``paths``,
+    so a failure part-way leaves every earlier output as it was."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staged: list[tuple[str, Path]] = []
+    try:
+        for p in map(Path, paths):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp" + p.suffix)
+            os.close(fd)
+            staged.append((tmp, p))
+        yield [t for t, _ in staged]
+        for tmp, p in staged:
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, p)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)

@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from .data import BUILTIN_DATASET, load_texts
-from .errors import UserError
+from .errors import UserError, check_output_dir, debug_enabled, run_cli
 from .metrics import DEFAULT_METRIC, METRICS
 from .scan import GRAM_BYTES, TOKENS_PER_TEXT
 from .model import default_model_dir, load_model
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/scan_state.pt after a crash or preemption")
     a("--tokens_per_text", type=int, default=TOKENS_PER_TEXT, help="all-token metrics use this many evenly spaced "
       "non-pad positions of each text (0: every token); bounds the scan's memory whatever --max_length is")
+    a("--debug", action="store_true", help="show the traceback of every error (also: DEPTH_PRUNE_DEBUG=1)")
     a("--gram_bytes", type=int, default=GRAM_BYTES, help="float64 working set of the Gram computation, in bytes")
     return p
 
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, str]:
         raise ValueError(f"--tokens_per_text must be >= 0 (0: every token), got {args.tokens_per_text}")
     if args.gram_bytes < 1:
         raise ValueError(f"--gram_bytes must be >= 1, got {args.gram_bytes}")
+    check_output_dir(args.output_dir, "--output_dir")
     device = init_distributed(args.device)
     model_path = args.model_path or default_model_dir()
     texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size,
@@ -161,16 +163,13 @@ def run(args: argparse.Namespace) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
+    def command() -> int:
         run(args)
-    except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:  # ScanInterrupted says where the progress is
-        print(f"error: {e or 'interrupted; rerun with --checkpoint_every N to be able to --resume'}", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return run_cli(command, debug_enabled(argv))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def _load_datasets(dataset: str, config: str | None, split: str, streaming: bool
         if p.is_dir():
             args, kw = (str(p),), {}
         elif p.suffix.lower() in LOCAL_BUILDERS:
+            check_local_file(p)
             args, kw = (LOCAL_BUILDERS[p.suffix.lower()],), {"data_files": {"train": str(p)}}
         else:
             raise UserError(f"--dataset {dataset}: unknown file type {p.suffix!r}; use one of {', '.join(LOCAL_BUILDERS)}")
@@ -83,6 +84,28 @@ def _load_datasets(dataset: str, config: str | None, split: str, streaming: bool
     if split not in dd:
         raise UserError(f"--dataset_subset {split!r} is not in --dataset {dataset}; splits there: {', '.join(dd)}")
     return dd[split]
+
+
+def check_local_file(p: Path) -> None:
+    """An empty file, or a JSON Lines file with a bad line, named precisely before datasets sees it."""
+    if p.stat().st_size == 0:
+        raise UserError(f"--dataset {p} is empty; give a file with at least one row")
+    if p.suffix.lower() != ".jsonl":
+        return
+    import json
+
+    rows = 0
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--dataset {p} line {i} is not valid JSON ({e.msg}); fix or remove that line") from None
+            rows += 1
+    if not rows:
+        raise UserError(f"--dataset {p} has no rows; give a file with at least one JSON object per line")
 
 
 def load_texts(

@@ -117,6 +117,11 @@ def load_model(
     except (OSError, ValueError) as e:
         first = first_line(e)
         raise UserError(f"--model_path {model_path}: cannot load it ({first})") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"--model_path {model_path}: a weights file is truncated or corrupt ({first_line(e)}); "
+                        "rebuild or re-download the checkpoint") from None
     if "device_map" not in kw:
         model.to(dev)
     model.eval()

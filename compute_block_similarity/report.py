@@ -7,9 +7,10 @@ import io
 import json
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .atomic import atomic_path, write_text
+from .atomic import atomic_paths
 from .metrics import get_metric
 from .ranges import kept_ranges
 
@@ -90,8 +91,7 @@ def plot_heatmap(result: "ScanResult", path: str) -> None:
     fig.colorbar(im, ax=ax, label=result.metric)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -101,7 +101,8 @@ def write_outputs(result: "ScanResult", output_dir: str, n: int) -> dict[str, st
     paths = {k: os.path.join(output_dir, f) for k, f in
              (("csv", "layer_distances.csv"), ("json", "block_distances.json"), ("heatmap", "block_distances.png"))}
     csv_body, payload = csv_text(result, n), json.dumps(json_payload(result, n), indent=1)
-    write_text(paths["csv"], csv_body)
-    write_text(paths["json"], payload + "\n")
-    plot_heatmap(result, paths["heatmap"])
+    with atomic_paths([paths["csv"], paths["json"], paths["heatmap"]]) as (csv_tmp, json_tmp, png_tmp):
+        Path(csv_tmp).write_text(csv_body, encoding="utf-8")
+        Path(json_tmp).write_text(payload + "\n", encoding="utf-8")
+        plot_heatmap(result, png_tmp)
     return paths

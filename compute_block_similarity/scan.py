@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .metrics import DEFAULT_METRIC, METRICS, Metric, get_metric
 from .ranges import format_layers, kept_ranges
 
@@ -140,20 +140,20 @@ class ResidualCapture:
             h.remove()
 
 
-GRAM_BYTES = 256 * 2**20  # float64 working set of one Gram chunk
+GRAM_BYTES = 64 * 2**20  # float64 working set of one Gram chunk
 TOKENS_PER_TEXT = 128  # all-token metrics: evenly spaced non-pad positions per text (0: every token); see README
 
 
 def gram_across_depth(states: Sequence[torch.Tensor], max_bytes: int = GRAM_BYTES) -> torch.Tensor:
     """G[t, i, j] = <x^i_t, x^j_t> in float64.  states: L+1 of (N, H) -> (N, L+1, L+1).
 
-    Tokens are upcast in chunks whose float64 copy and Gram together stay within ``max_bytes``."""
-    x = torch.stack(list(states), dim=1)  # (N, L+1, H), model dtype
-    depth, hidden = x.shape[1], x.shape[2]
+    Tokens are stacked and upcast a chunk at a time, so the float64 copy and its Gram together stay
+    within ``max_bytes`` and the captured states are never copied whole."""
+    depth, (num, hidden) = len(states), states[0].shape
     chunk = max(1, max_bytes // (8 * depth * (hidden + depth)))
     out = []
-    for k in range(0, x.shape[0], chunk):
-        xc = x[k : k + chunk].double()  # (chunk, L+1, H)
+    for k in range(0, num, chunk):
+        xc = torch.stack([s[k : k + chunk] for s in states], dim=1).double()  # (chunk, L+1, H)
         out.append(xc @ xc.transpose(1, 2))
     return torch.cat(out)
 
@@ -282,7 +282,12 @@ class Checkpoint:
             if self.resume:
                 log.warning("--resume: no checkpoint at %s; starting from the beginning", p)
             return None, 0
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+            state["fingerprint"], state["done"], state["acc"]
+        except Exception as e:  # truncated, garbage or foreign: torch raises many types
+            raise UserError(f"--resume: {p} is truncated or corrupt ({first_line(e)}); delete it and rerun "
+                            "without --resume") from None
         if state["fingerprint"] != fingerprint:
             raise UserError(f"--resume: {p} belongs to a scan with other inputs (model, data, batch size, "
                             "max_length, metrics or ranks); rerun without --resume or delete it")

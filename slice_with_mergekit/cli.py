@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
-from compute_block_similarity.errors import UserError
+from compute_block_similarity.errors import check_output_dir, check_output_file, debug_enabled, run_cli
 
 log = logging.getLogger("slice_with_mergekit")
 
@@ -21,6 +22,7 @@ log = logging.getLogger("slice_with_mergekit")
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import plan, write_config
 
+    check_output_file(args.output, "--output")
     choices: list = []
     config = plan(args.scan, layers_to_skip=args.layers_to_skip, start=args.start, remove=args.remove,
                   model=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
@@ -56,6 +58,8 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     from .repair import get_repair
 
     get_repair(args.repair)
+    check_output_dir(args.out, "out")
+    check_output_dir(os.path.dirname(os.path.abspath(args.out)), "out")  # the finished folder is renamed into place
     texts, cal = repair_inputs(args) if args.repair != "none" else ([], {})
     materialize(args.plan, args.out, device=args.device, trust_remote_code=args.trust_remote_code,
                 repair=args.repair, repair_texts=texts, repair_calibration=cal, max_length=args.max_length,
@@ -67,6 +71,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     from .repair import describe, get_repair, repair_checkpoint
 
     get_repair(args.repair)
+    check_output_dir(args.out, "out")
     texts, cal = repair_inputs(args)
     res = repair_checkpoint(args.out, args.plan, texts, method=args.repair, source=args.source, dtype=args.dtype,
                             device=args.device, batch_size=args.batch_size, max_length=args.max_length,
@@ -148,6 +153,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ValueError(f"--layers_to_skip {args.layers_to_skip!r}: expected block sizes like '4' or '2,4,6,8'") from None
     if not sizes:
         raise ValueError("--layers_to_skip is empty: give block sizes like '4' or '2,4,6,8'")
+    check_output_dir(args.work_dir, "--work_dir")
     report = prune(PruneArgs(model=args.model, layers_to_skip=sizes, dataset=args.dataset,
                              dataset_column=args.dataset_column, dataset_subset=args.dataset_subset,
                              dataset_size=args.dataset_size, eval_subset=args.eval_subset, eval_size=args.eval_size,
@@ -214,7 +220,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slice_with_mergekit", description=__doc__,
+    p = argparse.ArgumentParser(prog="slice_with_mergekit", description=__doc__ + "\nAny command takes --debug "
+                                "(or DEPTH_PRUNE_DEBUG=1) to show the traceback of an error.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     parsers = {name: sub.add_parser(name, help=h, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -308,12 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["plan", *argv]
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command][0](args)
-    except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    debug = debug_enabled(argv)
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    return run_cli(lambda: COMMANDS[args.command][0](args), debug)
 
 
 if __name__ == "__main__":

@@ -217,7 +217,9 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
     after_cut = state.history[0]["perplexity"]
     summary = {"after_cut": after_cut, "after_heal": state.best_ppl, "best_step": state.best_step,
                "history": state.history, "config": asdict(cfg)}
-    (Path(output) / "heal.json").write_text(json.dumps(summary, indent=1) + "\n")
+    from compute_block_similarity.atomic import write_text
+
+    write_text(Path(output) / "heal.json", json.dumps(summary, indent=1) + "\n")
     log.info("healed: held-out perplexity %.3f after the cut -> %.3f after healing (step %d); merged model in %s",
              after_cut, state.best_ppl, state.best_step, output)
     return summary

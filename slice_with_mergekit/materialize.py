@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Iterator
 from unittest import mock
 
-from compute_block_similarity.errors import UserError
+from compute_block_similarity.atomic import atomic_path, write_text
+from compute_block_similarity.errors import UserError, looks_local
 
 from .plan import kept_source_layers, read_config
 from .surgery import slice_per_layer_fields
@@ -27,6 +28,9 @@ def local_source(model: str) -> Path:
     """The source checkpoint's folder: itself if local, else the Hub snapshot (configs, tokenizer, weights)."""
     if os.path.isdir(model):
         return Path(model)
+    if looks_local(model):
+        raise UserError(f"the plan's source model {model} does not exist (moved or deleted?); restore it or point "
+                        "the plan's `model:` at it")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
@@ -58,8 +62,9 @@ def sliced_out_config(kept: list[int], num_layers: int) -> Iterator[None]:
         yield
 
 
-def untie_check(out: Path) -> None:
-    """Tied embeddings stay tied: drop a spurious lm_head.weight that only duplicates the embeddings."""
+def drop_spurious_lm_head(out: Path) -> None:
+    """Tied embeddings stay tied: drop a spurious lm_head.weight that only duplicates the embeddings
+    (each rewritten file replaced atomically)."""
     cfg = json.loads((out / "config.json").read_text())
     tied = cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings", False))
     if not tied:
@@ -75,12 +80,13 @@ def untie_check(out: Path) -> None:
             tensors = {k: sf.get_tensor(k) for k in names if k != "lm_head.weight"}
             meta = sf.metadata()
         log.info("dropping a spurious lm_head.weight from %s (the model ties it to the embeddings)", f.name)
-        save_file(tensors, str(f), metadata=meta or {"format": "pt"})
+        with atomic_path(f) as tmp:
+            save_file(tensors, tmp, metadata=meta or {"format": "pt"})
         index = out / "model.safetensors.index.json"
         if index.exists():
             idx = json.loads(index.read_text())
             idx["weight_map"].pop("lm_head.weight", None)
-            index.write_text(json.dumps(idx, indent=2))
+            write_text(index, json.dumps(idx, indent=2))
 
 
 def copy_companions(src: Path, out: Path) -> list[str]:
@@ -138,7 +144,7 @@ def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_rem
                            quiet=True, write_model_card=True)
     with sliced_out_config(kept, L):
         run_merge(config, str(tmp), options=options, config_source=Path(plan_path).read_text())
-    untie_check(tmp)
+    drop_spurious_lm_head(tmp)
     copy_companions(src, tmp)
     if repair != "none":
         from .repair import repair_checkpoint

@@ -29,8 +29,16 @@ def load_scan(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         raise UserError(f"--scan {path} is not valid JSON ({e.msg}); point it at block_distances.json") from None
     for key in ("num_layers", "distances", "model"):
-        if key not in scan:
+        if not isinstance(scan, dict) or key not in scan:
             raise UserError(f"--scan {path} has no {key!r}; point it at a block_distances.json from compute_block_similarity")
+    L = scan["num_layers"]
+    if not isinstance(L, int) or L < 1 or not isinstance(scan["distances"], dict):
+        raise UserError(f"--scan {path}: num_layers or distances is malformed; rerun compute_block_similarity")
+    for n, row in scan["distances"].items():
+        if not (str(n).isdigit() and isinstance(row, list) and len(row) == L - int(n) + 1
+                and all(isinstance(v, (int, float)) for v in row)):
+            raise UserError(f"--scan {path}: distances[{n}] should hold {L} - {n} + 1 numbers (one per start) but "
+                            f"does not; the file is truncated or edited: rerun compute_block_similarity")
     return scan
 
 
@@ -171,6 +179,11 @@ def read_config(path: str | os.PathLike) -> MergeConfiguration:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; write it with `python -m slice_with_mergekit --scan ...`") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid YAML ({first_line(e)}); give the sliced.yml written by "
+                        "`python -m slice_with_mergekit --scan ...`") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a MergeKit config (a YAML mapping with merge_method and slices)")
     try:
         return MergeConfiguration.model_validate(data)
     except Exception as e:

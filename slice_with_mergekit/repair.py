@@ -273,39 +273,41 @@ def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tup
         hooks.append(layers[e - 1].register_forward_hook(keep(f"x{e}")))
     hooks.append(_stop_after(layers[max(e for _, e in runs) - 1]))
     gen = torch.Generator().manual_seed(0)
-    for part in (0, 1):
-        sub = [x for x, p in zip(ids, part_of) if p == part]
-        if not sub:
-            continue
-        for batch in tqdm(make_batches(sub, batch_size, pad, "right"), desc=f"repair fit ({'fit' if part == 0 else 'held-out'})",
-                          disable=not progress):
-            mask = batch.attention_mask.to(dev)
-            with torch.no_grad():
-                _forward(model, batch.input_ids.to(dev), mask)
-            for s, e in runs:
-                sel = mask.bool()
-                m = taps[f"m{s}"][sel.to(taps[f"m{s}"].device)].double()  # (N, d)
-                xs = taps[f"x{s}"][sel.to(taps[f"x{s}"].device)].to(m.device).double()
-                xe = taps[f"x{e}"][sel.to(taps[f"x{e}"].device)].to(m.device).double()
-                if s == 0:
-                    m = xs  # the embedding output is the whole stream
-                y = xe - xs + m  # (N, d)
-                st = stats.get((s, e))
-                if st is None:
-                    z = lambda: torch.zeros((d, d), dtype=torch.float64, device=m.device)  # noqa: E731
-                    st = stats[(s, e)] = RunStats([z(), z()], [z(), z()], [0.0, 0.0], [0.0, 0.0], [0, 0])
-                st.AtA[part] += m.T @ m
-                st.AtY[part] += m.T @ y
-                st.YtY[part] += float((y * y).sum())
-                st.EtE[part] += float(((xe - xs) ** 2).sum())
-                st.tokens[part] += m.shape[0]
-                if sample_tokens and part == 0:
-                    keep_n = min(m.shape[0], max(1, sample_tokens * m.shape[0] // max(1, sum(map(len, ids)))))
-                    pick = torch.randperm(m.shape[0], generator=gen)[:keep_n].to(m.device)
-                    st.sample.append(torch.stack([(xs - m)[pick], m[pick], xe[pick]]).float().cpu())
-            taps.clear()
-    for h in hooks:
-        h.remove()
+    try:
+        for part in (0, 1):
+            sub = [x for x, p in zip(ids, part_of) if p == part]
+            if not sub:
+                continue
+            for batch in tqdm(make_batches(sub, batch_size, pad, "right"), desc=f"repair fit ({'fit' if part == 0 else 'held-out'})",
+                              disable=not progress):
+                mask = batch.attention_mask.to(dev)
+                with torch.no_grad():
+                    _forward(model, batch.input_ids.to(dev), mask)
+                for s, e in runs:
+                    sel = mask.bool()
+                    m = taps[f"m{s}"][sel.to(taps[f"m{s}"].device)].double()  # (N, d)
+                    xs = taps[f"x{s}"][sel.to(taps[f"x{s}"].device)].to(m.device).double()
+                    xe = taps[f"x{e}"][sel.to(taps[f"x{e}"].device)].to(m.device).double()
+                    if s == 0:
+                        m = xs  # the embedding output is the whole stream
+                    y = xe - xs + m  # (N, d)
+                    st = stats.get((s, e))
+                    if st is None:
+                        z = lambda: torch.zeros((d, d), dtype=torch.float64, device=m.device)  # noqa: E731
+                        st = stats[(s, e)] = RunStats([z(), z()], [z(), z()], [0.0, 0.0], [0.0, 0.0], [0, 0])
+                    st.AtA[part] += m.T @ m
+                    st.AtY[part] += m.T @ y
+                    st.YtY[part] += float((y * y).sum())
+                    st.EtE[part] += float(((xe - xs) ** 2).sum())
+                    st.tokens[part] += m.shape[0]
+                    if sample_tokens and part == 0:
+                        keep_n = min(m.shape[0], max(1, sample_tokens * m.shape[0] // max(1, sum(map(len, ids)))))
+                        pick = torch.randperm(m.shape[0], generator=gen)[:keep_n].to(m.device)
+                        st.sample.append(torch.stack([(xs - m)[pick], m[pick], xe[pick]]).float().cpu())
+                taps.clear()
+    finally:
+        for h in hooks:
+            h.remove()
     return stats
 
 

@@ -97,3 +97,130 @@ def test_prune_layers_to_skip_typo_is_one_line(tiny_llama, tmp_path, capsys):
     assert slice_main(["prune", str(tiny_llama), "--layers_to_skip", "x,2", "--work_dir", str(tmp_path / "w")]) == 2
     assert "'2,4,6,8'" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------- one line per failure class
+
+
+def _scan_args(model, data, out):
+    return ["--model_path", str(model), "--dataset", str(data), "--layers_to_skip", "2", "--output_dir", str(out),
+            "--no_progress"]
+
+
+def test_scan_output_dir_that_is_a_file_fails_before_the_model_loads(tiny_llama, tmp_path, capsys, monkeypatch):
+    import compute_block_similarity.model as model_mod
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    (tmp_path / "taken").write_text("keep me")
+    monkeypatch.setattr(model_mod, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking"))
+    assert scan_main(_scan_args(tiny_llama, data, tmp_path / "taken")) == 2
+    assert "is a file, not a folder" in one_error_line(capsys.readouterr().err)
+    assert (tmp_path / "taken").read_text() == "keep me"
+
+
+def test_unwritable_output_fails_before_work(tiny_llama, tmp_path, capsys, monkeypatch):
+    """Read-only folders (root ignores chmod, so the write probe is made to fail)."""
+    import compute_block_similarity.errors as errors
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(errors, "writable", lambda folder: ro not in (folder, *folder.parents))
+    assert scan_main(_scan_args(tiny_llama, data, ro / "scan")) == 2
+    assert "is not writable" in one_error_line(capsys.readouterr().err)
+    assert slice_main(["materialize", str(tmp_path / "nope.yml"), str(ro / "out")]) == 2
+    assert "is not writable" in one_error_line(capsys.readouterr().err)
+    assert slice_main(["--scan", str(tmp_path / "x.json"), "-o", str(ro / "sliced.yml")]) == 2
+    assert "is not writable" in one_error_line(capsys.readouterr().err)
+    assert list(ro.iterdir()) == []
+
+
+def test_environment_failures_are_one_line_and_debug_shows_the_traceback(tiny_llama, tmp_path, capsys, monkeypatch):
+    """A full disk mid-write: one line, the earlier output intact; --debug re-raises."""
+    import errno
+
+    import compute_block_similarity.report as report
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    out = tmp_path / "scan"
+    assert scan_main(_scan_args(tiny_llama, data, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(result, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "plot_heatmap", full)  # the last of the three outputs
+    assert scan_main(_scan_args(tiny_llama, data, out)) == 2
+    assert "disk is full" in one_error_line(capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(OSError):
+        scan_main(_scan_args(tiny_llama, data, out) + ["--debug"])
+
+
+def test_truncated_weights_are_one_line(tiny_llama, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    w = broken / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    assert scan_main(_scan_args(broken, data, tmp_path / "scan")) == 2
+    assert "truncated or corrupt" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "scan" / "block_distances.json").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage\xff" * 10])
+def test_corrupt_scan_state_with_resume_is_one_line(tiny_llama, tmp_path, capsys, content):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    out = tmp_path / "scan"
+    out.mkdir()
+    (out / "scan_state.pt").write_bytes(content)
+    assert scan_main(_scan_args(tiny_llama, data, out) + ["--resume"]) == 2
+    assert "truncated or corrupt" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("text,message", [("slices: [\n  - {", "not valid YAML"), ("- just\n- a list\n", "not a MergeKit config"),
+                                          ("merge_method: 3\nslices: 4\n", "not a valid MergeKit config")])
+def test_bad_sliced_yml_is_one_line(tmp_path, capsys, text, message):
+    plan = tmp_path / "sliced.yml"
+    plan.write_text(text)
+    assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_pointing_at_a_deleted_model_names_it(tiny_llama, tmp_path, capsys):
+    from slice_with_mergekit.plan import build_config, write_config
+
+    plan = tmp_path / "sliced.yml"
+    write_config(build_config(str(tmp_path / "gone"), 6, [2, 3], "float32"), plan)
+    assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "does not exist" in line and str(tmp_path / "gone") in line
+
+
+@pytest.mark.parametrize("content,message", [("", "is empty"), ('{"text": "a"}\n{"text": oops}\n', "line 2 is not valid JSON"),
+                                             ("\n\n", "has no rows")])
+def test_bad_jsonl_names_the_problem(tiny_llama, tmp_path, capsys, content, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text(content)
+    assert scan_main(_scan_args(tiny_llama, data, tmp_path / "scan")) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_short_distances_row_is_refused_and_sliced_yml_kept(tiny_llama, tmp_path, capsys):
+    import json
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    assert scan_main(_scan_args(tiny_llama, data, tmp_path / "scan")) == 0
+    scan = tmp_path / "scan" / "block_distances.json"
+    out = tmp_path / "sliced.yml"
+    assert slice_main(["--scan", str(scan), "-o", str(out)]) == 0
+    good = out.read_bytes()
+    js = json.loads(scan.read_text())
+    js["distances"]["2"] = js["distances"]["2"][:2]
+    scan.write_text(json.dumps(js))
+    assert slice_main(["--scan", str(scan), "-o", str(out)]) == 2
+    assert "distances[2]" in one_error_line(capsys.readouterr().err)
+    assert out.read_bytes() == good
