@@ -12,7 +12,25 @@ from compute_block_similarity.ranges import format_layers
 from .plan import kept_source_layers, read_config
 
 
-def model_card(out: Path, plan_path: Path, scan: dict | None = None) -> str:
+def hub_base_model(source: str, base_model: str | None = None) -> str | None:
+    """The card's ``base_model``: a Hub id, never a local path. ``base_model`` if given, the source
+    itself if it is a Hub id, else the id the source's config was saved from; None when unknown."""
+    from compute_block_similarity.errors import looks_local
+
+    if base_model:
+        return base_model
+    if not looks_local(source) and not Path(source).exists():
+        return source
+    try:
+        cfg = json.loads((Path(source) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = cfg.get("_name_or_path") or ""
+    return name if name and not looks_local(name) and not Path(name).exists() else None
+
+
+def model_card(out: Path, plan_path: Path, scan: dict | None = None, repo_id: str | None = None,
+               base_model: str | None = None) -> str:
     config = read_config(plan_path)
     base, kept = kept_source_layers(config)
     L = scan["num_layers"] if scan else None
@@ -27,10 +45,13 @@ def model_card(out: Path, plan_path: Path, scan: dict | None = None) -> str:
             L = max(kept) + 1
     removed = sorted(set(range(L)) - set(kept))
     ranges = [list(s.sources[0].layer_range) for s in config.slices]
-    meta = {"base_model": base, "library_name": "transformers", "tags": ["mergekit", "pruned", "depth-pruning"]}
+    hub = hub_base_model(base, base_model)
+    meta = {**({"base_model": hub} if hub else {}), "library_name": "transformers",
+            "tags": ["mergekit", "pruned", "depth-pruning"]}
+    shown = hub or Path(base).name
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {out.name}", "",
-             f"A depth-pruned copy of `{base}`: {len(removed)} of {L} decoder layers removed with a MergeKit passthrough merge.",
+             f"# {repo_id.split('/')[-1] if repo_id else out.name}", "",
+             f"A depth-pruned copy of `{shown}`: {len(removed)} of {L} decoder layers removed with a MergeKit passthrough merge.",
              "Layers are 0-based; ranges are half-open `[start, end)` as in MergeKit's `layer_range`.", "",
              f"- **Removed layers:** {format_layers(removed)} ({removed})",
              f"- **Kept ranges:** {', '.join(f'[{a}, {b})' for a, b in ranges)}",

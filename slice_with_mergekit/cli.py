@@ -96,7 +96,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     files = push(args.out, args.repo_id, plan_path=args.plan, scan_path=args.scan, private=args.private,
-                 revision=args.revision, dry_run=args.dry_run)
+                 revision=args.revision, dry_run=args.dry_run, base_model=args.base_model)
     for f in files:
         print(f"  {f}  ({(Path(args.out) / f).stat().st_size:,} bytes)")
     return 0
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--plan", default=None, help="sliced.yml (default: out/mergekit_config.yml)")
     u.add_argument("--scan", default=None, help="block_distances.json, for the card's scores")
     u.add_argument("--private", action="store_true", help="create the repository private")
+    u.add_argument("--base_model", default=None, help="Hub id of the source for the card's base_model "
+                   "(default: the plan's model if it is a Hub id, else the id its config came from; left out if unknown)")
     u.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     u.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="write the card and list what would be uploaded, upload nothing")

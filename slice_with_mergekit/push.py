@@ -39,7 +39,8 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def push(out_path: str, repo_id: str, *, plan_path: str | None = None, scan_path: str | None = None,
-         private: bool = False, revision: str | None = None, dry_run: bool = False) -> list[str]:
+         private: bool = False, revision: str | None = None, dry_run: bool = False,
+         base_model: str | None = None) -> list[str]:
     out = Path(out_path)
     if not (out / "config.json").exists():
         raise UserError(f"{out} is not a checkpoint folder (no config.json); materialize it first")
@@ -52,7 +53,7 @@ def push(out_path: str, repo_id: str, *, plan_path: str | None = None, scan_path
 
     if not dry_run and not get_token():  # checked before the card replaces anything
         raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
-    card = model_card(out, plan, scan)
+    card = model_card(out, plan, scan, repo_id=repo_id, base_model=base_model)
     write_text(out / "README.md", card)
     files = files_to_upload(out)
     if dry_run:

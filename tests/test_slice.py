@@ -198,9 +198,26 @@ def test_push_dry_run_card_and_file_list(scans, tmp_path, capsys):
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["library_name"] == "transformers" and {"mergekit", "pruned"} <= set(meta["tags"])
-    assert meta["base_model"] == json.loads(scans["llama"].read_text())["model"]
+    assert "base_model" not in meta  # a local path is never a base_model; the source's id is unknown here
+    assert card.splitlines()[card.splitlines().index("---", 1) + 2] == "# tiny"  # titled after the repository
     assert "**Removed layers:** 2-3" in card and "[0, 2), [4, 6)" in card and "angular_last_token" in card
     assert plan.read_text().strip() in card and '"pruned": 12.5' in card
+
+
+def test_card_base_model_is_a_hub_id(scans, tiny_models, tmp_path):
+    import shutil
+
+    from slice_with_mergekit.card import hub_base_model
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["llama"], src)
+    assert hub_base_model(str(src)) is None
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert hub_base_model(str(src)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_base_model(str(src), "org/override") == "org/override"
+    assert hub_base_model("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
 
 
 def test_push_uploads_through_the_hub_client(scans, tmp_path, monkeypatch, capsys, caplog):
