@@ -115,6 +115,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     res = perplexity(model, tok, texts, max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
                      progress=True)
     extra = {"dataset": args.dataset, "split": args.dataset_subset}
+    if args.speed:
+        import dataclasses
+
+        from .evaluate import measure_speed
+
+        sp = measure_speed(model, tok, texts, prompt_tokens=args.speed_prompt_tokens,
+                           new_tokens=args.speed_new_tokens, repeats=args.speed_repeats)
+        extra["speed"] = dataclasses.asdict(sp)
+        print(f"speed: prefill {sp.prefill_tokens_per_s:,.0f} tok/s, decode {sp.decode_tokens_per_s:,.1f} tok/s "
+              f"(medians of {sp.repeats}; {sp.prompt_tokens}-token prompt, {sp.new_tokens} new tokens, {sp.device}); "
+              f"weights {sp.weights_mib:,.0f} MiB, KV cache {sp.kv_cache_mib:,.1f} MiB"
+              + (f", peak {sp.peak_mib:,.0f} MiB" if sp.peak_mib else ""))
     if args.tasks:
         extra["lm_eval"] = run_lm_eval(args.model, args.tasks, device=str(model.device))
     print(f"perplexity {res.perplexity:.4f} over {res.tokens_scored} tokens ({res.num_texts} texts, "
@@ -267,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. 'arc_easy,hellaswag' (needs lm-eval)")
     e.add_argument("--into", default=None, help="folder whose eval.json gets the result (default: MODEL if local)")
     e.add_argument("--name", default="perplexity", help="key of this result in eval.json (e.g. source, pruned)")
+    e.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s and memory "
+                   "(medians of repeated runs; compare a dense and a pruned model on the same device)")
+    e.add_argument("--speed_prompt_tokens", type=int, default=128, help="prompt length for --speed")
+    e.add_argument("--speed_new_tokens", type=int, default=32, help="greedy tokens decoded for --speed")
+    e.add_argument("--speed_repeats", type=int, default=5, help="timed runs for --speed (after one warm-up)")
     e.add_argument("--trust_remote_code", action="store_true")
     h = parsers["heal"]
     h.add_argument("out", help="pruned checkpoint folder")

@@ -109,6 +109,102 @@ def write_eval(out_dir: str | Path, key: str, result: Perplexity, extra: dict | 
     return path
 
 
+@dataclass
+class Speed:
+    """Inference speed of one model on fixed prompts: medians over ``repeats`` timed runs."""
+
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    weights_mib: float  # parameters and buffers
+    kv_cache_mib: float  # the cache after prefill + decode
+    peak_mib: float | None  # CUDA max allocated; None on the CPU
+    batch_size: int
+    prompt_tokens: int
+    new_tokens: int
+    repeats: int
+    device: str
+    dtype: str
+
+
+def _cache_of(out: Any) -> Any:
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def _cache_bytes(cache: Any) -> int:
+    """Bytes of every tensor reachable from a KV cache object, each counted once, whatever its class."""
+    seen, total, stack = set(), 0, [cache]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            total += x.numel() * x.element_size()
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif hasattr(x, "__dict__") and not isinstance(x, torch.nn.Module):
+            stack.extend(vars(x).values())
+    return total
+
+
+@torch.inference_mode()
+def measure_speed(model: Any, tok: Any, texts: Sequence[str], *, batch_size: int = 1, prompt_tokens: int = 128,
+                  new_tokens: int = 32, repeats: int = 5, warmup: int = 1) -> Speed:
+    """Prefill tokens/s (one forward over the prompts) and decode tokens/s (greedy, one token at a time
+    with the KV cache), as medians of ``repeats`` runs after ``warmup``; same prompts for any model."""
+    import statistics
+    import time
+
+    if min(batch_size, prompt_tokens, new_tokens, repeats) < 1:
+        raise ValueError("--speed needs batch_size, prompt_tokens, new_tokens and repeats >= 1")
+    rows = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=True)["input_ids"]
+        if len(ids) >= prompt_tokens:
+            rows.append(ids[:prompt_tokens])
+        if len(rows) == batch_size:
+            break
+    if len(rows) < batch_size:
+        raise UserError(f"--speed needs {batch_size} text(s) of at least {prompt_tokens} tokens; lower "
+                        "--speed_prompt_tokens or give longer texts")
+    dev = input_device(model)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    ids = torch.tensor(rows, device=dev)
+    import inspect
+
+    # transformers >= 5.20 names the KV cache `cache`; earlier releases `past_key_values`
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prefill, decode, cache_bytes = [], [], 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for r in range(warmup + repeats):
+        mask = torch.ones_like(ids)
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        sync()
+        t1 = time.perf_counter()
+        past, nxt = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(new_tokens):
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{cache_kw: past})
+            past, nxt = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        t2 = time.perf_counter()
+        if r >= warmup:
+            prefill.append(ids.numel() / (t1 - t0))
+            decode.append(ids.shape[0] * new_tokens / (t2 - t1))
+        cache_bytes = _cache_bytes(past)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
+    return Speed(statistics.median(prefill), statistics.median(decode), weights / 2**20, cache_bytes / 2**20,
+                 torch.cuda.max_memory_allocated() / 2**20 if cuda else None, batch_size, prompt_tokens, new_tokens,
+                 repeats, str(dev), str(next(model.parameters()).dtype).replace("torch.", ""))
+
+
 def run_lm_eval(model_path: str, tasks: str, batch_size: int = 8, device: str = "cpu") -> dict:
     """lm-evaluation-harness scores, where it is installed."""
     try:

@@ -207,3 +207,22 @@ def test_evaluate_tasks_without_lm_eval_is_one_line(tiny_llama, tmp_path, capsys
     assert slice_main(["evaluate", str(tiny_llama), "--dataset", str(data), "--dataset_subset", "train",
                        "--tasks", "arc_easy", "--into", str(tmp_path)]) == 2
     assert "pip install lm-eval" in capsys.readouterr().err
+
+
+def test_speed_measurement_fields(tiny_llama, tmp_path, capsys):
+    from slice_with_mergekit.evaluate import measure_speed
+
+    model, tok = load(tiny_llama)
+    sp = measure_speed(model, tok, TEXTS * 2, batch_size=2, prompt_tokens=16, new_tokens=4, repeats=3)
+    assert sp.prefill_tokens_per_s > 0 and sp.decode_tokens_per_s > 0 and sp.repeats == 3
+    assert sp.weights_mib == pytest.approx(sum(p.numel() * 4 for p in model.parameters()) / 2**20, rel=0.01)
+    cfg = model.config  # K and V of every layer, batch 2, 16 prompt + 4 decoded positions, float32
+    per_position = cfg.num_hidden_layers * 2 * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert sp.kv_cache_mib * 2**20 == per_position * (16 + 4)
+    assert sp.peak_mib is None and sp.device == "cpu"
+    assert slice_main(["evaluate", str(tiny_llama), "--dataset", "python-stdlib-docs", "--dataset_size", "4",
+                       "--max_length", "64", "--stride", "64", "--speed", "--speed_prompt_tokens", "16", "--speed_new_tokens", "2",
+                       "--speed_repeats", "2", "--into", str(tmp_path)]) == 0
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["perplexity"]["speed"]["decode_tokens_per_s"] > 0
+    assert "decode" in capsys.readouterr().out
