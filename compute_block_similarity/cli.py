@@ -166,7 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     def command() -> int:
-        run(args)
+        import torch.distributed as dist
+
+        try:
+            run(args)
+        finally:  # an undestroyed gloo group can abort the process at exit ("terminate called ...")
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
         return 0
 
     return run_cli(command, debug_enabled(argv))

@@ -226,7 +226,10 @@ def plot_ppl(rows: list[dict], path: Path) -> None:
 
 
 def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: dict) -> None:
-    shutil.copyfile(work / "scan" / "block_distances.png", work / "heatmap.png")
+    from compute_block_similarity.atomic import atomic_path
+
+    with atomic_path(work / "heatmap.png") as tmp:
+        shutil.copyfile(work / "scan" / "block_distances.png", tmp)
     plot_ppl(rows, work / "perplexity_vs_layers.png")
     L = scan["num_layers"]
     lines = [f"# Depth-pruning report: `{a.model}`", "",
