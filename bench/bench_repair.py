@@ -41,7 +41,7 @@ def main() -> None:
     from compute_block_similarity.scan import decoder_of, input_device, make_batches, tokenize
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
-    from slice_with_mergekit.repair import bridged, find_writer, fit_repair
+    from slice_with_mergekit.repair import fit_repair
 
     model, tok = load_model(args.model_path or default_model_dir(), dtype="float32", device="auto")
     calib = load_texts(size=args.calib)
@@ -63,8 +63,6 @@ def main() -> None:
     blocks = [(res.best_start(n), res.best_start(n) + n, "angle") for n in map(int, args.sizes.split(",") if args.sizes else [])]
     blocks += [(int(a), int(b), "given") for a, b in (x.split("-") for x in args.blocks.split(",") if x)]
     dense = heldout_ppl()
-    probe_ids = torch.tensor([ids[0][:16]], device=dev)
-    probe = (probe_ids, torch.ones_like(probe_ids))
     rows = []
     for s, e, why in blocks:
         removed = list(range(s, e))
@@ -74,8 +72,7 @@ def main() -> None:
         for method in args.methods.split(","):
             fit = fit_repair(model, tok, calib, removed, method=method, max_length=args.max_length, progress=False)
             applied = [b for b in fit.bridges if b.applied]
-            with removed_layers(model, removed), bridged([find_writer(model, b.start, probe) for b in applied],
-                                                         [b.T for b in applied]):
+            with removed_layers(model, removed), fit.in_memory():
                 rep = heldout_ppl()
             row[method] = {"ppl": rep, "undone": (cut - rep) / (cut - dense), "fit_s": fit.seconds,
                            "fit_passes": fit.seconds / pass_s, "applied": bool(applied),

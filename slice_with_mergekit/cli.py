@@ -44,20 +44,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def repair_inputs(args: argparse.Namespace) -> tuple[list[str], dict]:
-    """Calibration texts for a repair, and their provenance (recorded in repair.safetensors)."""
-    from compute_block_similarity.data import load_texts
+    from .repair import load_calibration
 
-    texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
-    return texts, {"dataset": args.dataset, "column": args.dataset_column, "split": args.dataset_subset,
-                   "size": len(texts), "config": args.dataset_config}
+    return load_calibration(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size,
+                            args.dataset_config)
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
     from .materialize import materialize
 
-    from .repair import get_repair
-
-    get_repair(args.repair)
     check_output_dir(args.out, "out")
     check_output_dir(os.path.dirname(os.path.abspath(args.out)), "out")  # the finished folder is renamed into place
     texts, cal = repair_inputs(args) if args.repair != "none" else ([], {})
@@ -68,9 +63,8 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from .repair import describe, get_repair, repair_checkpoint
+    from .repair import describe, repair_checkpoint
 
-    get_repair(args.repair)
     check_output_dir(args.out, "out")
     texts, cal = repair_inputs(args)
     res = repair_checkpoint(args.out, args.plan, texts, method=args.repair, source=args.source, dtype=args.dtype,

@@ -8,6 +8,7 @@ nothing to condition on and is not scored.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -173,8 +174,6 @@ def measure_speed(model: Any, tok: Any, texts: Sequence[str], *, batch_size: int
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     ids = torch.tensor(rows, device=dev)
-    import inspect
-
     # transformers >= 5.20 names the KV cache `cache`; earlier releases `past_key_values`
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prefill, decode, cache_bytes = [], [], 0

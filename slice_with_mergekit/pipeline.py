@@ -101,12 +101,11 @@ def run_plan(a: "PruneArgs", scan_json: Path, n: int, plan_path: Path) -> None:
 
 
 def run_materialize(a: "PruneArgs", plan_path: Path, model_dir: Path) -> None:
-    from compute_block_similarity.data import load_texts
-
     from .materialize import materialize
+    from .repair import load_calibration
 
-    texts = load_texts(a.dataset, a.dataset_column, a.dataset_subset, a.dataset_size) if a.repair != "none" else []
-    cal = {"dataset": a.dataset, "column": a.dataset_column, "split": a.dataset_subset, "size": len(texts)}
+    texts, cal = (load_calibration(a.dataset, a.dataset_column, a.dataset_subset, a.dataset_size)
+                  if a.repair != "none" else ([], {}))
     materialize(str(plan_path), str(model_dir), trust_remote_code=a.trust_remote_code, repair=a.repair,
                 repair_texts=texts, repair_calibration=cal, max_length=a.max_length, batch_size=a.batch_size,
                 skip_unfoldable=True)

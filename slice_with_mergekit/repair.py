@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -119,11 +119,6 @@ class Writer:
     name: str  # module name; its weight is "<name>.weight" in the source's state dict
     module: nn.Module = field(repr=False)
     kind: str  # "linear" | "conv1d" | "embedding"
-
-    def fold(self, weight: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-        """The weight that makes this module output (its output) @ T; computed in float64."""
-        w, t = weight.double(), T.double().to(weight.device)
-        return t.T @ w if self.kind == "linear" else w @ t  # Linear (d, in); Conv1D (in, d); Embedding (V, d)
 
     def params(self) -> dict[str, nn.Parameter]:
         out = {"weight": self.module.weight}
@@ -263,12 +258,11 @@ def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tup
         return lambda mod, args, out: taps.__setitem__(key, _output_tensor(out))
 
     for s, e in runs:
-        w = writers[s]
-        hooks.append(w.module.register_forward_hook(keep(f"m{s}")))
-        if s == 0:
+        if s == 0:  # the embedding output is x^0 itself, taken at layer 0's input
             hooks.append(layers[0].register_forward_pre_hook(
                 lambda m, a, kw: taps.__setitem__("x0", a[0] if a else kw["hidden_states"]), with_kwargs=True))
         else:
+            hooks.append(writers[s].module.register_forward_hook(keep(f"m{s}")))
             hooks.append(layers[s - 1].register_forward_hook(keep(f"x{s}")))
         hooks.append(layers[e - 1].register_forward_hook(keep(f"x{e}")))
     hooks.append(_stop_after(layers[max(e for _, e in runs) - 1]))
@@ -285,11 +279,9 @@ def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tup
                     _forward(model, batch.input_ids.to(dev), mask)
                 for s, e in runs:
                     sel = mask.bool()
-                    m = taps[f"m{s}"][sel.to(taps[f"m{s}"].device)].double()  # (N, d)
-                    xs = taps[f"x{s}"][sel.to(taps[f"x{s}"].device)].to(m.device).double()
-                    xe = taps[f"x{e}"][sel.to(taps[f"x{e}"].device)].to(m.device).double()
-                    if s == 0:
-                        m = xs  # the embedding output is the whole stream
+                    xs = taps[f"x{s}"][sel.to(taps[f"x{s}"].device)].double()  # (N, d)
+                    xe = taps[f"x{e}"][sel.to(taps[f"x{e}"].device)].to(xs.device).double()
+                    m = xs if s == 0 else taps[f"m{s}"][sel.to(taps[f"m{s}"].device)].to(xs.device).double()
                     y = xe - xs + m  # (N, d)
                     st = stats.get((s, e))
                     if st is None:
@@ -372,8 +364,7 @@ def bridged(writers: Sequence[Writer], Ts: Sequence[torch.Tensor]) -> Iterator[N
             for w, T in zip(writers, Ts):
                 for key, p in w.params().items():
                     saved.append((p, p.detach().clone()))
-                    new = w.fold(p, T) if key == "weight" else p.double() @ T.to(p.device, torch.float64)
-                    p.copy_(new.to(p.dtype))
+                    p.copy_(fold_tensor(w.kind, key == "bias", p, T.to(p.device)).to(p.dtype))
         yield
     finally:
         with torch.no_grad():
@@ -387,10 +378,15 @@ class RepairResult:
     bridges: list[Bridge]
     calibration: dict
     seconds: float
+    writers: dict[int, Writer] = field(default_factory=dict, repr=False)  # by run start, in the fitted model
 
     @property
     def applied(self) -> list[Bridge]:
         return [b for b in self.bridges if b.applied]
+
+    def in_memory(self) -> Any:
+        """A context in which the fitted model carries every applied bridge (combine with removed_layers)."""
+        return bridged([self.writers[b.start] for b in self.applied], [b.T for b in self.applied])
 
     def record(self) -> dict:
         return {"method": self.method, "calibration": self.calibration, "seconds": round(self.seconds, 3),
@@ -456,7 +452,7 @@ def fit_repair(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequen
         log.info("repair [%d, %d) via %s: %s", b.start, b.end, b.writer, b.decision)
     cal = {**(calibration or {}), "tokens_fit": sum(stats[r].tokens[0] for r in runs) // len(runs),
            "tokens_heldout": sum(stats[r].tokens[1] for r in runs) // len(runs), "max_length": max_length}
-    return RepairResult(method, bridges, cal, time.perf_counter() - t0)
+    return RepairResult(method, bridges, cal, time.perf_counter() - t0, writers)
 
 
 def _guard(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[int], bridges: list[Bridge],
@@ -556,46 +552,33 @@ def apply_to_checkpoint(out: Path, src: Path, result: RepairResult, kept: Sequen
 
     from compute_block_similarity.atomic import atomic_path
 
-    from .verify import tensor_files
+    from .verify import tensor_files, tensor_index
 
     patch = patched_tensors(result, kept)
-    src_of = _tensor_index(src)
     done = []
-    for f in tensor_files(out):
-        with safe_open(str(f), "pt") as h:
-            names, meta = list(h.keys()), h.metadata()
-            if not set(names) & set(patch):
-                continue
-            tensors = {k: h.get_tensor(k) for k in names}
-        for k in set(names) & set(patch):
-            skey, i = patch[k]
-            if skey not in src_of:
-                raise UserError(f"the source checkpoint {src} has no {skey}; is the plan's source the right model?")
-            b = result.bridges[i]
-            w = src_of[skey].get_tensor(skey)
-            folded = fold_tensor(b.kind, skey.endswith(".bias"), w, b.T)
-            tensors[k] = folded.to(tensors[k].dtype).contiguous()
-            done.append(k)
-        with atomic_path(f) as tmp:
-            save_file(tensors, tmp, metadata=meta or {"format": "pt"})
+    with ExitStack() as stack:
+        src_of = tensor_index(src, stack)
+        for f in tensor_files(out):
+            with safe_open(str(f), "pt") as h:
+                names, meta = list(h.keys()), h.metadata()
+                if not set(names) & set(patch):
+                    continue
+                tensors = {k: h.get_tensor(k) for k in names}
+            for k in set(names) & set(patch):
+                skey, i = patch[k]
+                if skey not in src_of:
+                    raise UserError(f"the source checkpoint {src} has no {skey}; is the plan's source the right model?")
+                b = result.bridges[i]
+                folded = fold_tensor(b.kind, skey.endswith(".bias"), src_of[skey].get_tensor(skey), b.T)
+                tensors[k] = folded.to(tensors[k].dtype).contiguous()
+                done.append(k)
+            with atomic_path(f) as tmp:
+                save_file(tensors, tmp, metadata=meta or {"format": "pt"})
     missing = sorted(set(patch) - set(done))
     if missing:
         raise UserError(f"{out} has no tensor {missing[0]}; is it the checkpoint of this plan?")
     save_repair(result, out / REPAIR_FILE, kept)
     return done
-
-
-def _tensor_index(folder: Path) -> dict[str, Any]:
-    """{tensor name: an open safetensors handle holding it} over every shard of a checkpoint."""
-    from safetensors import safe_open
-
-    from .verify import tensor_files
-
-    index: dict[str, Any] = {}
-    for f in tensor_files(folder):
-        h = safe_open(str(f), "pt")
-        index.update(dict.fromkeys(h.keys(), h))
-    return index
 
 
 def fold_tensor(kind: str, is_bias: bool, w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
@@ -604,6 +587,15 @@ def fold_tensor(kind: str, is_bias: bool, w: torch.Tensor, T: torch.Tensor) -> t
     if is_bias or kind != "linear":
         return w @ T
     return T.T @ w
+
+
+def load_calibration(dataset: str, column: str, split: str, size: int | None,
+                     config: str | None = None) -> tuple[list[str], dict]:
+    """Calibration texts for a repair, and the provenance recorded beside the bridges."""
+    from compute_block_similarity.data import load_texts
+
+    texts = load_texts(dataset, column, split, size, config)
+    return texts, {"dataset": dataset, "column": column, "split": split, "size": len(texts), "config": config}
 
 
 def repair_checkpoint(out_path: str, plan_path: str, texts: Sequence[str], *, method: str = "linear",
@@ -635,25 +627,32 @@ def repair_checkpoint(out_path: str, plan_path: str, texts: Sequence[str], *, me
 
 def check_repaired(out: Path, src: Path, kept: Sequence[int]) -> tuple[set[str], list[str]]:
     """(names of the patched tensors, those that do not equal source x recorded T to float tolerance)."""
+    from .verify import tensor_index
+
     path = out / REPAIR_FILE
     if not path.exists():
         return set(), []
     info, tensors = load_repair(path)
     bridges = {f"{b['start']}_{b['end']}": b for b in info["bridges"]}
-    out_of, src_of = _tensor_index(out), _tensor_index(src)
     bad = []
-    for okey, skey in info["patched"].items():
-        b = next(b for b in bridges.values() if skey.startswith(b["writer"] + "."))
-        T = tensors[f"bridge.{b['start']}_{b['end']}"]
-        if okey not in out_of or skey not in src_of:
-            bad.append(okey)
-            continue
-        got = out_of[okey].get_tensor(okey)
-        want = fold_tensor(b["kind"], skey.endswith(".bias"), src_of[skey].get_tensor(skey), T)
-        eps = torch.finfo(got.dtype).eps
-        if not torch.allclose(got.double(), want, rtol=4 * eps, atol=4 * eps * float(want.abs().max())):
-            bad.append(okey)
+    with ExitStack() as stack:
+        out_of, src_of = tensor_index(out, stack), tensor_index(src, stack)
+        for okey, skey in info["patched"].items():
+            if not _matches_fold(okey, skey, bridges, tensors, out_of, src_of):
+                bad.append(okey)
     return set(info["patched"]), bad
+
+
+def _matches_fold(okey: str, skey: str, bridges: dict, tensors: dict, out_of: dict, src_of: dict) -> bool:
+    """Does the output tensor equal the source tensor folded with its recorded T, to float tolerance?"""
+    b = next(b for b in bridges.values() if skey.startswith(b["writer"] + "."))
+    if okey not in out_of or skey not in src_of:
+        return False
+    got = out_of[okey].get_tensor(okey)
+    want = fold_tensor(b["kind"], skey.endswith(".bias"), src_of[skey].get_tensor(skey),
+                       tensors[f"bridge.{b['start']}_{b['end']}"])
+    eps = torch.finfo(got.dtype).eps
+    return torch.allclose(got.double(), want, rtol=4 * eps, atol=4 * eps * float(want.abs().max()))
 
 
 def describe(result: RepairResult) -> str:

@@ -19,10 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import torch
-
 from compute_block_similarity.ranges import format_layers
-from compute_block_similarity.scan import input_device
 
 from .evaluate import perplexity, tokenize_windows
 from .inmemory import removed_layers
@@ -74,18 +71,14 @@ class Scorer:
     def _bridge(self, removed: tuple[int, ...]) -> Any:
         from contextlib import nullcontext
 
-        from .repair import bridged, find_writer, fit_repair
+        from .repair import fit_repair
 
         if self.repair == "none" or not removed:
             return nullcontext()
         fit = fit_repair(self.model, self.tok, self.texts, removed, method=self.repair, batch_size=self.batch_size,
                          max_length=self.kw["max_length"], skip_unfoldable=True, progress=False)
         self.passes += 1
-        applied = [b for b in fit.bridges if b.applied]
-        ids = self.wins[0][0][:16]
-        probe = (torch.tensor([ids], device=input_device(self.model)), torch.ones((1, len(ids)), dtype=torch.long,
-                                                                                  device=input_device(self.model)))
-        return bridged([find_writer(self.model, b.start, probe) for b in applied], [b.T for b in applied])
+        return fit.in_memory()
 
 
 def select_angle(scan: dict, n: int) -> Choice:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import math
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,26 +32,25 @@ def tensor_files(folder: Path) -> list[Path]:
     return files
 
 
-def differing_tensors(out: Path, src: Path, kept: list[int]) -> list[str]:
-    """Output tensors not bitwise equal to the source tensor they came from. Streams one pair
-    of tensors at a time, shard by shard, so a 70B checkpoint is compared in little memory."""
-    from contextlib import ExitStack
-
+def tensor_index(folder: Path, stack: ExitStack) -> dict[str, Any]:
+    """{tensor name: the open safetensors handle holding it} over every shard; ``stack`` closes them.
+    Tensors are read one at a time through the handles, so a 70B checkpoint takes little memory."""
     from safetensors import safe_open
 
+    index: dict[str, Any] = {}
+    for f in tensor_files(folder):
+        h = stack.enter_context(safe_open(str(f), "pt"))
+        index.update(dict.fromkeys(h.keys(), h))
+    return index
+
+
+def differing_tensors(out: Path, src: Path, kept: list[int]) -> list[str]:
+    """Output tensors not bitwise equal to the source tensor they came from, compared pair by pair."""
     with ExitStack() as stack:
-        src_files = {}
-        for f in tensor_files(src):
-            h = stack.enter_context(safe_open(f, "pt"))
-            src_files.update(dict.fromkeys(h.keys(), h))
-        diffs = []
-        for f in tensor_files(out):
-            h = stack.enter_context(safe_open(f, "pt"))
-            for k in h.keys():
-                sk = source_key(k, kept)
-                if sk not in src_files or not torch.equal(h.get_tensor(k), src_files[sk].get_tensor(sk)):
-                    diffs.append(k)
-        return diffs
+        src_of, out_of = tensor_index(src, stack), tensor_index(out, stack)
+        return [k for k, h in out_of.items()
+                if source_key(k, kept) not in src_of
+                or not torch.equal(h.get_tensor(k), src_of[source_key(k, kept)].get_tensor(source_key(k, kept)))]
 
 
 def numel_by_name(folder: Path) -> dict[str, int]:

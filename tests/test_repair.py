@@ -14,8 +14,8 @@ from compute_block_similarity.ranges import parse_layers
 from slice_with_mergekit.cli import main as slice_main
 from slice_with_mergekit.inmemory import removed_layers
 from slice_with_mergekit.plan import build_config, write_config
-from slice_with_mergekit.repair import (REPAIR_FILE, RunStats, apply_to_checkpoint, bridged, contiguous_runs,
-                                        find_writer, fit_linear, fit_repair, _mse)
+from slice_with_mergekit.repair import (REPAIR_FILE, RunStats, apply_to_checkpoint, contiguous_runs, fit_linear,
+                                        fit_repair, _mse)
 from slice_with_mergekit.verify import verify
 from conftest import TEXTS, build_tiny, load
 
@@ -82,10 +82,8 @@ def test_folded_checkpoint_equals_in_memory_bridge(tiny_models, tmp_path, arch, 
     assert len(patched) == len(res.bridges) * (2 if arch == "gpt2" else 1)  # GPT-2's Conv1D has a bias
     out, _ = load(tmp_path / "out")
     ids = tok(TEXTS[3], return_tensors="pt").input_ids
-    probe = (ids, torch.ones_like(ids))
-    writers = [find_writer(model, b.start, probe) for b in res.bridges]
     with torch.no_grad():
-        with removed_layers(model, removed), bridged(writers, [b.T for b in res.bridges]):
+        with removed_layers(model, removed), res.in_memory():
             want = model(ids).logits
         got = out(ids).logits
         plain = model(ids).logits
