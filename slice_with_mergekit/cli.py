@@ -133,24 +133,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_heal(args: argparse.Namespace) -> int:
     from compute_block_similarity.data import load_texts
+    from compute_block_similarity.options import from_args
 
     from .heal import HealConfig, heal
 
+    cfg = from_args(HealConfig, args)
     train = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
     held = load_texts(args.dataset, args.dataset_column, args.eval_subset, args.eval_size, args.dataset_config)
-    cfg = HealConfig(rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps, warmup=args.warmup,
-                     batch_size=args.batch_size, seq_len=args.seq_len, eval_every=args.eval_every,
-                     save_every=args.save_every, eval_max_length=args.max_length,
-                     target_modules=args.target_modules.split(",") if args.target_modules else None,
-                     load_in_4bit=args.load_in_4bit)
     out = args.output or args.out.rstrip("/") + "-healed"
-    summary = heal(args.out, train, held, out, cfg, resume=args.resume)
-    print(f"perplexity after the cut {summary['after_cut']:.3f} -> after healing {summary['after_heal']:.3f} "
+    summary = heal(args.out, train, held, out, cfg, teacher=args.teacher, resume=args.resume)
+    print(f"perplexity before healing {summary['after_cut']:.3f} -> after healing {summary['after_heal']:.3f} "
           f"(best step {summary['best_step']}); merged model in {out}")
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from compute_block_similarity.options import from_args
+
+    from .heal import HealConfig
     from .pipeline import PruneArgs, prune
 
     try:
@@ -164,8 +164,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                              dataset_column=args.dataset_column, dataset_subset=args.dataset_subset,
                              dataset_size=args.dataset_size, eval_subset=args.eval_subset, eval_size=args.eval_size,
                              max_length=args.max_length, batch_size=args.batch_size, metric=args.metric,
-                             select=args.select, top_k=args.top_k, repair=args.repair, heal=args.heal, heal_steps=args.heal_steps,
-                             heal_rank=args.heal_rank, heal_lr=args.heal_lr, work_dir=args.work_dir,
+                             select=args.select, top_k=args.top_k, repair=args.repair, heal=args.heal,
+                             heal_cfg=from_args(HealConfig, args, prefix="heal_"), work_dir=args.work_dir,
                              trust_remote_code=args.trust_remote_code))
     print(f"report: {report}")
     return 0
@@ -220,7 +220,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "verify": (cmd_verify, "check a pruned checkpoint against its source and plan"),
     "push": (cmd_push, "write a model card and upload the checkpoint to the Hugging Face Hub"),
     "evaluate": (cmd_evaluate, "token-weighted perplexity on held-out text (and lm-eval --tasks); writes eval.json"),
-    "heal": (cmd_heal, "LoRA-heal a pruned checkpoint, keep the best by held-out perplexity, merge"),
+    "heal": (cmd_heal, "heal a pruned checkpoint (LoRA, or the layers at the cut; LM loss or distillation "
+             "from the dense model) on transformers.Trainer, keep the best by held-out perplexity, merge"),
     "prune": (cmd_prune, "scan -> choose -> sliced.yml -> materialize -> verify -> evaluate -> (heal) -> report"),
 }
 
@@ -280,24 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--speed_repeats", type=int, default=5, help="timed runs for --speed (after one warm-up)")
     e.add_argument("--trust_remote_code", action="store_true")
     h = parsers["heal"]
-    h.add_argument("out", help="pruned checkpoint folder")
+    from compute_block_similarity.options import add_flags
+
+    from .heal import HealConfig
+
+    h.add_argument("out", help="pruned (and repaired) checkpoint folder")
     data_args(h)
-    h.add_argument("--eval_subset", default="test", help="held-out split for periodic perplexity")
+    h.add_argument("--eval_subset", default="test", help="held-out split for the perplexity that picks the best step")
     h.add_argument("--eval_size", type=int, default=64)
     h.add_argument("--output", default=None, help="merged healed model (default: OUT-healed)")
-    h.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    h.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
-    h.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (cosine schedule)")
-    h.add_argument("--steps", type=int, default=200)
-    h.add_argument("--warmup", type=int, default=20)
-    h.add_argument("--batch_size", type=int, default=4)
-    h.add_argument("--seq_len", type=int, default=256, help="tokens per packed training sequence")
-    h.add_argument("--max_length", type=int, default=256, help="evaluation window")
-    h.add_argument("--eval_every", type=int, default=50)
-    h.add_argument("--save_every", type=int, default=50)
-    h.add_argument("--target_modules", default=None, help="comma list; default: the MLP projections")
-    h.add_argument("--load_in_4bit", action="store_true", help="QLoRA: 4-bit base (CUDA + bitsandbytes)")
-    h.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.work/last")
+    h.add_argument("--teacher", default=None, help="dense teacher for --loss kd (default: the source model named in "
+                   "OUT/mergekit_config.yml)")
+    h.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.work")
+    add_flags(h, HealConfig)
     r = parsers["prune"]
     from .repair import REPAIRS
 
@@ -314,12 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top_k", type=int, default=5)
     r.add_argument("--repair", default="linear", choices=list(REPAIRS),
                    help="bridge each cut without training before evaluation and healing")
-    r.add_argument("--heal", action="store_true", help="LoRA-heal each pruned (and repaired) model")
-    r.add_argument("--heal_steps", type=int, default=100)
-    r.add_argument("--heal_rank", type=int, default=8)
-    r.add_argument("--heal_lr", type=float, default=3e-4)
+    r.add_argument("--heal", action="store_true", help="heal each pruned (and repaired) model; --heal_* set the recipe")
     r.add_argument("--work_dir", default="prune_out", help="every stage's output, and report.md")
     r.add_argument("--trust_remote_code", action="store_true")
+    add_flags(r, HealConfig, prefix="heal_", skip={"max_length"}, title="Healing (with --heal), as the heal command")
     return p
 
 

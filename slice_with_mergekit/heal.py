@@ -1,9 +1,15 @@
-"""Heal a pruned checkpoint with LoRA (peft), following Gromov et al.: adapters on the MLP
-projections, cosine schedule with warmup, then the adapters are merged into a normal checkpoint.
+"""Heal a pruned checkpoint on `transformers.Trainer` with peft LoRA (or full training of the layers
+next to the cut), by language-model loss, distillation from the dense source model, or both.
 
-Long-running by design, so it has a progress bar, held-out perplexity every --eval_every steps
-(the best adapter is kept: extra steps can make a model worse), and --resume from the last saved
-state (adapter, optimizer, scheduler, step) after an interruption. QLoRA (4-bit base) on CUDA.
+What is ours: the distillation loss, the packing of texts into training blocks, held-out
+perplexity as the metric that picks the best checkpoint, and merging the best adapter into a
+normal checkpoint. Everything else is the Trainer's: the schedule, gradient accumulation, bf16,
+evaluation and saving every --eval_every steps, keeping the best, --resume, progress and logging,
+and data parallel / FSDP / DeepSpeed under `torchrun` or `accelerate launch` with no code of ours.
+
+The teacher's logits are computed on the fly, not cached: healing runs are short (well under one
+epoch of the training text), a teacher forward costs about half a student training step, and a
+cache of top-k logits would cost disk and a pre-pass for no reuse.
 """
 
 from __future__ import annotations
@@ -13,65 +19,61 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
-from tqdm.auto import tqdm
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from compute_block_similarity.atomic import write_text
 from compute_block_similarity.errors import UserError
-from compute_block_similarity.scan import input_device
 
-from .evaluate import perplexity, tokenize_windows
+from .evaluate import tokenize_windows
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class HealConfig:
-    rank: int = 8                 # LoRA rank (Gromov et al. use 2-64 by model)
-    alpha: float | None = None    # LoRA alpha; default: = rank, as in the paper
-    dropout: float = 0.05
-    lr: float = 3e-4              # peak learning rate
-    steps: int = 200
-    warmup: int = 20
-    batch_size: int = 4
-    seq_len: int = 256            # tokens per training sequence (texts are packed)
-    eval_every: int = 50
-    save_every: int = 50
-    eval_max_length: int = 256
-    target_modules: list[str] | None = None  # default: every linear layer inside the MLPs
-    load_in_4bit: bool = False
-    seed: int = 0
+class HealConfig(BaseModel):
+    """Healing: the recipe (defaults measured on SmolLM2, see bench/bench_heal.py)"""
 
-    def check(self) -> None:
-        for k in ("rank", "steps", "batch_size", "seq_len", "eval_every", "save_every"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"--{k} must be >= 1, got {getattr(self, k)}")
-        if not 0 <= self.warmup <= self.steps:
-            raise ValueError(f"--warmup must be in [0, --steps={self.steps}], got {self.warmup}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+    model_config = ConfigDict(extra="forbid")
+
+    loss: Literal["lm", "kd", "lm+kd"] = Field(
+        "kd", description="training loss: next-token cross-entropy, forward KL to the dense teacher's logits, or their sum")
+    kd_temperature: float = Field(1.0, gt=0, description="softmax temperature of the distillation loss (scaled by T^2)")
+    kd_top_k: int = Field(0, ge=0, description="distil on the teacher's top-k tokens plus one bucket for the rest "
+                                               "(0: the whole vocabulary)")
+    rank: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: 2 x rank)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | None = Field(None, description="LoRA target module names (default: the MLP projections)")
+    train_layers: str | None = Field(None, description="fully train these layers of the pruned model instead of LoRA: "
+                                                       "'auto' (the two layers at each cut) or a comma list")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    schedule: Literal["cosine", "constant", "linear"] = Field("cosine", description="learning-rate schedule after warmup")
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    warmup: int = Field(10, ge=0, description="warmup steps (at most --steps)")
+    batch_size: int = Field(4, ge=1, description="packed sequences per device per step")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    seq_len: int = Field(256, ge=2, description="tokens per packed training sequence")
+    eval_every: int = Field(25, ge=1, description="held-out perplexity and a checkpoint every N steps (best kept)")
+    max_length: int = Field(256, ge=2, description="held-out evaluation window")
+    load_in_4bit: bool = Field(False, description="QLoRA: 4-bit base (CUDA + bitsandbytes)")
+    seed: int = Field(0, description="seed of LoRA init, data order and dropout")
+
+    @model_validator(mode="after")
+    def _cross(self) -> "HealConfig":
+        if self.train_layers and self.load_in_4bit:
+            raise ValueError("--train_layers trains full weights; it cannot be combined with --load_in_4bit")
+        return self
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
 
 
-@dataclass
-class HealState:
-    step: int = 0
-    best_ppl: float = math.inf
-    best_step: int = 0
-    history: list[dict] = field(default_factory=list)
-
-
-def mlp_targets(model: torch.nn.Module) -> list[str]:
-    """Leaf names of the linear layers inside MLP blocks (gate/up/down_proj, GPT-2's c_fc/c_proj)."""
-    from transformers.pytorch_utils import Conv1D
-
-    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-             if ".mlp." in name and isinstance(mod, (torch.nn.Linear, Conv1D))}
-    if not names:
-        raise UserError("found no linear layers inside MLP blocks; pass --target_modules")
-    return sorted(names)
+# --- data -----------------------------------------------------------------------------------
 
 
 def pack(tok: Any, texts: Sequence[str], seq_len: int) -> torch.Tensor:
@@ -88,11 +90,154 @@ def pack(tok: Any, texts: Sequence[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
-def load_for_healing(path: str, cfg: HealConfig) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, data: torch.Tensor):
+        self.data = data  # (N, seq_len)
 
-    kw: dict[str, Any] = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32}
-    if cfg.load_in_4bit:
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.data[i], "labels": self.data[i]}
+
+
+# --- the loss -------------------------------------------------------------------------------
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Mean forward KL(teacher || student) per token, times T^2. Logits (..., V).
+
+    With ``top_k`` the teacher's distribution is its k most likely tokens plus one bucket holding the
+    rest of its mass (the student's bucket: its mass outside those k), so the loss is still an exact
+    KL between two (k+1)-way distributions, zero iff they agree there."""
+    V = student.shape[-1]
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)  # (..., V)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    if 0 < top_k < V:
+        log_t, idx = log_t.topk(top_k, dim=-1)  # (..., k)
+        log_s = log_s.gather(-1, idx)
+        rest_t = torch.log((-torch.expm1(torch.logsumexp(log_t, -1, keepdim=True))).clamp_min(1e-12))
+        rest_s = torch.log((-torch.expm1(torch.logsumexp(log_s, -1, keepdim=True))).clamp_min(1e-12))
+        log_t, log_s = torch.cat([log_t, rest_t], -1), torch.cat([log_s, rest_s], -1)  # (..., k+1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (...)
+    return kl.mean() * temperature**2
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits (B, S, V), ids (B, S)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+# --- the trainer ----------------------------------------------------------------------------
+
+
+def _trainer_class() -> type:
+    from transformers import Trainer
+
+    class HealTrainer(Trainer):
+        """Trainer whose loss may distil from ``teacher`` and whose metric is held-out perplexity."""
+
+        loss_is_scaled_for_ga = False  # our loss is a per-batch mean; the Trainer divides by grad_accum
+
+        def __init__(self, *a: Any, heal_cfg: HealConfig, teacher: Any, eval_windows: list, **kw: Any):
+            super().__init__(*a, **kw)
+            self.heal_cfg, self.teacher, self.eval_windows = heal_cfg, teacher, eval_windows
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids = inputs["input_ids"]  # (B, S)
+            logits = model(input_ids=ids, use_cache=False).logits  # (B, S, V)
+            loss = 0.0
+            if self.heal_cfg.loss in ("lm", "lm+kd"):
+                loss = loss + lm_loss(logits, ids)
+            if self.heal_cfg.loss in ("kd", "lm+kd"):
+                with torch.no_grad():
+                    t = self.teacher(input_ids=ids, use_cache=False).logits
+                loss = loss + kd_loss(logits[:, :-1], t[:, :-1], self.heal_cfg.kd_temperature, self.heal_cfg.kd_top_k)
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+            ppl = held_out_perplexity(self.model, self.eval_windows, self.accelerator)
+            metrics = {f"{metric_key_prefix}_loss": math.log(ppl), f"{metric_key_prefix}_perplexity": ppl}
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return HealTrainer
+
+
+@torch.no_grad()
+def held_out_perplexity(model: Any, wins: list, accelerator: Any = None, batch_size: int = 4) -> float:
+    """evaluate.perplexity over ``wins``, each process scoring its share, summed over processes."""
+    from .evaluate import perplexity
+
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    part = wins[rank::world]
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    if part:
+        r = perplexity(model, None, [], batch_size=batch_size, _windows=part)
+        nll, count = r.nll_sum, r.tokens_scored
+    model.train(was_training)
+    if world > 1:
+        t = accelerator.reduce(torch.tensor([nll, count], dtype=torch.float64, device=accelerator.device), "sum")
+        nll, count = float(t[0]), int(t[1])
+    return math.exp(nll / count)
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def teacher_of(checkpoint: str | Path) -> str:
+    """The dense source model named in the checkpoint's mergekit_config.yml (written by every merge)."""
+    from .materialize import local_source
+    from .plan import kept_source_layers, read_config
+
+    cfg = Path(checkpoint) / "mergekit_config.yml"
+    if not cfg.exists():
+        raise UserError(f"{checkpoint} has no mergekit_config.yml naming its source model; pass --teacher PATH "
+                        "or use --loss lm")
+    return str(local_source(kept_source_layers(read_config(cfg))[0]))
+
+
+def cut_neighbours(checkpoint: str | Path, num_layers: int) -> list[int]:
+    """Layers of the pruned model that sit next to a cut (0-based, pruned numbering)."""
+    from .plan import kept_source_layers, read_config
+
+    cfg = Path(checkpoint) / "mergekit_config.yml"
+    if not cfg.exists():
+        raise UserError(f"--train_layers auto needs {cfg} to find the cut; give the layers, e.g. --train_layers 11,12")
+    kept = kept_source_layers(read_config(cfg))[1]
+    out: set[int] = set()
+    if kept[0] != 0:
+        out.add(0)
+    for i in range(len(kept) - 1):
+        if kept[i + 1] != kept[i] + 1:
+            out.update((i, i + 1))
+    return sorted(x for x in out if x < num_layers) or [num_layers - 1]
+
+
+def mlp_targets(model: torch.nn.Module) -> list[str]:
+    """Leaf names of the linear layers inside MLP blocks (gate/up/down_proj, GPT-2's c_fc/c_proj)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+             if ".mlp." in name and isinstance(mod, (torch.nn.Linear, Conv1D))}
+    if not names:
+        raise UserError("found no linear layers inside MLP blocks; pass --target_modules")
+    return sorted(names)
+
+
+def _dtype(cfg: HealConfig) -> torch.dtype:
+    # bf16 weights for LoRA on CUDA; full-weight training keeps float32 masters under bf16 autocast
+    return torch.bfloat16 if torch.cuda.is_available() and not cfg.train_layers else torch.float32
+
+
+def load_model(path: str, cfg: HealConfig, quantize: bool = False) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = {"dtype": _dtype(cfg)}
+    if quantize:
         import importlib.util
 
         if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
@@ -101,125 +246,143 @@ def load_for_healing(path: str, cfg: HealConfig) -> tuple[Any, Any]:
 
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=torch.bfloat16)
-        kw["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    if "device_map" not in kw and torch.cuda.is_available():
-        model.to("cuda")
-    return model, AutoTokenizer.from_pretrained(path)
+        kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return AutoModelForCausalLM.from_pretrained(path, **kw)
 
 
-def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str], output: str,
-         cfg: HealConfig | None = None, resume: bool = False, progress: bool = True) -> dict:
-    """LoRA-heal ``checkpoint``; write the merged best model to ``output``. Returns the perplexities."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import get_cosine_schedule_with_warmup
+def trainable(model: Any, checkpoint: str, cfg: HealConfig) -> Any:
+    """The model with what --train_layers or LoRA makes trainable (a peft model for LoRA)."""
+    if cfg.train_layers:
+        from compute_block_similarity.scan import decoder_layers
 
-    cfg = cfg or HealConfig()
-    cfg.check()
-    if not (Path(checkpoint) / "config.json").exists():
-        raise UserError(f"{checkpoint} is not a checkpoint folder (no config.json)")
-    work = Path(output + ".work")
-    if work.exists() and not resume:
-        raise UserError(f"{work} holds an earlier healing run; pass --resume to continue it or delete it")
-    torch.manual_seed(cfg.seed)
-    model, tok = load_for_healing(checkpoint, cfg)
+        layers = decoder_layers(model)
+        if cfg.train_layers == "auto":
+            chosen = cut_neighbours(checkpoint, len(layers))
+        else:
+            try:
+                chosen = sorted({int(x) for x in cfg.train_layers.split(",") if x.strip()})
+            except ValueError:
+                raise UserError(f"--train_layers {cfg.train_layers!r}: expected 'auto' or layer indices like 11,12") from None
+            if not chosen or chosen[0] < 0 or chosen[-1] >= len(layers):
+                raise UserError(f"--train_layers {cfg.train_layers}: the pruned model has layers 0..{len(layers) - 1}")
+        model.requires_grad_(False)
+        for i in chosen:
+            layers[i].requires_grad_(True)
+        log.info("training layers %s of the pruned model in full", chosen)
+        return model
+    from peft import LoraConfig, get_peft_model
+
     if cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
-    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, lora_dropout=cfg.dropout,
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
                       target_modules=cfg.target_modules or mlp_targets(model), task_type="CAUSAL_LM")
-    model = get_peft_model(model, lcfg)
-    data = pack(tok, train_texts, cfg.seq_len)
-    eval_wins = tokenize_windows(tok, eval_texts, cfg.eval_max_length, cfg.eval_max_length)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.steps)
-    state = HealState()
-    dev = input_device(model)
+    return get_peft_model(model, lcfg)
 
-    def evaluate() -> float:
-        model.eval()
-        p = perplexity(model, tok, eval_texts, max_length=cfg.eval_max_length, stride=cfg.eval_max_length,
-                       _windows=eval_wins).perplexity
-        model.train()
-        return p
 
-    def save(name: str, extra: bool) -> None:
-        d = work / name
-        tmp = work / (name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(get_peft_model_state_dict(model), tmp / "adapter.pt")
-        if extra:
-            torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
-                        "state": asdict(state), "config": asdict(cfg)}, tmp / "trainer.pt")
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
+# --- the command ----------------------------------------------------------------------------
 
-    if resume and (work / "last" / "trainer.pt").exists():
-        t = torch.load(work / "last" / "trainer.pt", weights_only=False)
-        if t["config"] != asdict(cfg):
-            raise UserError(f"--resume: {work} was started with other settings; use the same flags or delete it")
-        set_peft_model_state_dict(model, torch.load(work / "last" / "adapter.pt", weights_only=True))
-        opt.load_state_dict(t["opt"])
-        sched.load_state_dict(t["sched"])
-        torch.set_rng_state(t["rng"])
-        state = HealState(**t["state"])
-        log.info("resuming healing at step %d (best perplexity %.3f at step %d)", state.step, state.best_ppl,
-                 state.best_step)
+
+def training_arguments(cfg: HealConfig, work: Path, progress: bool) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(work), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.schedule,
+        warmup_steps=min(cfg.warmup, cfg.steps), weight_decay=0.0, max_grad_norm=1.0, seed=cfg.seed, data_seed=cfg.seed,
+        eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps", save_steps=cfg.eval_every,
+        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="perplexity",
+        greater_is_better=False, logging_steps=max(1, min(10, cfg.eval_every)), report_to="none",
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), disable_tqdm=not progress,
+        remove_unused_columns=False, dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        save_only_model=False, dataloader_pin_memory=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str], output: str,
+         cfg: HealConfig | None = None, *, teacher: str | None = None, resume: bool = False,
+         progress: bool = True, callbacks: Sequence[Any] = ()) -> dict:
+    """Heal ``checkpoint``; write the best model (merged, a normal checkpoint) to ``output``.
+
+    Checkpoints and the Trainer's state go to ``output + '.work'``; ``resume`` continues from its
+    last checkpoint. Returns the summary also written to ``output/heal.json``."""
+    from transformers import AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    cfg = cfg or HealConfig()
+    if not (Path(checkpoint) / "config.json").exists():
+        raise UserError(f"{checkpoint} is not a checkpoint folder (no config.json)")
+    work = Path(output + ".work")
+    started = work / "heal_start.json"
+    if work.exists() and not resume:
+        raise UserError(f"{work} holds an earlier healing run; pass --resume to continue it or delete it")
+    if resume and started.exists() and json.loads(started.read_text())["config"] != cfg.model_dump():
+        raise UserError(f"--resume: {work} was started with other settings; use the same flags or delete it")
+    teacher_path = None
+    if cfg.loss != "lm":
+        teacher_path = teacher or teacher_of(checkpoint)
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    train = Blocks(pack(tok, train_texts, cfg.seq_len))
+    need = cfg.steps * cfg.batch_size * cfg.grad_accum
+    if len(train) < need:
+        log.warning("%d training blocks of %d tokens for %d x %d x %d per device: the Trainer will repeat them",
+                    len(train), cfg.seq_len, cfg.steps, cfg.batch_size, cfg.grad_accum)
+    wins = tokenize_windows(tok, eval_texts, cfg.max_length, cfg.max_length)
+    args = training_arguments(cfg, work, progress)  # sets the seed and, under torchrun, the process group
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    model = trainable(load_model(checkpoint, cfg, cfg.load_in_4bit), checkpoint, cfg)
+    tmodel = None
+    if teacher_path:
+        tmodel = load_model(teacher_path, cfg).to(args.device).eval().requires_grad_(False)
+        if tmodel.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
+            raise UserError(f"the teacher {teacher_path} has another vocabulary than {checkpoint}; pass --teacher")
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=wins, heal_cfg=cfg, teacher=tmodel,
+                               eval_windows=wins, callbacks=list(callbacks))
+    last = get_last_checkpoint(str(work)) if resume and work.exists() else None
+    if last is None:
+        model.to(args.device)
+        p0 = trainer.evaluate()["eval_perplexity"]
+        if trainer.is_world_process_zero():
+            work.mkdir(parents=True, exist_ok=True)
+            write_text(started, json.dumps({"after_cut": p0, "config": cfg.model_dump()}) + "\n")
+        log.info("held-out perplexity before healing: %.3f", p0)
     else:
-        work.mkdir(parents=True, exist_ok=True)
-        p0 = evaluate()
-        state.history.append({"step": 0, "perplexity": p0})
-        state.best_ppl, state.best_step = p0, 0
-        save("best", False)
-        save("last", True)
-        log.info("held-out perplexity after the cut: %.3f", p0)
+        p0 = json.loads(started.read_text())["after_cut"]
+        log.info("resuming healing from %s", last)
+    trainer.train(resume_from_checkpoint=last)
 
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="heal", disable=not progress)
-    while state.step < cfg.steps:
-        idx = torch.arange(state.step * cfg.batch_size, (state.step + 1) * cfg.batch_size) % len(data)
-        batch = data[idx].to(dev)  # (batch, seq_len)
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        state.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", best_ppl=f"{state.best_ppl:.2f}")
-        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
-            p = evaluate()
-            state.history.append({"step": state.step, "perplexity": p, "loss": loss.item()})
-            if p < state.best_ppl:
-                state.best_ppl, state.best_step = p, state.step
-                save("best", False)
-            log.info("step %d: held-out perplexity %.3f (best %.3f at step %d)", state.step, p, state.best_ppl,
-                     state.best_step)
-        if state.step % cfg.save_every == 0 or state.step == cfg.steps:
-            save("last", True)
-    bar.close()
+    history = [{"step": 0, "perplexity": p0}] + [
+        {"step": h["step"], "perplexity": h["eval_perplexity"]} for h in trainer.state.log_history
+        if "eval_perplexity" in h and h["step"] > 0]
+    best = min(history, key=lambda h: h["perplexity"])
+    summary = {"after_cut": p0, "after_heal": best["perplexity"], "best_step": best["step"], "history": history,
+               "teacher": teacher_path, "config": cfg.model_dump(),
+               "tokens_per_step": cfg.seq_len * cfg.batch_size * cfg.grad_accum * trainer.args.world_size}
+    if trainer.is_world_process_zero():
+        write_output(trainer.model, checkpoint, output, summary, healed=best["step"] > 0)
+    trainer.accelerator.wait_for_everyone()
+    log.info("healed: held-out perplexity %.3f before -> %.3f after healing (step %d); model in %s",
+             p0, best["perplexity"], best["step"], output)
+    return summary
 
-    set_peft_model_state_dict(model, torch.load(work / "best" / "adapter.pt", weights_only=True))
-    merged = model.merge_and_unload()
-    tmp_out = Path(output + ".partial")
-    shutil.rmtree(tmp_out, ignore_errors=True)
-    merged.save_pretrained(tmp_out)
+
+def write_output(model: Any, checkpoint: str, output: str, summary: dict, healed: bool) -> None:
+    """The best model as a normal checkpoint in ``output``, replaced in one rename."""
     from .materialize import copy_companions
 
-    copy_companions(Path(checkpoint), tmp_out)
+    tmp = Path(output + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if healed:
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        merged.save_pretrained(tmp)
+        copy_companions(Path(checkpoint), tmp)
+    else:  # no step beat the starting point: the checkpoint as it was
+        shutil.copytree(checkpoint, tmp)
+    write_text(tmp / "heal.json", json.dumps(summary, indent=1) + "\n")
     if Path(output).exists():
         shutil.rmtree(output)
-    os.replace(tmp_out, output)
-    after_cut = state.history[0]["perplexity"]
-    summary = {"after_cut": after_cut, "after_heal": state.best_ppl, "best_step": state.best_step,
-               "history": state.history, "config": asdict(cfg)}
-    from compute_block_similarity.atomic import write_text
-
-    write_text(Path(output) / "heal.json", json.dumps(summary, indent=1) + "\n")
-    log.info("healed: held-out perplexity %.3f after the cut -> %.3f after healing (step %d); merged model in %s",
-             after_cut, state.best_ppl, state.best_step, output)
-    return summary
+    os.replace(tmp, output)

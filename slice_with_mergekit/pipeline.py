@@ -51,9 +51,7 @@ class PruneArgs:
     top_k: int = 5
     repair: str = "linear"
     heal: bool = False
-    heal_steps: int = 100
-    heal_rank: int = 8
-    heal_lr: float = 3e-4
+    heal_cfg: "HealConfig | None" = None  # the healing recipe (heal.HealConfig defaults when None)
     work_dir: str = "prune_out"
     trust_remote_code: bool = False
 
@@ -122,16 +120,25 @@ def run_verify(plan_path: Path, model_dir: Path, report: Path) -> None:
         raise UserError(f"verification of {model_dir} failed; see {report}")
 
 
+HEAL_TEXTS = 10_000
+
+
+def heal_config(a: "PruneArgs") -> "HealConfig":
+    from .heal import HealConfig
+
+    cfg = a.heal_cfg or HealConfig()
+    return cfg.model_copy(update={"max_length": a.max_length})
+
+
 def run_heal(a: "PruneArgs", model_dir: Path, eval_texts: list[str], hdir: Path) -> None:
     from compute_block_similarity.data import load_texts
 
-    from .heal import HealConfig, heal
+    from .heal import heal
 
-    every = max(a.heal_steps // 4, 1)
-    cfg = HealConfig(steps=a.heal_steps, rank=a.heal_rank, lr=a.heal_lr, eval_every=every, save_every=every,
-                     eval_max_length=a.max_length, warmup=min(10, a.heal_steps))
-    train = load_texts(a.dataset, a.dataset_column, a.dataset_subset, a.dataset_size)
-    heal(str(model_dir), train, eval_texts, str(hdir), cfg, resume=Path(f"{hdir}.work").exists(), progress=True)
+    # healing wants far more text than the calibration: up to HEAL_TEXTS of the training split
+    train = load_texts(a.dataset, a.dataset_column, a.dataset_subset, HEAL_TEXTS)
+    heal(str(model_dir), train, eval_texts, str(hdir), heal_config(a), resume=Path(f"{hdir}.work").exists(),
+         progress=True)
 
 
 def prune(a: PruneArgs) -> Path:
@@ -166,8 +173,7 @@ def prune(a: PruneArgs) -> Path:
                   plan_path, cut_eval)
         healed = None
         if a.heal:
-            stage(work, f"heal-n{n}", {"model": mat_fp, "steps": a.heal_steps, "rank": a.heal_rank, "lr": a.heal_lr,
-                                       **eval_in}, [hdir / "heal.json"], run_heal, a, model_dir, eval_texts, hdir)
+            stage(work, f"heal-n{n}", {"model": mat_fp, "heal": heal_config(a).model_dump(), **eval_in}, [hdir / "heal.json"], run_heal, a, model_dir, eval_texts, hdir)
             healed = json.loads((hdir / "heal.json").read_text())["after_heal"]
         ranges = _ranges(plan_path)
         removed = sorted(set(range(scan["num_layers"])) - {i for r in ranges for i in range(*r)})

@@ -112,43 +112,6 @@ def test_select_ppl_cli_writes_details(tiny_llama, tmp_path):
     assert sel["perplexity"] == min(c["perplexity"] for c in sel["candidates"])
 
 
-def test_heal_improves_keeps_best_and_resumes(tiny_models, tmp_path, monkeypatch):
-    from slice_with_mergekit.heal import HealConfig, heal
-
-    src = tiny_models["llama"]
-    cfg = dict(steps=6, eval_every=2, save_every=2, seq_len=32, lr=3e-3, warmup=1, batch_size=2, eval_max_length=64)
-    train, held = TEXTS * 10, TEXTS
-    full = heal(str(src), train, held, str(tmp_path / "a"), HealConfig(**cfg), progress=False)
-    assert full["after_heal"] < full["after_cut"]
-    assert full["after_heal"] == min(h["perplexity"] for h in full["history"])
-    healed, tok = load(tmp_path / "a")
-    assert perplexity(healed, tok, held, max_length=64, stride=64).perplexity == pytest.approx(full["after_heal"], rel=1e-4)
-    assert not any("lora" in k for k in healed.state_dict())  # adapters merged into a normal checkpoint
-
-    import torch.optim
-
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("interrupted")
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        heal(str(src), train, held, str(tmp_path / "b"), HealConfig(**cfg), progress=False)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    from compute_block_similarity import UserError
-
-    with pytest.raises(UserError, match="--resume"):
-        heal(str(src), train, held, str(tmp_path / "b"), HealConfig(**cfg), progress=False)
-    resumed = heal(str(src), train, held, str(tmp_path / "b"), HealConfig(**cfg), resume=True, progress=False)
-    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in full["history"]]
-    assert resumed["after_heal"] == pytest.approx(full["after_heal"], rel=1e-6)
-
-
 def test_prune_pipeline_reruns_only_changed_stages(tiny_models, tmp_path, caplog):
     args = ["prune", str(tiny_models["qwen3"]), "--layers_to_skip", "1,2", "--dataset_size", "24", "--eval_size", "6",
             "--max_length", "64", "--work_dir", str(tmp_path / "w")]

@@ -1,0 +1,192 @@
+"""Healing on transformers.Trainer: the distillation loss against a plain reference, the best
+checkpoint kept, resume equal to an uninterrupted run, full training of the layers at the cut, and
+a 2-process torchrun (gloo) run that leaves a checkpoint that loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TEXTS, load
+from slice_with_mergekit.evaluate import perplexity
+
+CFG = dict(steps=6, eval_every=2, seq_len=32, lr=3e-3, warmup=1, batch_size=2, max_length=64, loss="lm")
+TRAIN, HELD = TEXTS * 10, TEXTS
+
+
+def kl_reference(s: torch.Tensor, t: torch.Tensor, T: float, k: int) -> torch.Tensor:
+    """Token by token, with python loops: KL over the teacher's top-k tokens plus a 'rest' bucket."""
+    total = 0.0
+    rows_s, rows_t = s.reshape(-1, s.shape[-1]).double(), t.reshape(-1, t.shape[-1]).double()
+    for a, b in zip(rows_s, rows_t):
+        ps, pt = torch.softmax(a / T, -1), torch.softmax(b / T, -1)
+        top = torch.argsort(pt, descending=True)[:k] if k else torch.arange(len(pt))
+        qs, qt = list(ps[top]), list(pt[top])
+        if k:
+            qs.append(1 - sum(qs))
+            qt.append(1 - sum(qt))
+        total += sum(float(x) * (float(torch.log(x)) - float(torch.log(y))) for x, y in zip(qt, qs) if x > 0)
+    return torch.tensor(total / len(rows_s) * T * T)
+
+
+@pytest.mark.parametrize("T,k", [(1.0, 0), (2.0, 0), (1.0, 5), (0.5, 3)])
+def test_kd_loss_matches_reference(T, k):
+    from slice_with_mergekit.heal import kd_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 11) * 2, torch.randn(2, 3, 11) * 2
+    assert float(kd_loss(s, t, T, k)) == pytest.approx(float(kl_reference(s, t, T, k)), rel=1e-4, abs=1e-6)
+    assert float(kd_loss(t, t, T, k)) == pytest.approx(0.0, abs=1e-6)  # student = teacher
+
+
+def test_kd_heal_of_the_teacher_itself_has_zero_loss_and_gradient(tiny_llama, tmp_path):
+    """Student = teacher: the KD loss and its gradient are zero at every step (Adam would still move on noise)."""
+    from transformers import TrainerCallback
+
+    from slice_with_mergekit.heal import HealConfig, heal
+
+    logs: list[dict] = []
+
+    class Keep(TrainerCallback):
+        def on_log(self, args, state, control, logs_=None, **kw):
+            logs.append(kw.get("logs") or {})
+
+    cfg = HealConfig(**{**CFG, "loss": "kd", "steps": 2, "eval_every": 1, "lr": 1e-12})
+    s = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "h"), cfg, teacher=str(tiny_llama), progress=False,
+             callbacks=[Keep()])
+    train_logs = [g for g in logs if "loss" in g and "grad_norm" in g]
+    assert len(train_logs) == 2
+    assert all(abs(g["loss"]) < 1e-6 and g["grad_norm"] < 1e-6 for g in train_logs), train_logs
+    assert [h["perplexity"] for h in s["history"]] == pytest.approx([s["after_cut"]] * 3, rel=1e-6)
+
+
+def _lora(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter_model.safetensors")
+
+
+def test_heal_improves_keeps_best_and_resume_equals_uninterrupted(tiny_llama, tmp_path):
+    from transformers import TrainerCallback
+
+    from compute_block_similarity import UserError
+    from slice_with_mergekit.heal import HealConfig, heal
+
+    full = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "a"), HealConfig(**CFG), progress=False)
+    assert [h["step"] for h in full["history"]] == [0, 2, 4, 6]
+    assert full["after_heal"] < full["after_cut"]
+    assert full["after_heal"] == min(h["perplexity"] for h in full["history"])
+    healed, tok = load(tmp_path / "a")
+    assert perplexity(healed, tok, HELD, max_length=64, stride=64).perplexity == pytest.approx(full["after_heal"], rel=1e-4)
+    assert not any("lora" in k for k in healed.state_dict())  # adapters merged into a normal checkpoint
+
+    class Die(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 5:
+                raise KeyboardInterrupt("interrupted")
+
+    with pytest.raises(KeyboardInterrupt):
+        heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**CFG), progress=False, callbacks=[Die()])
+    assert not (tmp_path / "b").exists()  # an interrupted run leaves no model
+    with pytest.raises(UserError, match="--resume"):
+        heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**CFG), progress=False)
+    with pytest.raises(UserError, match="other settings"):
+        heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**{**CFG, "lr": 1e-3}), resume=True,
+             progress=False)
+    resumed = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**CFG), resume=True, progress=False)
+    assert [h["step"] for h in resumed["history"]] == [0, 2, 4, 6]
+    for a, b in zip(full["history"], resumed["history"]):
+        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5)
+    la, lb = _lora(tmp_path / "a.work" / "checkpoint-6"), _lora(tmp_path / "b.work" / "checkpoint-6")
+    for k in la:
+        torch.testing.assert_close(lb[k], la[k], rtol=1e-5, atol=1e-7)
+
+
+def test_the_best_checkpoint_is_the_one_kept(tiny_llama, tmp_path):
+    """Training that helps, then is wrecked from step 3 on: the output is the best step's model."""
+    from transformers import TrainerCallback
+
+    from slice_with_mergekit.heal import HealConfig, heal
+
+    class Wreck(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step >= 3:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if "lora_B" in n:
+                            p.add_(torch.randn_like(p))
+
+    cfg = HealConfig(**{**CFG, "steps": 5, "eval_every": 1})
+    s = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "h"), cfg, progress=False, callbacks=[Wreck()])
+    ppl = [h["perplexity"] for h in s["history"]]
+    assert s["best_step"] in (1, 2) and min(ppl) < ppl[-1] and min(ppl) < ppl[0]
+    healed, tok = load(tmp_path / "h")
+    assert perplexity(healed, tok, HELD, max_length=64, stride=64).perplexity == pytest.approx(min(ppl), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def cut_llama(tiny_llama, tmp_path_factory) -> Path:
+    """tiny Llama (6 layers) with [2,4) removed, materialized by MergeKit (so it names its source)."""
+    from slice_with_mergekit.materialize import materialize
+    from slice_with_mergekit.plan import build_config, write_config
+
+    d = tmp_path_factory.mktemp("cut")
+    write_config(build_config(str(tiny_llama), 6, [2, 3], None), d / "sliced.yml")
+    return materialize(str(d / "sliced.yml"), str(d / "model"))
+
+
+def test_train_layers_auto_trains_only_the_layers_at_the_cut(cut_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from slice_with_mergekit.heal import HealConfig, cut_neighbours, heal
+
+    assert cut_neighbours(cut_llama, 4) == [1, 2]  # kept 0,1 | 4,5: output layers 1 and 2 meet at the cut
+    s = heal(str(cut_llama), TRAIN, HELD, str(tmp_path / "h"), HealConfig(**{**CFG, "train_layers": "auto"}),
+             progress=False)
+    assert s["after_heal"] < s["after_cut"]
+    before, after = load_file(cut_llama / "model.safetensors"), load_file(tmp_path / "h" / "model.safetensors")
+    changed = {k.split(".")[2] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"1", "2"}, changed
+
+
+def test_kd_teacher_defaults_to_the_source_in_mergekit_config(cut_llama, tiny_llama, tmp_path):
+    from slice_with_mergekit.heal import HealConfig, heal
+
+    s = heal(str(cut_llama), TRAIN, HELD, str(tmp_path / "h"), HealConfig(**{**CFG, "loss": "lm+kd", "kd_top_k": 8}),
+             progress=False)
+    assert Path(s["teacher"]) == Path(tiny_llama)
+    assert s["after_heal"] < s["after_cut"]
+
+
+def test_heal_cli_flags_come_from_the_config(cut_llama, tmp_path, capsys):
+    from slice_with_mergekit.cli import build_parser, main
+    from slice_with_mergekit.heal import HealConfig
+
+    args = build_parser().parse_args(["heal", "x"])
+    for name, f in HealConfig.model_fields.items():
+        assert getattr(args, name) == f.default, name
+    assert main(["heal", str(cut_llama), "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_heal_to_a_checkpoint_that_loads(cut_llama, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TRAIN))
+    out = tmp_path / "healed"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "slice_with_mergekit", "heal", str(cut_llama), "--output", str(out), "--dataset", str(data),
+           "--eval_subset", "train", "--eval_size", "7", "--steps", "4", "--eval_every", "2", "--seq_len", "32",
+           "--batch_size", "2", "--lr", "3e-3", "--warmup", "0", "--max_length", "64", "--loss", "lm+kd"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "heal.json").read_text())
+    assert s["tokens_per_step"] == 2 * 2 * 32  # two processes, each a batch of 2 x 32 tokens
+    healed, tok = load(out)
+    assert perplexity(healed, tok, TEXTS, max_length=64, stride=64).perplexity == pytest.approx(s["after_heal"], rel=1e-4)
