@@ -28,15 +28,30 @@ def kept_ranges(num_layers: int, removed: Iterable[int]) -> list[tuple[int, int]
     return ranges
 
 
-def format_layers(layers: Iterable[int]) -> str:
-    """Compact "2-5,9" form of a set of layer indices (inclusive runs, as people write them)."""
-    runs: list[list[int]] = []
+def runs(layers: Iterable[int]) -> list[tuple[int, int]]:
+    """Maximal half-open ranges covering ``layers``."""
+    out: list[tuple[int, int]] = []
     for i in sorted(set(layers)):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
+        if out and i == out[-1][1]:
+            out[-1] = (out[-1][0], i + 1)
         else:
-            runs.append([i, i])
-    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+            out.append((i, i + 1))
+    return out
+
+
+def format_ranges(ranges: Iterable[tuple[int, int]]) -> str:
+    """The one way ranges are printed: "[0, 12), [16, 30)"."""
+    return ", ".join(f"[{a}, {b})" for a, b in ranges)
+
+
+def format_layers(layers: Iterable[int]) -> str:
+    """A set of layer indices as half-open ranges: {12, 13, 14, 15, 20} -> "[12, 16), [20, 21)"."""
+    return format_ranges(runs(layers))
+
+
+def format_inclusive(layers: Iterable[int]) -> str:
+    """The "2-5,9" form that --remove reads (inclusive runs); print it only where labelled as such."""
+    return ",".join(f"{a}" if b - a == 1 else f"{a}-{b - 1}" for a, b in runs(layers))
 
 
 def parse_layers(spec: str) -> list[int]:

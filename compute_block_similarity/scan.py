@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError, first_line
 from .metrics import DEFAULT_METRIC, METRICS, Metric, get_metric
-from .ranges import format_layers, kept_ranges
+from .ranges import format_layers, format_ranges, kept_ranges
 
 log = logging.getLogger(__name__)
 
@@ -406,9 +406,8 @@ class ScanResult:
         s = self.best_start(n)
         removed = list(range(s, s + n))
         keep = kept_ranges(self.num_layers, removed)
-        ranges = ", ".join(f"[{a}, {b}]" for a, b in keep)
-        return (f"remove layers {format_layers(removed)} (block [{s}, {s + n}), 0-based) of {self.num_layers}; "
-                f"MergeKit layer_range keeps: {ranges}")
+        return (f"remove layers {format_layers(removed)} of {self.num_layers} (0-based, half-open); "
+                f"keep {format_ranges(keep)}")
 
     def write(self, output_dir: str, layers_to_skip: int) -> dict[str, str]:
         from .report import write_outputs

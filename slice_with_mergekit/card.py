@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from compute_block_similarity.ranges import format_layers
+from compute_block_similarity.ranges import format_layers, format_ranges
 
 from .plan import kept_source_layers, read_config
 
@@ -53,8 +53,8 @@ def model_card(out: Path, plan_path: Path, scan: dict | None = None, repo_id: st
              f"# {repo_id.split('/')[-1] if repo_id else out.name}", "",
              f"A depth-pruned copy of `{shown}`: {len(removed)} of {L} decoder layers removed with a MergeKit passthrough merge.",
              "Layers are 0-based; ranges are half-open `[start, end)` as in MergeKit's `layer_range`.", "",
-             f"- **Removed layers:** {format_layers(removed)} ({removed})",
-             f"- **Kept ranges:** {', '.join(f'[{a}, {b})' for a, b in ranges)}",
+             f"- **Removed layers:** {format_layers(removed)} (the layer list: {removed})",
+             f"- **Kept ranges:** {format_ranges(ranges)}",
              f"- **Layers:** {L} -> {len(kept)}"]
     if scan:
         n = len(removed)

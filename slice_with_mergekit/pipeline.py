@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from compute_block_similarity.atomic import write_text
-from compute_block_similarity.ranges import format_layers
+from compute_block_similarity.ranges import format_layers, format_ranges
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: dict) -> None
     for r in rows:
         healed = f"{r['healed']:.2f}" if r["healed"] else "-"
         repaired = f"{r['repaired']:.2f}" if r["repaired"] else "-"
-        lines.append(f"| {r['n']} | {format_layers(r['removed'])} | {', '.join(f'[{x}, {y})' for x, y in r['ranges'])} | "
+        lines.append(f"| {r['n']} | {format_layers(r['removed'])} | {format_ranges(r['ranges'])} | "
                      f"{r['source']:.2f} | {r['cut']:.2f} | {repaired} | {healed} | "
                      f"`n{r['n']}/{'healed' if r['healed'] else 'model'}` |")
     lines += ["", "![heatmap](heatmap.png)", "", "![perplexity](perplexity_vs_layers.png)", ""]

@@ -15,7 +15,7 @@ from mergekit.common import ModelReference
 from mergekit.config import InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
 
 from compute_block_similarity.errors import UserError, first_line, looks_local
-from compute_block_similarity.ranges import format_layers, kept_ranges, parse_layers
+from compute_block_similarity.ranges import format_layers, format_ranges, kept_ranges, parse_layers
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,7 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
     check_architecture(cfg, src)
     config = build_config(src, L, removed, dtype or source_dtype(cfg))
     keep = kept_ranges(L, removed)
-    log.info("removing layers %s of %d; keeping %s", format_layers(removed), L,
-             ", ".join(f"[{a}, {b}]" for a, b in keep))
+    log.info("removing layers %s of %d; keeping %s", format_layers(removed), L, format_ranges(keep))
     return config
 
 

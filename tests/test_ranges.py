@@ -1,6 +1,6 @@
 import pytest
 
-from compute_block_similarity.ranges import format_layers, kept_ranges, parse_layers
+from compute_block_similarity.ranges import format_inclusive, format_layers, kept_ranges, parse_layers
 
 
 def test_kept_ranges_half_open():
@@ -14,6 +14,7 @@ def test_kept_ranges_half_open():
 
 def test_format_and_parse_round_trip():
     for layers in ([2, 3, 4, 5], [21, 22, 23, 24, 25, 26, 27, 28, 30], [0], [1, 3, 5]):
-        assert parse_layers(format_layers(layers)) == layers
-    assert format_layers([30, 21, 22, 23]) == "21-23,30"
+        assert parse_layers(format_inclusive(layers)) == layers
+    assert format_inclusive([30, 21, 22, 23]) == "21-23,30"
+    assert format_layers([30, 21, 22, 23]) == "[21, 24), [30, 31)"
     assert format_layers([]) == ""

@@ -200,7 +200,7 @@ def test_push_dry_run_card_and_file_list(scans, tmp_path, capsys):
     assert meta["library_name"] == "transformers" and {"mergekit", "pruned"} <= set(meta["tags"])
     assert "base_model" not in meta  # a local path is never a base_model; the source's id is unknown here
     assert card.splitlines()[card.splitlines().index("---", 1) + 2] == "# tiny"  # titled after the repository
-    assert "**Removed layers:** 2-3" in card and "[0, 2), [4, 6)" in card and "angular_last_token" in card
+    assert "**Removed layers:** [2, 4)" in card and "**Kept ranges:** [0, 2), [4, 6)" in card and "angular_last_token" in card
     assert plan.read_text().strip() in card and '"pruned": 12.5' in card
 
 
