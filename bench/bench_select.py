@@ -59,12 +59,12 @@ def main() -> None:
         exh_s = time.perf_counter() - t
         best_s = min(exh, key=exh.get)
         choices = {"angle": (list(range(res.best_start(n), res.best_start(n) + n)), 0),
-                   "deepest": (select_deepest(L, n).removed, 0)}
+                   "deepest": (select_deepest(scan, n).removed, 0)}
         for k in sorted(map(int, args.top_k.split(","))):
             c = select_ppl(scan, n, cal, k)  # cached: a larger k pays only for its new candidates
             choices[f"ppl (k={k})"] = (c.removed, len(c.candidates))
         if n <= args.iterative_max_n:
-            c = select_iterative(L, n, cal)
+            c = select_iterative(scan, n, cal)
             choices["iterative"] = (c.removed, c.passes)
         for name, (removed, passes) in choices.items():
             ppl = exh[removed[0]] if removed == list(range(removed[0], removed[0] + n)) else hel(removed)

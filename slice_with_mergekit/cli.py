@@ -201,9 +201,9 @@ def plan_parser(p: argparse.ArgumentParser) -> None:
     a("--remove", default=None, help="remove any set of 0-based layers, e.g. '21-28,30' (inclusive runs)")
     a("--model", default=None, help="source model path or id; default: the one the scan recorded")
     a("--dtype", default=None, help="output dtype; default: the source model's")
-    a("--select", default="angle", choices=["angle", "ppl", "iterative", "deepest"],
-      help="angle: the scan's best block; ppl: re-rank the scan's top-k blocks by the real perplexity of the "
-      "model without them; iterative: remove one layer at a time (SLEB); deepest: the n deepest but the last")
+    from .select import STRATEGIES, strategies_help
+
+    a("--select", default="angle", choices=list(STRATEGIES), help=strategies_help())
     a("--top_k", type=int, default=5, help="candidates that --select ppl re-ranks")
     a("--select_texts", type=int, default=None, help="calibration texts for --select ppl/iterative (default: the scan's)")
     from .repair import REPAIRS
@@ -306,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max_length", type=int, default=256)
     r.add_argument("--batch_size", type=int, default=8)
     r.add_argument("--metric", default="angular_last_token")
-    r.add_argument("--select", default="angle", choices=["angle", "ppl", "iterative", "deepest"])
+    from .select import STRATEGIES, strategies_help
+
+    r.add_argument("--select", default="angle", choices=list(STRATEGIES), help=strategies_help())
     r.add_argument("--top_k", type=int, default=5)
     r.add_argument("--repair", default="linear", choices=list(REPAIRS),
                    help="bridge each cut without training before evaluation and healing")

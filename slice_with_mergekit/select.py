@@ -1,16 +1,10 @@
 """Choosing which layers to cut. The angle scan is a cheap proxy; these strategies check it
 against the real perplexity of the model with the layers removed (in memory, nothing written).
 
-Cost is counted in calibration passes: one forward pass of the model over the calibration text.
-The scan itself is one pass with every strategy.
-
-| strategy  | what it removes                                        | extra passes           |
-|-----------|--------------------------------------------------------|------------------------|
-| angle     | the scan's best block                                  | 0                      |
-| ppl       | the best of the scan's top-k blocks by real perplexity | k                      |
-| iterative | one layer at a time, the one whose loss hurts least (SLEB) | sum of alive layers per step |
-| deepest   | baseline: the n deepest layers but the last (Gromov et al.) | 0                 |
-| exhaustive| every contiguous block by real perplexity (the reference) | L - n + 1           |
+Strategies live in the ``STRATEGIES`` registry, each with its cost declared beside it, counted in
+calibration passes (one forward pass of the model over the calibration text; with a repair, each
+candidate costs one more pass for its bridge). The scan itself is one pass with every strategy.
+``exhaustive`` (every contiguous block, L - n + 1 passes) is the reference the benchmarks use.
 """
 
 from __future__ import annotations
@@ -26,7 +20,24 @@ from .inmemory import removed_layers
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("angle", "ppl", "iterative", "deepest")
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    select: Callable[..., "Choice"]  # (scan, n, score, top_k) -> Choice; score is None unless needs_scorer
+    cost: str  # extra calibration passes, as a formula
+    help: str
+    needs_scorer: bool
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def strategy(name: str, cost: str, help: str, needs_scorer: bool) -> Callable:
+    def register(fn: Callable) -> Callable:
+        STRATEGIES[name] = Strategy(name, fn, cost, help, needs_scorer)
+        return fn
+
+    return register
 
 
 @dataclass
@@ -81,16 +92,21 @@ class Scorer:
         return fit.in_memory()
 
 
-def select_angle(scan: dict, n: int) -> Choice:
+@strategy("angle", cost="0", help="the scan's best block by its metric", needs_scorer=False)
+def select_angle(scan: dict, n: int, score: "Scorer | None" = None, top_k: int = 0) -> Choice:
     s = scan_ranking(scan, n)[0]
     return Choice("angle", list(range(s, s + n)), 0)
 
 
-def select_deepest(num_layers: int, n: int) -> Choice:
+@strategy("deepest", cost="0", help="baseline: the n deepest layers but the last (Gromov et al.)", needs_scorer=False)
+def select_deepest(scan: dict, n: int, score: "Scorer | None" = None, top_k: int = 0) -> Choice:
     """Gromov et al.'s baseline: the n deepest layers excluding the final one, [L-1-n, L-1)."""
-    return Choice("deepest", list(range(num_layers - 1 - n, num_layers - 1)), 0)
+    L = scan["num_layers"]
+    return Choice("deepest", list(range(L - 1 - n, L - 1)), 0)
 
 
+@strategy("ppl", cost="top_k", help="re-rank the scan's top-k blocks by the real perplexity of the model without them",
+          needs_scorer=True)
 def select_ppl(scan: dict, n: int, score: Scorer, top_k: int = 5) -> Choice:
     cands, passes0 = [], score.passes
     for s in scan_ranking(scan, n)[:top_k]:
@@ -102,9 +118,12 @@ def select_ppl(scan: dict, n: int, score: Scorer, top_k: int = 5) -> Choice:
     return Choice("ppl", list(range(best["start"], best["start"] + n)), score.passes - passes0, best["perplexity"], cands)
 
 
-def select_iterative(num_layers: int, n: int, score: Scorer) -> Choice:
+@strategy("iterative", cost="about n (L - n/2)", help="remove one layer at a time by perplexity (SLEB); "
+          "may pick non-contiguous layers", needs_scorer=True)
+def select_iterative(scan: dict, n: int, score: Scorer, top_k: int = 0) -> Choice:
     """SLEB: remove one layer per step, the one whose removal gives the lowest perplexity on the
     current (already pruned) model. The first and last surviving layers are never candidates."""
+    num_layers = scan["num_layers"]
     gone: list[int] = []
     passes0, p = score.passes, None
     steps = []
@@ -120,18 +139,20 @@ def select_iterative(num_layers: int, n: int, score: Scorer) -> Choice:
 
 
 def exhaustive(num_layers: int, n: int, score: Scorer) -> dict[int, float]:
+    """The reference: every contiguous block by real perplexity (L - n + 1 passes)."""
     return {s: score(list(range(s, s + n))) for s in range(num_layers - n + 1)}
 
 
-def choose(strategy: str, scan: dict, n: int, score_factory: Callable[[], Scorer] | None, top_k: int = 5) -> Choice:
-    L = scan["num_layers"]
-    if strategy == "angle":
-        return select_angle(scan, n)
-    if strategy == "deepest":
-        return select_deepest(L, n)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"--select {strategy!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
+def choose(name: str, scan: dict, n: int, score_factory: Callable[[], Scorer] | None, top_k: int = 5) -> Choice:
+    if name not in STRATEGIES:
+        raise ValueError(f"--select {name!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
+    st = STRATEGIES[name]
+    if not st.needs_scorer:
+        return st.select(scan, n, None, top_k)
     if top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {top_k}")
-    score = score_factory()
-    return select_ppl(scan, n, score, top_k) if strategy == "ppl" else select_iterative(L, n, score)
+    return st.select(scan, n, score_factory(), top_k)
+
+
+def strategies_help() -> str:
+    return "; ".join(f"{s.name}: {s.help} ({s.cost} extra passes)" for s in STRATEGIES.values())

@@ -91,10 +91,24 @@ def test_select_strategies(tiny_llama):
     assert select_ppl(scan, n, fresh, top_k=4).passes == 1  # cached: only the new candidate costs a pass
     best = min((1, 3, 2), key=lambda s: ref[s])
     assert c.removed == [best, best + 1] and c.perplexity == pytest.approx(ref[best])
-    assert select_deepest(L, n).removed == [3, 4]  # the deepest but the last
-    it = select_iterative(L, 1, score)
+    assert select_deepest(scan, n).removed == [3, 4]  # the deepest but the last
+    it = select_iterative(scan, 1, score)
     singles = {i: score([i]) for i in range(1, L - 1)}
     assert it.removed == [min(singles, key=singles.get)] and it.passes == L - 2
+
+
+def test_strategy_registry_declares_cost_and_drives_the_cli():
+    from slice_with_mergekit.cli import build_parser
+    from slice_with_mergekit.select import STRATEGIES, choose
+
+    assert {"angle", "ppl", "iterative", "deepest"} <= set(STRATEGIES)
+    assert all(s.cost and s.help for s in STRATEGIES.values())
+    for cmd in (["plan"], ["prune", "m"]):
+        action = next(a for a in build_parser()._subparsers._group_actions[0].choices[cmd[0]]._actions
+                      if a.dest == "select")
+        assert list(action.choices) == list(STRATEGIES)
+    with pytest.raises(ValueError, match="--select 'nope'"):
+        choose("nope", {"num_layers": 4}, 1, None)
 
 
 def test_select_ppl_cli_writes_details(tiny_llama, tmp_path):
