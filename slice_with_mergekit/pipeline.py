@@ -173,7 +173,8 @@ def prune(a: PruneArgs) -> Path:
                   plan_path, cut_eval)
         healed = None
         if a.heal:
-            stage(work, f"heal-n{n}", {"model": mat_fp, "heal": heal_config(a).model_dump(), **eval_in}, [hdir / "heal.json"], run_heal, a, model_dir, eval_texts, hdir)
+            stage(work, f"heal-n{n}", {"model": mat_fp, "heal": heal_config(a).model_dump(), **eval_in},
+                  [hdir / "heal.json"], run_heal, a, model_dir, eval_texts, hdir)
             healed = json.loads((hdir / "heal.json").read_text())["after_heal"]
         ranges = _ranges(plan_path)
         removed = sorted(set(range(scan["num_layers"])) - {i for r in ranges for i in range(*r)})
@@ -211,7 +212,7 @@ def plot_ppl(rows: list[dict], path: Path) -> None:
         ax.plot(ns, [rows[0]["source"]] + [r["repaired"] for r in rows], "^-", label="cut + bridge (no training)")
     if any(r["healed"] for r in rows):
         ax.plot([0] + [r["n"] for r in rows if r["healed"]], [rows[0]["source"]] + [r["healed"] for r in rows if r["healed"]],
-                "s--", label="pruned + LoRA healing")
+                "s--", label="pruned + healing")
     ax.set_xlabel("layers removed")
     ax.set_ylabel("held-out perplexity")
     ax.set_yscale("log")

@@ -118,6 +118,34 @@ def select_ppl(scan: dict, n: int, score: Scorer, top_k: int = 5) -> Choice:
     return Choice("ppl", list(range(best["start"], best["start"] + n)), score.passes - passes0, best["perplexity"], cands)
 
 
+@strategy("refine", cost="top_k + 2 + one per shift",
+          help="--select ppl, then shift the best block one layer at a time while a neighbour is better",
+          needs_scorer=True)
+def select_refine(scan: dict, n: int, score: Scorer, top_k: int = 5) -> Choice:
+    """The scan's top-k blocks by real perplexity, then hill-climbing: the best block moves to
+    [s-1, s-1+n) or [s+1, s+1+n) while one of them has a lower perplexity. Blocks the angle ranks
+    low but that sit beside a good one (the angle's ranking is noisy by a layer or two) are found at
+    two passes a step."""
+    passes0 = score.passes
+    base = select_ppl(scan, n, score, top_k)
+    cands = list(base.candidates)
+    seen = {c["start"] for c in cands}
+    s, best = base.removed[0], base.perplexity
+    last = scan["num_layers"] - n
+    while True:
+        for t in (s - 1, s + 1):
+            if 0 <= t <= last and t not in seen:
+                seen.add(t)
+                cands.append({"start": t, "removed": format_layers(range(t, t + n)), "perplexity": score(range(t, t + n)),
+                              "score": scan["distances"][str(n)][t], "shifted_from": s})
+                log.info("refine: block [%d, %d): perplexity %.3f", t, t + n, cands[-1]["perplexity"])
+        nxt = min((c for c in cands if abs(c["start"] - s) == 1), key=lambda c: c["perplexity"], default=None)
+        if nxt is None or nxt["perplexity"] >= best:
+            break
+        s, best = nxt["start"], nxt["perplexity"]
+    return Choice("refine", list(range(s, s + n)), score.passes - passes0, best, cands)
+
+
 @strategy("iterative", cost="about n (L - n/2)", help="remove one layer at a time by perplexity (SLEB); "
           "may pick non-contiguous layers", needs_scorer=True)
 def select_iterative(scan: dict, n: int, score: Scorer, top_k: int = 0) -> Choice:

@@ -97,11 +97,33 @@ def test_select_strategies(tiny_llama):
     assert it.removed == [min(singles, key=singles.get)] and it.passes == L - 2
 
 
+def test_select_refine_ends_at_a_local_minimum_no_worse_than_ppl(tiny_models):
+    from slice_with_mergekit.select import select_refine
+
+    model, tok = load(tiny_models["qwen3"])  # 8 layers
+    L = 8
+    for n in (1, 2, 3):
+        score = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+        ref = exhaustive(L, n, score)
+        worst_first = sorted(ref, key=ref.get, reverse=True)  # a scan that ranks the blocks backwards
+        dist = [0.0] * (L - n + 1)
+        for rank, st in enumerate(worst_first):
+            dist[st] = rank
+        scan = {"num_layers": L, "distances": {str(n): dist}}
+        fresh = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+        c = select_refine(scan, n, fresh, top_k=1)
+        s = c.removed[0]
+        assert c.perplexity == pytest.approx(ref[s])
+        assert all(ref[s] <= ref[t] for t in (s - 1, s + 1) if t in ref)  # no neighbour is better
+        assert ref[s] <= ref[worst_first[0]]
+        assert c.passes == len(c.candidates) == fresh.passes
+
+
 def test_strategy_registry_declares_cost_and_drives_the_cli():
     from slice_with_mergekit.cli import build_parser
     from slice_with_mergekit.select import STRATEGIES, choose
 
-    assert {"angle", "ppl", "iterative", "deepest"} <= set(STRATEGIES)
+    assert {"angle", "ppl", "refine", "iterative", "deepest"} <= set(STRATEGIES)
     assert all(s.cost and s.help for s in STRATEGIES.values())
     for cmd in (["plan"], ["prune", "m"]):
         action = next(a for a in build_parser()._subparsers._group_actions[0].choices[cmd[0]]._actions
