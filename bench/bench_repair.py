@@ -19,33 +19,25 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_data_flags, load  # noqa: E402
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default=None)
+    add_data_flags(p, calib=256)
     p.add_argument("--sizes", default="2,4,6,8", help="block sizes; each uses the angle scan's best block")
     p.add_argument("--blocks", default="", help="extra half-open blocks 'start-end', e.g. '8-12,2-6'")
-    p.add_argument("--calib", type=int, default=256, help="calibration texts (train split)")
-    p.add_argument("--heldout", type=int, default=64, help="held-out texts (test split)")
-    p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--methods", default="linear,cosine")
-    p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     from compute_block_similarity import scan_model
-    from compute_block_similarity.data import load_texts
-    from compute_block_similarity.model import default_model_dir, load_model
     from compute_block_similarity.scan import decoder_of, input_device, make_batches, tokenize
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
     from slice_with_mergekit.repair import fit_repair
 
-    model, tok = load_model(args.model_path or default_model_dir(), dtype="float32", device="auto")
-    calib = load_texts(size=args.calib)
-    held = load_texts(split="test", size=args.heldout)
+    model, tok, calib, held = load(args)
     dev = input_device(model)
 
     def heldout_ppl() -> float:

@@ -19,30 +19,22 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_data_flags, load  # noqa: E402
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default=None)
+    add_data_flags(p, calib=64)
     p.add_argument("--sizes", default="2,4,6,8")
-    p.add_argument("--calib", type=int, default=64, help="calibration texts (train split)")
-    p.add_argument("--heldout", type=int, default=64, help="held-out texts (test split)")
-    p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--top_k", default="5", help="one or more k for --select ppl, e.g. 5,8")
     p.add_argument("--iterative_max_n", type=int, default=4, help="run SLEB-style iterative only up to this n (it is costly)")
-    p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     from compute_block_similarity import scan_model
-    from compute_block_similarity.data import load_texts
-    from compute_block_similarity.model import default_model_dir, load_model
     from slice_with_mergekit.select import Scorer, select_deepest, select_iterative, select_ppl
 
-    model, tok = load_model(args.model_path or default_model_dir(), dtype="float32", device="auto")
-    calib = load_texts(size=args.calib)
-    held = load_texts(split="test", size=args.heldout)
+    model, tok, calib, held = load(args)
     t0 = time.perf_counter()
     res = scan_model(model, tok, calib, batch_size=16, max_length=args.max_length, progress=False)
     scan_s = time.perf_counter() - t0

@@ -192,6 +192,13 @@ def repair_args(p: argparse.ArgumentParser, default: str) -> None:
     a("--batch_size", type=int, default=8)
 
 
+def checkpoint_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    """A pruned checkpoint and the plan and dense source it came from (repair, verify)."""
+    p.add_argument("out", help=out_help)
+    p.add_argument("--plan", default="sliced.yml", help="the sliced.yml it was built from")
+    p.add_argument("--source", default=None, help="dense source model; default: the plan's")
+
+
 def plan_parser(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--scan", default="block_distances.json", help="block_distances.json written by compute_block_similarity")
@@ -241,17 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--trust_remote_code", action="store_true")
     repair_args(m, default="none")
     f = parsers["repair"]
-    f.add_argument("out", help="pruned checkpoint folder, from mergekit-yaml or materialize (patched in place)")
-    f.add_argument("--plan", default="sliced.yml", help="the sliced.yml it was built from")
-    f.add_argument("--source", default=None, help="dense source model; default: the plan's")
+    checkpoint_args(f, "pruned checkpoint folder, from mergekit-yaml or materialize (patched in place)")
     f.add_argument("--dtype", default="auto", help="dtype the source runs in for the fit (sums are float64)")
     f.add_argument("--device", default="auto")
     f.add_argument("--trust_remote_code", action="store_true")
     repair_args(f, default="linear")
-    v = parsers["verify"]
-    v.add_argument("out", help="pruned checkpoint folder")
-    v.add_argument("--plan", default="sliced.yml", help="the sliced.yml it was built from")
-    v.add_argument("--source", default=None, help="source model; default: the plan's")
+    checkpoint_args(parsers["verify"], "pruned checkpoint folder")
     u = parsers["push"]
     u.add_argument("out", help="pruned checkpoint folder")
     u.add_argument("repo_id", help="org/name on the Hub")
