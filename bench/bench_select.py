@@ -32,6 +32,7 @@ def main() -> None:
     args = p.parse_args()
 
     from compute_block_similarity import scan_model
+    from compute_block_similarity.scanfile import ScanFile
     from slice_with_mergekit.select import Scorer, select_deepest, select_iterative, select_ppl
 
     model, tok, calib, held = load(args)
@@ -39,8 +40,7 @@ def main() -> None:
     res = scan_model(model, tok, calib, batch_size=16, max_length=args.max_length, progress=False)
     scan_s = time.perf_counter() - t0
     L = res.num_layers
-    scan = {"num_layers": L, "distances": {str(n): v for n, v in res.triangle().items()},
-            "metric_info": {"lower_is_redundant": True}}
+    scan = ScanFile(model=str(args.model_path), num_layers=L, distances=res.triangle())
     cal = Scorer(model, tok, calib, max_length=args.max_length, stride=args.max_length)
     hel = Scorer(model, tok, held, max_length=args.max_length, stride=args.max_length)
     dense = hel([])

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from .atomic import atomic_paths
 from .metrics import get_metric
 from .ranges import kept_ranges
+from .scanfile import FORMAT_VERSION, validate
 
 if TYPE_CHECKING:
     from .scan import ScanResult
@@ -48,6 +49,7 @@ def json_payload(result: "ScanResult", n: int) -> dict:
     s = result.best_start(n)
     primary = metric_block(result, result.metric)
     return {
+        "format_version": FORMAT_VERSION,
         "layer_convention": LAYER_CONVENTION,
         "num_layers": result.num_layers,
         "num_samples": result.num_samples,
@@ -100,7 +102,9 @@ def write_outputs(result: "ScanResult", output_dir: str, n: int) -> dict[str, st
     result.scores(n)  # validate n before any file is touched
     paths = {k: os.path.join(output_dir, f) for k, f in
              (("csv", "layer_distances.csv"), ("json", "block_distances.json"), ("heatmap", "block_distances.png"))}
-    csv_body, payload = csv_text(result, n), json.dumps(json_payload(result, n), indent=1)
+    data = json_payload(result, n)
+    validate(data)  # the writer keeps the contract the readers rely on
+    csv_body, payload = csv_text(result, n), json.dumps(data, indent=1)
     with atomic_paths([paths["csv"], paths["json"], paths["heatmap"]]) as (csv_tmp, json_tmp, png_tmp):
         Path(csv_tmp).write_text(csv_body, encoding="utf-8")
         Path(json_tmp).write_text(payload + "\n", encoding="utf-8")

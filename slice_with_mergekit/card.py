@@ -9,7 +9,23 @@ import yaml
 
 from compute_block_similarity.ranges import format_layers, format_ranges
 
+from compute_block_similarity.errors import UserError
+from compute_block_similarity.scanfile import ScanFile
+
 from .plan import kept_source_layers, read_config
+
+
+def source_layers(source: str) -> int:
+    """The source model's decoder layer count, from its config (never guessed from the kept ranges)."""
+    from transformers import AutoConfig
+
+    from .materialize import local_source
+
+    try:
+        return AutoConfig.from_pretrained(local_source(source)).get_text_config().num_hidden_layers
+    except (OSError, ValueError) as e:
+        raise UserError(f"the card needs the source model {source}'s config to list the removed layers "
+                        f"({str(e).splitlines()[0]}); pass --scan block_distances.json") from None
 
 
 def hub_base_model(source: str, base_model: str | None = None) -> str | None:
@@ -29,20 +45,11 @@ def hub_base_model(source: str, base_model: str | None = None) -> str | None:
     return name if name and not looks_local(name) and not Path(name).exists() else None
 
 
-def model_card(out: Path, plan_path: Path, scan: dict | None = None, repo_id: str | None = None,
+def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id: str | None = None,
                base_model: str | None = None) -> str:
     config = read_config(plan_path)
     base, kept = kept_source_layers(config)
-    L = scan["num_layers"] if scan else None
-    from transformers import AutoConfig
-
-    if L is None:
-        try:
-            from .materialize import local_source
-
-            L = AutoConfig.from_pretrained(local_source(base)).get_text_config().num_hidden_layers
-        except Exception:
-            L = max(kept) + 1
+    L = scan.num_layers if scan else source_layers(base)
     removed = sorted(set(range(L)) - set(kept))
     ranges = [list(s.sources[0].layer_range) for s in config.slices]
     hub = hub_base_model(base, base_model)
@@ -58,13 +65,13 @@ def model_card(out: Path, plan_path: Path, scan: dict | None = None, repo_id: st
              f"- **Layers:** {L} -> {len(kept)}"]
     if scan:
         n = len(removed)
-        ds = scan.get("dataset", {})
-        lines += [f"- **Metric:** `{scan['metric']}` ({scan.get('metric_info', {}).get('description', '')})",
-                  f"- **Calibration data:** {ds.get('name')} (split {ds.get('split')}, column {ds.get('column')}), "
-                  f"{scan.get('num_samples')} samples, {scan.get('num_tokens')} tokens, max_length {ds.get('max_length')}"]
-        if str(n) in scan.get("distances", {}):
-            row = scan["distances"][str(n)]
-            se = scan.get("stderr", {}).get(str(n), [0.0] * len(row))
+        ds = scan.dataset
+        lines += [f"- **Metric:** `{scan.metric}` ({scan.metric_info.description})",
+                  f"- **Calibration data:** {ds.name} (split {ds.split}, column {ds.column}), "
+                  f"{scan.num_samples} samples, {scan.num_tokens} tokens, max_length {ds.max_length}"]
+        if n in scan.distances:
+            row = scan.distances[n]
+            se = scan.stderr.get(n, [0.0] * len(row))
             lines += ["", f"Scores of every {n}-layer block (lower = more redundant):", "",
                       "| start | block | score | std. error |", "|---|---|---|---|"]
             lines += [f"| {l} | [{l}, {l + n}) | {v:.4f} | {e:.4f} |" for l, (v, e) in enumerate(zip(row, se))]

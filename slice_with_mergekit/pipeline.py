@@ -17,6 +17,9 @@ from typing import Any, Callable
 
 from compute_block_similarity.atomic import write_text
 from compute_block_similarity.ranges import format_layers, format_ranges
+from compute_block_similarity.scanfile import ScanFile
+
+from .plan import load_scan
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +154,7 @@ def prune(a: PruneArgs) -> Path:
                "size": a.dataset_size, "max_length": a.max_length, "batch_size": a.batch_size, "metric": a.metric,
                "n": a.layers_to_skip[0]}
     scan_fp = stage(work, "scan", scan_in, [scan_json], run_scan, a, work / "scan")
-    scan = json.loads(scan_json.read_text())
+    scan = load_scan(scan_json)
     eval_texts = load_texts(a.dataset, a.dataset_column, a.eval_subset, a.eval_size)
     eval_in = {"texts": hashlib.sha256("\x00".join(eval_texts).encode()).hexdigest(), "max_length": a.max_length}
     src_eval = work / "source_eval.json"
@@ -177,7 +180,7 @@ def prune(a: PruneArgs) -> Path:
                   [hdir / "heal.json"], run_heal, a, model_dir, eval_texts, hdir)
             healed = json.loads((hdir / "heal.json").read_text())["after_heal"]
         ranges = _ranges(plan_path)
-        removed = sorted(set(range(scan["num_layers"])) - {i for r in ranges for i in range(*r)})
+        removed = scan.removed(ranges)
         pr = json.loads(pr_eval.read_text())
         cut = json.loads(cut_eval.read_text()) if a.repair != "none" else pr
         ev = {"source": {"perplexity": src_ppl}, "cut": cut,
@@ -231,15 +234,15 @@ def plot_ppl(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: dict) -> None:
+def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile) -> None:
     from compute_block_similarity.atomic import atomic_path
 
     with atomic_path(work / "heatmap.png") as tmp:
         shutil.copyfile(work / "scan" / "block_distances.png", tmp)
     plot_ppl(rows, work / "perplexity_vs_layers.png")
-    L = scan["num_layers"]
+    L = scan.num_layers
     lines = [f"# Depth-pruning report: `{a.model}`", "",
-             f"{L} decoder layers. Scan: `{scan['metric']}` on {scan['num_samples']} texts ({scan['num_tokens']} tokens) "
+             f"{L} decoder layers. Scan: `{scan.metric}` on {scan.num_samples} texts ({scan.num_tokens} tokens) "
              f"of `{a.dataset}`; selection: `{a.select}`. Perplexity: held-out split `{a.eval_subset}` "
              f"({a.eval_size} texts, {rows[0]['tokens']} tokens scored, window {a.max_length}).",
              "Layers are 0-based; ranges are half-open `[start, end)` as in MergeKit's `layer_range`.", "",

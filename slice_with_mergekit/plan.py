@@ -14,56 +14,36 @@ from typing import Any, Sequence
 from mergekit.common import ModelReference
 from mergekit.config import InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
 
+from compute_block_similarity import scanfile
 from compute_block_similarity.errors import UserError, first_line, looks_local
 from compute_block_similarity.ranges import format_layers, format_ranges, kept_ranges, parse_layers
+from compute_block_similarity.scanfile import ScanFile
 
 log = logging.getLogger(__name__)
 
 
-def load_scan(path: str | os.PathLike) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            scan = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"--scan {path} does not exist; run compute_block_similarity first") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"--scan {path} is not valid JSON ({e.msg}); point it at block_distances.json") from None
-    for key in ("num_layers", "distances", "model"):
-        if not isinstance(scan, dict) or key not in scan:
-            raise UserError(f"--scan {path} has no {key!r}; point it at a block_distances.json from compute_block_similarity")
-    L = scan["num_layers"]
-    if not isinstance(L, int) or L < 1 or not isinstance(scan["distances"], dict):
-        raise UserError(f"--scan {path}: num_layers or distances is malformed; rerun compute_block_similarity")
-    for n, row in scan["distances"].items():
-        if not (str(n).isdigit() and isinstance(row, list) and len(row) == L - int(n) + 1
-                and all(isinstance(v, (int, float)) for v in row)):
-            raise UserError(f"--scan {path}: distances[{n}] should hold {L} - {n} + 1 numbers (one per start) but "
-                            f"does not; the file is truncated or edited: rerun compute_block_similarity")
-    return scan
+def load_scan(path: str | os.PathLike) -> ScanFile:
+    """block_distances.json, validated (see compute_block_similarity.scanfile)."""
+    return scanfile.load(path)
 
 
-def removed_layers(scan: dict, *, layers_to_skip: int | None = None, start: int | None = None,
+def removed_layers(scan: ScanFile, *, layers_to_skip: int | None = None, start: int | None = None,
                    remove: str | None = None) -> list[int]:
     """The layers to cut: the scan's best block of ``layers_to_skip``, the block [start, start+n),
     or an explicit ``remove`` list such as "21-28,30"."""
-    L = scan["num_layers"]
+    L = scan.num_layers
     if remove is not None:
         if start is not None:
             raise ValueError("--remove and --start are exclusive: give one plan")
         layers = parse_layers(remove)
     else:
-        n = layers_to_skip if layers_to_skip is not None else scan.get("layers_to_skip")
+        n = layers_to_skip if layers_to_skip is not None else scan.layers_to_skip
         if n is None:
             raise ValueError("--layers_to_skip is required: this scan records no block size")
         if not 1 <= n < L:
             raise ValueError(f"--layers_to_skip {n} must be in [1, {L - 1}] for a {L}-layer model")
         if start is None:
-            best = scan.get("best_start_per_n", {}).get(str(n))
-            if best is None:
-                from .select import scan_ranking
-
-                best = scan_ranking(scan, n)[0]
-            start = best
+            start = scan.best_start(n)
         if not (0 <= start and start + n <= L):
             raise ValueError(f"--start {start} with --layers_to_skip {n}: need 0 <= start < end <= {L}")
         layers = list(range(start, start + n))
@@ -110,19 +90,19 @@ def source_dtype(cfg: Any) -> str | None:
     return str(dt).replace("torch.", "") if dt is not None else None
 
 
-def calibration_scorer(scan: dict, model: str, num_texts: int | None = None, trust_remote_code: bool = False,
+def calibration_scorer(scan: ScanFile, model: str, num_texts: int | None = None, trust_remote_code: bool = False,
                        repair: str = "none"):
     """A perplexity scorer on the scan's own calibration text (its dataset provenance)."""
-    from compute_block_similarity.data import load_texts
+    from compute_block_similarity.data import BUILTIN_DATASET, load_texts
     from compute_block_similarity.model import load_model
 
     from .select import Scorer
 
-    ds = scan.get("dataset") or {}
-    texts = load_texts(ds.get("name", "python-stdlib-docs"), ds.get("column", "text"), ds.get("split", "train"),
-                       num_texts or ds.get("size"), ds.get("config"))
-    m, tok = load_model(model, trust_remote_code=trust_remote_code, gguf_file=scan.get("gguf_file"))
-    ml = min(int(ds.get("max_length") or 256), 1024)
+    ds = scan.dataset
+    texts = load_texts(ds.name or BUILTIN_DATASET, ds.column or "text", ds.split or "train", num_texts or ds.size,
+                       ds.config)
+    m, tok = load_model(model, trust_remote_code=trust_remote_code, gguf_file=getattr(scan, "gguf_file", None))
+    ml = min(int(ds.max_length or 256), 1024)
     return Scorer(m, tok, texts, max_length=ml, stride=ml, repair=repair)
 
 
@@ -141,7 +121,7 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
     scan = load_scan(scan_path)
     removed = removed_layers(scan, layers_to_skip=layers_to_skip, start=start, remove=remove)
     if select != "angle" and start is None and remove is None:
-        src0 = model or scan["model"]
+        src0 = model or scan.model
         choice = choose(select, scan, len(removed),
                         lambda: calibration_scorer(scan, src0, select_texts, trust_remote_code, repair), top_k)
         removed = choice.removed
@@ -149,14 +129,14 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
             choice_out.append(choice)
         log.info("--select %s: remove %s (%d calibration passes%s)", select, format_layers(removed), choice.passes,
                  f", perplexity {choice.perplexity:.3f}" if choice.perplexity else "")
-    scanned = scan["model"]
+    scanned = scan.model
     if model is not None and os.path.normpath(model) != os.path.normpath(scanned):
         log.warning("--model %s overrides the scanned model %s", model, scanned)
     src = model or scanned
     cfg = source_config(src, trust_remote_code)
     L = cfg.get_text_config().num_hidden_layers
-    if L != scan["num_layers"]:
-        raise UserError(f"{src} has {L} layers but the scan saw {scan['num_layers']}; "
+    if L != scan.num_layers:
+        raise UserError(f"{src} has {L} layers but the scan saw {scan.num_layers}; "
                         "pass --model with the model that was scanned")
     check_architecture(cfg, src)
     config = build_config(src, L, removed, dtype or source_dtype(cfg))

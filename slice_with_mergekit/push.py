@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ from compute_block_similarity.atomic import write_text
 from compute_block_similarity.errors import UserError, first_line
 
 from .card import model_card
+from .plan import load_scan
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def push(out_path: str, repo_id: str, *, plan_path: str | None = None, scan_path
     plan = Path(plan_path) if plan_path else out / "mergekit_config.yml"
     if not plan.exists():
         raise UserError(f"no plan at {plan}; pass --plan sliced.yml")
-    scan = json.loads(Path(scan_path).read_text()) if scan_path else None
+    scan = load_scan(scan_path) if scan_path else None
     from huggingface_hub import HfApi, get_token
 
     if not dry_run and not get_token():  # checked before the card replaces anything

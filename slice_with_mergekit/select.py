@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from compute_block_similarity.ranges import format_layers
+from compute_block_similarity.scanfile import ScanFile
 
 from .evaluate import perplexity, tokenize_windows
 from .inmemory import removed_layers
@@ -47,12 +48,6 @@ class Choice:
     passes: int
     perplexity: float | None = None
     candidates: list[dict] = field(default_factory=list)
-
-
-def scan_ranking(scan: dict, n: int) -> list[int]:
-    row = scan["distances"][str(n)]
-    lower = scan.get("metric_info", {}).get("lower_is_redundant", True)
-    return sorted(range(len(row)), key=lambda l: (row[l] if lower else -row[l], l))
 
 
 class Scorer:
@@ -93,26 +88,26 @@ class Scorer:
 
 
 @strategy("angle", cost="0", help="the scan's best block by its metric", needs_scorer=False)
-def select_angle(scan: dict, n: int, score: "Scorer | None" = None, top_k: int = 0) -> Choice:
-    s = scan_ranking(scan, n)[0]
+def select_angle(scan: ScanFile, n: int, score: "Scorer | None" = None, top_k: int = 0) -> Choice:
+    s = scan.ranking(n)[0]
     return Choice("angle", list(range(s, s + n)), 0)
 
 
 @strategy("deepest", cost="0", help="baseline: the n deepest layers but the last (Gromov et al.)", needs_scorer=False)
-def select_deepest(scan: dict, n: int, score: "Scorer | None" = None, top_k: int = 0) -> Choice:
+def select_deepest(scan: ScanFile, n: int, score: "Scorer | None" = None, top_k: int = 0) -> Choice:
     """Gromov et al.'s baseline: the n deepest layers excluding the final one, [L-1-n, L-1)."""
-    L = scan["num_layers"]
+    L = scan.num_layers
     return Choice("deepest", list(range(L - 1 - n, L - 1)), 0)
 
 
 @strategy("ppl", cost="top_k", help="re-rank the scan's top-k blocks by the real perplexity of the model without them",
           needs_scorer=True)
-def select_ppl(scan: dict, n: int, score: Scorer, top_k: int = 5) -> Choice:
+def select_ppl(scan: ScanFile, n: int, score: Scorer, top_k: int = 5) -> Choice:
     cands, passes0 = [], score.passes
-    for s in scan_ranking(scan, n)[:top_k]:
+    for s in scan.ranking(n)[:top_k]:
         p = score(list(range(s, s + n)))
         cands.append({"start": s, "removed": format_layers(range(s, s + n)), "perplexity": p,
-                      "score": scan["distances"][str(n)][s]})
+                      "score": scan.scores(n)[s]})
         log.info("candidate block [%d, %d): perplexity %.3f", s, s + n, p)
     best = min(cands, key=lambda c: c["perplexity"])
     return Choice("ppl", list(range(best["start"], best["start"] + n)), score.passes - passes0, best["perplexity"], cands)
@@ -121,7 +116,7 @@ def select_ppl(scan: dict, n: int, score: Scorer, top_k: int = 5) -> Choice:
 @strategy("refine", cost="top_k + 2 + one per shift",
           help="--select ppl, then shift the best block one layer at a time while a neighbour is better",
           needs_scorer=True)
-def select_refine(scan: dict, n: int, score: Scorer, top_k: int = 5) -> Choice:
+def select_refine(scan: ScanFile, n: int, score: Scorer, top_k: int = 5) -> Choice:
     """The scan's top-k blocks by real perplexity, then hill-climbing: the best block moves to
     [s-1, s-1+n) or [s+1, s+1+n) while one of them has a lower perplexity. Blocks the angle ranks
     low but that sit beside a good one (the angle's ranking is noisy by a layer or two) are found at
@@ -131,13 +126,13 @@ def select_refine(scan: dict, n: int, score: Scorer, top_k: int = 5) -> Choice:
     cands = list(base.candidates)
     seen = {c["start"] for c in cands}
     s, best = base.removed[0], base.perplexity
-    last = scan["num_layers"] - n
+    last = scan.num_layers - n
     while True:
         for t in (s - 1, s + 1):
             if 0 <= t <= last and t not in seen:
                 seen.add(t)
                 cands.append({"start": t, "removed": format_layers(range(t, t + n)), "perplexity": score(range(t, t + n)),
-                              "score": scan["distances"][str(n)][t], "shifted_from": s})
+                              "score": scan.scores(n)[t], "shifted_from": s})
                 log.info("refine: block [%d, %d): perplexity %.3f", t, t + n, cands[-1]["perplexity"])
         nxt = min((c for c in cands if abs(c["start"] - s) == 1), key=lambda c: c["perplexity"], default=None)
         if nxt is None or nxt["perplexity"] >= best:
@@ -148,10 +143,10 @@ def select_refine(scan: dict, n: int, score: Scorer, top_k: int = 5) -> Choice:
 
 @strategy("iterative", cost="about n (L - n/2)", help="remove one layer at a time by perplexity (SLEB); "
           "may pick non-contiguous layers", needs_scorer=True)
-def select_iterative(scan: dict, n: int, score: Scorer, top_k: int = 0) -> Choice:
+def select_iterative(scan: ScanFile, n: int, score: Scorer, top_k: int = 0) -> Choice:
     """SLEB: remove one layer per step, the one whose removal gives the lowest perplexity on the
     current (already pruned) model. The first and last surviving layers are never candidates."""
-    num_layers = scan["num_layers"]
+    num_layers = scan.num_layers
     gone: list[int] = []
     passes0, p = score.passes, None
     steps = []
@@ -171,7 +166,7 @@ def exhaustive(num_layers: int, n: int, score: Scorer) -> dict[int, float]:
     return {s: score(list(range(s, s + n))) for s in range(num_layers - n + 1)}
 
 
-def choose(name: str, scan: dict, n: int, score_factory: Callable[[], Scorer] | None, top_k: int = 5) -> Choice:
+def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer] | None, top_k: int = 5) -> Choice:
     if name not in STRATEGIES:
         raise ValueError(f"--select {name!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
     st = STRATEGIES[name]

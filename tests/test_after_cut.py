@@ -11,6 +11,7 @@ import torch
 from slice_with_mergekit.cli import main as slice_main
 from slice_with_mergekit.evaluate import perplexity, windows
 from slice_with_mergekit.inmemory import removed_layers
+from compute_block_similarity.scanfile import ScanFile
 from slice_with_mergekit.select import Scorer, exhaustive, select_deepest, select_iterative, select_ppl
 from conftest import TEXTS, load
 
@@ -84,7 +85,7 @@ def test_select_strategies(tiny_llama):
     score = Scorer(model, tok, TEXTS, max_length=64, stride=64)
     L, n = 6, 2
     ref = exhaustive(L, n, score)
-    scan = {"num_layers": L, "distances": {"2": [0.5, 0.1, 0.3, 0.2, 0.4]}}
+    scan = ScanFile(model="m", num_layers=L, distances={2: [0.5, 0.1, 0.3, 0.2, 0.4]})
     fresh = Scorer(model, tok, TEXTS, max_length=64, stride=64)
     c = select_ppl(scan, n, fresh, top_k=3)
     assert [x["start"] for x in c.candidates] == [1, 3, 2] and c.passes == 3
@@ -109,7 +110,7 @@ def test_select_refine_ends_at_a_local_minimum_no_worse_than_ppl(tiny_models):
         dist = [0.0] * (L - n + 1)
         for rank, st in enumerate(worst_first):
             dist[st] = rank
-        scan = {"num_layers": L, "distances": {str(n): dist}}
+        scan = ScanFile(model="m", num_layers=L, distances={n: dist})
         fresh = Scorer(model, tok, TEXTS, max_length=64, stride=64)
         c = select_refine(scan, n, fresh, top_k=1)
         s = c.removed[0]
@@ -130,7 +131,7 @@ def test_strategy_registry_declares_cost_and_drives_the_cli():
                       if a.dest == "select")
         assert list(action.choices) == list(STRATEGIES)
     with pytest.raises(ValueError, match="--select 'nope'"):
-        choose("nope", {"num_layers": 4}, 1, None)
+        choose("nope", ScanFile(model="m", num_layers=4, distances={}), 1, None)
 
 
 def test_select_ppl_cli_writes_details(tiny_llama, tmp_path):

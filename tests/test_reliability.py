@@ -3,6 +3,8 @@ and no foreign state merged."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -210,7 +212,6 @@ def test_bad_jsonl_names_the_problem(tiny_llama, tmp_path, capsys, content, mess
 
 
 def test_short_distances_row_is_refused_and_sliced_yml_kept(tiny_llama, tmp_path, capsys):
-    import json
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
     assert scan_main(_scan_args(tiny_llama, data, tmp_path / "scan")) == 0
@@ -224,3 +225,26 @@ def test_short_distances_row_is_refused_and_sliced_yml_kept(tiny_llama, tmp_path
     assert slice_main(["--scan", str(scan), "-o", str(out)]) == 2
     assert "distances[2]" in one_error_line(capsys.readouterr().err)
     assert out.read_bytes() == good
+
+
+def test_scan_file_is_typed_and_versioned(tiny_llama, tmp_path, capsys):
+    from compute_block_similarity.scanfile import ScanFile, load
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    assert scan_main(_scan_args(tiny_llama, data, tmp_path / "scan")) == 0
+    path = tmp_path / "scan" / "block_distances.json"
+    scan = load(path)
+    assert isinstance(scan, ScanFile) and scan.num_layers == 6 and scan.format_version == 1
+    n = scan.layers_to_skip
+    assert scan.ranking(n)[0] == scan.best_start(n) == json.loads(path.read_text())["best_start"]
+    assert scan.removed(scan.kept([2, 3])) == [2, 3] and scan.kept([5]) == [(0, 5)]
+    js = json.loads(path.read_text())
+    for edit, words in ((lambda d: d.update(format_version=99), "format_version 99"),
+                        (lambda d: d.pop("model"), "has no 'model'")):
+        bad = dict(js)
+        edit(bad)
+        path.write_text(json.dumps(bad))
+        assert slice_main(["--scan", str(path), "-o", str(tmp_path / "s.yml")]) == 2
+        err = one_error_line(capsys.readouterr().err)
+        assert words in err and "rerun compute_block_similarity" in err
+        assert not (tmp_path / "s.yml").exists()
