@@ -153,21 +153,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .heal import HealConfig
     from .pipeline import PruneArgs, prune
 
-    try:
-        sizes = [int(x) for x in str(args.layers_to_skip).split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--layers_to_skip {args.layers_to_skip!r}: expected block sizes like '4' or '2,4,6,8'") from None
-    if not sizes:
-        raise ValueError("--layers_to_skip is empty: give block sizes like '4' or '2,4,6,8'")
-    check_output_dir(args.work_dir, "--work_dir")
-    report = prune(PruneArgs(model=args.model, layers_to_skip=sizes, dataset=args.dataset,
-                             dataset_column=args.dataset_column, dataset_subset=args.dataset_subset,
-                             dataset_size=args.dataset_size, eval_subset=args.eval_subset, eval_size=args.eval_size,
-                             max_length=args.max_length, batch_size=args.batch_size, metric=args.metric,
-                             select=args.select, top_k=args.top_k, repair=args.repair, heal=args.heal,
-                             heal_cfg=from_args(HealConfig, args, prefix="heal_"), work_dir=args.work_dir,
-                             trust_remote_code=args.trust_remote_code))
-    print(f"report: {report}")
+    a = from_args(PruneArgs, args, heal_cfg=from_args(HealConfig, args, prefix="heal_"))
+    check_output_dir(a.work_dir, "--work_dir")
+    print(f"report: {prune(a)}")
     return 0
 
 
@@ -297,27 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.work")
     add_flags(h, HealConfig)
     r = parsers["prune"]
+    from .pipeline import PruneArgs
     from .repair import REPAIRS
-
-    r.add_argument("model", help="checkpoint folder or Hub id")
-    r.add_argument("--layers_to_skip", default="4", help="block size, or several: '2,4,6,8'")
-    data_args(r)
-    r.set_defaults(dataset_size=256)
-    r.add_argument("--eval_subset", default="test")
-    r.add_argument("--eval_size", type=int, default=64)
-    r.add_argument("--max_length", type=int, default=256)
-    r.add_argument("--batch_size", type=int, default=8)
-    r.add_argument("--metric", default="angular_last_token")
     from .select import STRATEGIES, strategies_help
 
-    r.add_argument("--select", default="angle", choices=list(STRATEGIES), help=strategies_help())
-    r.add_argument("--top_k", type=int, default=5)
-    r.add_argument("--repair", default="linear", choices=list(REPAIRS),
-                   help="bridge each cut without training before evaluation and healing")
-    r.add_argument("--heal", action="store_true", help="heal each pruned (and repaired) model; --heal_* set the recipe")
-    r.add_argument("--work_dir", default="prune_out", help="every stage's output, and report.md")
-    r.add_argument("--trust_remote_code", action="store_true")
+    r.add_argument("model", help=PruneArgs.model_fields["model"].description)
+    add_flags(r, PruneArgs, skip={"model", "heal_cfg"})
     add_flags(r, HealConfig, prefix="heal_", skip={"max_length"}, title="Healing (with --heal), as the heal command")
+    for action in r._actions:  # choices from the registries
+        if action.dest == "select":
+            action.choices, action.help = list(STRATEGIES), strategies_help()
+        elif action.dest == "repair":
+            action.choices = list(REPAIRS)
     return p
 
 

@@ -11,14 +11,18 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compute_block_similarity.atomic import write_text
+from compute_block_similarity.data import BUILTIN_DATASET
+from compute_block_similarity.metrics import DEFAULT_METRIC
 from compute_block_similarity.ranges import format_layers, format_ranges
 from compute_block_similarity.scanfile import ScanFile
 
+from .heal import HealConfig
 from .plan import load_scan
 
 log = logging.getLogger(__name__)
@@ -37,37 +41,55 @@ def stage(work: Path, name: str, inputs: dict, outputs: list[Path], fn: Callable
     return fp
 
 
-@dataclass
-class PruneArgs:
-    model: str
-    layers_to_skip: list[int]
-    dataset: str = "python-stdlib-docs"
-    dataset_column: str = "text"
-    dataset_subset: str = "train"
-    dataset_size: int | None = 256
-    eval_subset: str = "test"
-    eval_size: int = 64
-    max_length: int = 256
-    batch_size: int = 8
-    metric: str = "angular_last_token"
-    select: str = "angle"
-    top_k: int = 5
-    repair: str = "linear"
-    heal: bool = False
-    heal_cfg: "HealConfig | None" = None  # the healing recipe (heal.HealConfig defaults when None)
-    work_dir: str = "prune_out"
-    trust_remote_code: bool = False
+class PruneArgs(BaseModel):
+    """The whole job"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="checkpoint folder or Hub id")
+    layers_to_skip: list[int] = Field([4], min_length=1, description="block size, or several: '2,4,6,8'")
+    dataset: str = Field(BUILTIN_DATASET, description="calibration data: Hub id, local file/folder, or "
+                         f"{BUILTIN_DATASET}")
+    dataset_column: str = Field("text", description="column holding the text")
+    dataset_subset: str = Field("train", description="calibration split (scan, selection, repair, healing)")
+    dataset_size: int | None = Field(256, ge=1, description="calibration texts for the scan, selection and repair")
+    eval_subset: str = Field("test", description="held-out split for every perplexity reported")
+    eval_size: int = Field(64, ge=1, description="held-out texts")
+    max_length: int = Field(256, ge=2, description="tokens per text (calibration) and evaluation window")
+    batch_size: int = Field(8, ge=1, description="texts per forward pass")
+    metric: str = Field(DEFAULT_METRIC, description="the scan metric that ranks the blocks")
+    select: str = Field("angle", description="how the block is chosen (see --select of the plan command)")
+    top_k: int = Field(5, ge=1, description="candidates for --select ppl/refine")
+    repair: str = Field("linear", description="bridge each cut without training before evaluation and healing")
+    heal: bool = Field(False, description="heal each pruned (and repaired) model; --heal_* set the recipe")
+    work_dir: str = Field("prune_out", description="every stage's output, and report.md")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="the scan's precision")
+    device: str = Field("auto", description="the scan's device")
+    trust_remote_code: bool = Field(False, description="allow model code from the Hub")
+    heal_cfg: HealConfig = Field(default_factory=HealConfig, description="the healing recipe")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PruneArgs":
+        from .repair import REPAIRS
+        from .select import STRATEGIES
+
+        if self.select not in STRATEGIES:
+            raise ValueError(f"--select {self.select!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
+        if self.repair not in REPAIRS:
+            raise ValueError(f"--repair {self.repair!r} is unknown; choose one of: {', '.join(REPAIRS)}")
+        if any(n < 1 for n in self.layers_to_skip):
+            raise ValueError(f"--layers_to_skip {self.layers_to_skip}: block sizes must be >= 1")
+        return self
 
 
 def run_scan(a: "PruneArgs", scan_dir: Path) -> None:
-    from compute_block_similarity.cli import build_parser, run
+    from compute_block_similarity.cli import scan
+    from compute_block_similarity.options import DataOptions, ModelOptions, ScanOptions
 
-    run(build_parser().parse_args([
-        "--model_path", a.model, "--dataset", a.dataset, "--dataset_column", a.dataset_column,
-        "--dataset_subset", a.dataset_subset, "--max_length", str(a.max_length), "--batch_size", str(a.batch_size),
-        "--layers_to_skip", str(a.layers_to_skip[0]), "--metric", a.metric, "--output_dir", str(scan_dir),
-        *(["--dataset_size", str(a.dataset_size)] if a.dataset_size else []),
-        *(["--trust_remote_code"] if a.trust_remote_code else [])]))
+    scan(ModelOptions(model_path=a.model, dtype=a.dtype, device=a.device, trust_remote_code=a.trust_remote_code),
+         DataOptions(dataset=a.dataset, dataset_column=a.dataset_column, dataset_subset=a.dataset_subset,
+                     dataset_size=a.dataset_size, max_length=a.max_length, batch_size=a.batch_size),
+         ScanOptions(layers_to_skip=a.layers_to_skip[0], metric=a.metric, output_dir=str(scan_dir)))
 
 
 def run_eval(a: "PruneArgs", texts: list[str], model: str, out: Path) -> None:
@@ -126,11 +148,8 @@ def run_verify(plan_path: Path, model_dir: Path, report: Path) -> None:
 HEAL_TEXTS = 10_000
 
 
-def heal_config(a: "PruneArgs") -> "HealConfig":
-    from .heal import HealConfig
-
-    cfg = a.heal_cfg or HealConfig()
-    return cfg.model_copy(update={"max_length": a.max_length})
+def heal_config(a: "PruneArgs") -> HealConfig:
+    return a.heal_cfg.model_copy(update={"max_length": a.max_length})
 
 
 def run_heal(a: "PruneArgs", model_dir: Path, eval_texts: list[str], hdir: Path) -> None:
