@@ -194,7 +194,8 @@ def plan_parser(p: argparse.ArgumentParser) -> None:
     a("--layers_to_skip", type=int, default=None, help="remove the scan's best block of n layers (default: the scan's n)")
     a("--start", type=int, default=None, help="remove the block [start, start+n) instead of the best one")
     a("--remove", default=None, help="remove any set of 0-based layers, e.g. '21-28,30' (inclusive runs)")
-    a("--model", default=None, help="source model path or id; default: the one the scan recorded")
+    a("--model", "--model_path", dest="model", default=None,
+      help="source model path or id; default: the one the scan recorded")
     a("--dtype", default=None, help="output dtype; default: the source model's")
     from .select import STRATEGIES, strategies_help
 
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--base_model", default=None, help="Hub id of the source for the card's base_model "
                    "(default: the plan's model if it is a Hub id, else the id its config came from; left out if unknown)")
     u.add_argument("--revision", default=None, help="branch to push to (created if missing)")
-    u.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+    u.add_argument("--dry_run", "--dry-run", dest="dry_run", action="store_true",
                    help="write the card and list what would be uploaded, upload nothing")
     e = parsers["evaluate"]
     e.add_argument("model", help="checkpoint folder or Hub id")
