@@ -100,3 +100,8 @@ def _euclidean(gram: torch.Tensor) -> torch.Tensor:
 
 
 DEFAULT_METRIC = "angular_last_token"
+
+
+def rank_blocks(scores: "list[float]", lower_is_redundant: bool = True) -> list[int]:
+    """Block starts ordered from most to least removable (ties: the shallower first)."""
+    return sorted(range(len(scores)), key=lambda l: (scores[l] if lower_is_redundant else -scores[l], l))

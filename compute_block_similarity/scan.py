@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError, first_line
-from .metrics import DEFAULT_METRIC, METRICS, Metric, get_metric
+from .metrics import DEFAULT_METRIC, METRICS, Metric, get_metric, rank_blocks
 from .ranges import format_layers, format_ranges, kept_ranges
 
 log = logging.getLogger(__name__)
@@ -379,8 +379,7 @@ class ScanResult:
     def ranking(self, n: int, metric: str | None = None) -> list[int]:
         """Starts ordered from most to least removable."""
         m = get_metric(metric or self.metric)
-        sc = self.scores(n, m.name)
-        return sorted(range(len(sc)), key=lambda l: (sc[l] if m.lower_is_redundant else -sc[l], l))
+        return rank_blocks(self.scores(n, m.name), m.lower_is_redundant)
 
     def best_start(self, n: int, metric: str | None = None) -> int:
         return self.ranking(n, metric)[0]

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
+from .metrics import rank_blocks
 from .ranges import kept_ranges
 
 FORMAT_VERSION = 1
@@ -90,8 +91,7 @@ class ScanFile(BaseModel):
 
     def ranking(self, n: int, metric: str | None = None) -> list[int]:
         """Block starts, most redundant first (ties: the shallower first)."""
-        row, lower = self.scores(n, metric), self.lower_is_redundant(metric)
-        return sorted(range(len(row)), key=lambda l: (row[l] if lower else -row[l], l))
+        return rank_blocks(self.scores(n, metric), self.lower_is_redundant(metric))
 
     def best_start(self, n: int) -> int:
         return self.best_start_per_n.get(n, self.ranking(n)[0])

@@ -6,10 +6,10 @@ import json
 import logging
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-from unittest import mock
+from typing import Any
+
+from mergekit.config import MergeConfiguration
 
 from compute_block_similarity.atomic import atomic_path, write_text
 from compute_block_similarity.errors import UserError, looks_local
@@ -36,30 +36,50 @@ def local_source(model: str) -> Path:
     return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
 
 
-@contextmanager
-def sliced_out_config(kept: list[int], num_layers: int) -> Iterator[None]:
-    """Patch MergeKit's output-config builder so per-layer lists match the kept layers (MergeKit
-    only sets num_hidden_layers, and transformers then refuses to save the config)."""
-    import mergekit.merge as mm
+def out_config(src: Path, kept: list[int], num_layers: int, dtype: str | None, trust_remote_code: bool) -> Any:
+    """The source's config for the kept layers: num_hidden_layers and every per-layer field sliced."""
+    from transformers import AutoConfig
 
-    original = mm._model_out_config
+    cfg = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    fixed, notes = slice_per_layer_fields(cfg.to_dict(), kept, num_layers)
+    for note in notes:
+        log.info("config: %s", note)
+    for key, value in fixed.items():
+        if key == "text_config" and hasattr(cfg, "text_config"):
+            for k, v in value.items():
+                if k in cfg.text_config.to_dict() and getattr(cfg.text_config, k, None) != v:
+                    setattr(cfg.text_config, k, v)
+        elif key in cfg.to_dict() and getattr(cfg, key, None) != value:
+            setattr(cfg, key, value)
+    cfg.get_text_config().num_hidden_layers = len(kept)  # n_layer, num_layers, ... via each config's attribute_map
+    if dtype:
+        cfg.dtype = dtype
+    return cfg
 
-    def patched(*args, **kwargs):
-        cfg = original(*args, **kwargs)
-        fixed, notes = slice_per_layer_fields(cfg.to_dict(), kept, num_layers)
-        for note in notes:
-            log.info("config: %s", note)
-        for key, value in fixed.items():
-            if key == "text_config" and hasattr(cfg, "text_config"):
-                for k, v in value.items():
-                    if k in cfg.text_config.to_dict():
-                        setattr(cfg.text_config, k, v)
-            elif getattr(cfg, key, None) != value and key in cfg.to_dict():
-                setattr(cfg, key, value)
-        return cfg
 
-    with mock.patch.object(mm, "_model_out_config", patched):
-        yield
+def merge_passthrough(config: MergeConfiguration, out: Path, options: Any, out_cfg: Any, config_source: str) -> None:
+    """MergeKit's run_merge for a passthrough slice, with the output config built by us.
+
+    run_merge derives the output config by setting num_hidden_layers alone, and transformers refuses to
+    save a config whose per-layer lists (layer_types, ...) no longer match it, so run_merge fails on
+    Qwen3, Gemma 3 and the like. MergeKit has no hook for the output config; rather than patch its
+    private builder, we drive its public pieces (the same planner and executor write the same tensors)
+    and write the config, mergekit_config.yml and MergeKit's card ourselves."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.card import generate_card
+    from mergekit.graph import Executor
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.plan import MergePlanner
+
+    arch_info = get_architecture_info(config, options)
+    LoaderCache().setup(options=options)
+    targets = MergePlanner(config, arch_info, options=options, out_model_config=out_cfg).plan_to_disk(out_path=str(out))
+    for _ in Executor(targets=targets, math_device=options.device, storage_device="cpu").run(quiet=options.quiet):
+        pass
+    out_cfg.save_pretrained(out)
+    (out / "mergekit_config.yml").write_text(config_source, encoding="utf-8")
+    (out / "README.md").write_text(generate_card(config=config, config_yaml=config_source, name=out.name),
+                                   encoding="utf-8")
 
 
 def drop_spurious_lm_head(out: Path) -> None:
@@ -128,7 +148,6 @@ def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_rem
 
     ``repair`` (see repair.REPAIRS) fits bridges on ``repair_texts`` and folds them in before the
     folder replaces ``out_path``, so a failed repair leaves the previous checkpoint as it was."""
-    from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
     config = read_config(plan_path)
@@ -140,10 +159,10 @@ def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_rem
     out = Path(out_path)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    options = MergeOptions(device=device, copy_tokenizer=True, lazy_unpickle=True, trust_remote_code=trust_remote_code,
-                           quiet=True, write_model_card=True)
-    with sliced_out_config(kept, L):
-        run_merge(config, str(tmp), options=options, config_source=Path(plan_path).read_text())
+    options = MergeOptions(device=device, lazy_unpickle=True, trust_remote_code=trust_remote_code, quiet=True)
+    tmp.mkdir(parents=True)
+    out_cfg = out_config(src, kept, L, config.out_dtype or config.dtype, trust_remote_code)
+    merge_passthrough(config, tmp, options, out_cfg, Path(plan_path).read_text())
     drop_spurious_lm_head(tmp)
     copy_companions(src, tmp)
     if repair != "none":
