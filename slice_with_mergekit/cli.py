@@ -20,7 +20,7 @@ log = logging.getLogger("slice_with_mergekit")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import plan, write_config
+    from .plan import plan, write_config, write_selection
 
     check_output_file(args.output, "--output")
     choices: list = []
@@ -30,15 +30,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   choice_out=choices)
     write_config(config, args.output)
     if choices:
-        import dataclasses
-        import json
-        from pathlib import Path
-
-        from compute_block_similarity.atomic import write_text
-
-        sel = Path(args.output).with_suffix(".select.json")
-        write_text(sel, json.dumps(dataclasses.asdict(choices[0]), indent=1) + "\n")
-        log.info("wrote the selection details to %s", sel)
+        log.info("wrote the selection details to %s", write_selection(args.output, choices[0]))
     log.info("wrote %s; build the pruned model with: mergekit-yaml %s out/", args.output, args.output)
     return 0
 

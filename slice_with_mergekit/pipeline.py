@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compute_block_similarity.atomic import write_text
 from compute_block_similarity.data import BUILTIN_DATASET
+from compute_block_similarity.errors import UserError
 from compute_block_similarity.metrics import DEFAULT_METRIC
 from compute_block_similarity.ranges import format_layers, format_ranges
 from compute_block_similarity.scanfile import ScanFile
@@ -66,6 +68,11 @@ class PruneArgs(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="the scan's precision")
     device: str = Field("auto", description="the scan's device")
     trust_remote_code: bool = Field(False, description="allow model code from the Hub")
+    max_ppl_ratio: float | None = Field(None, gt=1, description="budget mode: remove as many layers as keep calibration "
+                                        "perplexity within this many times the dense model's (e.g. 1.25)")
+    target_layers: int | None = Field(None, ge=1, description="keep this many decoder layers (instead of "
+                                      "--layers_to_skip)")
+    max_layers: int | None = Field(None, ge=1, description="budget mode: remove at most this many layers")
     heal_cfg: HealConfig = Field(default_factory=HealConfig, description="the healing recipe")
 
     @model_validator(mode="after")
@@ -77,6 +84,8 @@ class PruneArgs(BaseModel):
             raise ValueError(f"--select {self.select!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
         if self.repair not in REPAIRS:
             raise ValueError(f"--repair {self.repair!r} is unknown; choose one of: {', '.join(REPAIRS)}")
+        if self.max_ppl_ratio is not None and self.target_layers is not None:
+            raise ValueError("--max_ppl_ratio and --target_layers are exclusive: give a budget or a layer count")
         if any(n < 1 for n in self.layers_to_skip):
             raise ValueError(f"--layers_to_skip {self.layers_to_skip}: block sizes must be >= 1")
         return self
@@ -116,11 +125,49 @@ def run_eval_cut(a: "PruneArgs", texts: list[str], plan_path: Path, out: Path) -
     write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
 
 
-def run_plan(a: "PruneArgs", scan_json: Path, n: int, plan_path: Path) -> None:
-    from .plan import plan, write_config
+def run_plan(a: "PruneArgs", scan_json: Path, n: int, plan_path: Path, removed: list[int] | None = None) -> None:
+    from compute_block_similarity.ranges import format_inclusive
 
-    write_config(plan(str(scan_json), layers_to_skip=n, select=a.select, top_k=a.top_k, model=a.model,
-                      repair=a.repair, trust_remote_code=a.trust_remote_code), plan_path)
+    from .plan import plan, write_config, write_selection
+
+    fixed = {"remove": format_inclusive(removed)} if removed else {"layers_to_skip": n}
+    choices: list = []
+    write_config(plan(str(scan_json), select=a.select, top_k=a.top_k, model=a.model, repair=a.repair,
+                      trust_remote_code=a.trust_remote_code, choice_out=choices, **fixed), plan_path)
+    if choices:
+        write_selection(plan_path, choices[0])
+
+
+def run_budget(a: "PruneArgs", scan_json: Path, out: Path) -> None:
+    from .plan import calibration_scorer
+    from .select import budget_search
+
+    scan = load_scan(scan_json)
+    score = calibration_scorer(scan, a.model, None, a.trust_remote_code, a.repair)
+    b = budget_search(scan, score, a.max_ppl_ratio, a.select, a.top_k, a.max_layers)
+    write_text(out, json.dumps({**asdict(b), "passes": score.passes}, indent=1) + "\n")
+
+
+def sizes_to_cut(a: "PruneArgs", work: Path, scan: ScanFile, scan_json: Path, scan_fp: str) -> tuple[list[int], dict | None]:
+    """--layers_to_skip, or the n that --target_layers or the --max_ppl_ratio budget asks for."""
+    L = scan.num_layers
+    if a.target_layers is not None:
+        if not 1 <= a.target_layers < L:
+            raise ValueError(f"--target_layers {a.target_layers} must be in [1, {L - 1}] for a {L}-layer model")
+        return [L - a.target_layers], None
+    if a.max_ppl_ratio is None:
+        return a.layers_to_skip, None
+    bjson = work / "budget.json"
+    stage(work, "budget", {"scan": scan_fp, "ratio": a.max_ppl_ratio, "max_layers": a.max_layers, "select": a.select,
+                           "top_k": a.top_k, "repair": a.repair}, [bjson], run_budget, a, scan_json, bjson)
+    budget = json.loads(bjson.read_text())
+    if budget["n"] == 0:
+        first = budget["curve"][0]
+        raise UserError(f"--max_ppl_ratio {a.max_ppl_ratio}: removing even one layer gives {first['ratio']:.3f}x the "
+                        "dense perplexity; raise the budget")
+    log.info("budget %.2fx: %d of %d layers can go (calibration perplexity %.3fx dense)", a.max_ppl_ratio,
+             budget["n"], L, budget["curve"][budget["n"] - 1]["ratio"])
+    return [budget["n"]], budget
 
 
 def run_materialize(a: "PruneArgs", plan_path: Path, model_dir: Path) -> None:
@@ -179,13 +226,16 @@ def prune(a: PruneArgs) -> Path:
     src_eval = work / "source_eval.json"
     stage(work, "eval-source", {"model": a.model, **eval_in}, [src_eval], run_eval, a, eval_texts, a.model, src_eval)
     src_ppl = json.loads(src_eval.read_text())["perplexity"]
+    sizes, budget = sizes_to_cut(a, work, scan, scan_json, scan_fp)
     rows = []
-    for n in a.layers_to_skip:
+    for n in sizes:
         d = work / f"n{n}"
         plan_path, model_dir, pr_eval, hdir = d / "sliced.yml", d / "model", d / "pruned_eval.json", d / "healed"
         cut_eval = d / "cut_eval.json"
+        fixed = budget["curve"][n - 1]["removed"] if budget else None
         plan_fp = stage(work, f"plan-n{n}", {"scan": scan_fp, "n": n, "select": a.select, "top_k": a.top_k,
-                                            "repair": a.repair}, [plan_path], run_plan, a, scan_json, n, plan_path)
+                                            "repair": a.repair, "removed": fixed}, [plan_path], run_plan, a, scan_json,
+                        n, plan_path, fixed)
         mat_fp = stage(work, f"materialize-n{n}", {"plan": plan_fp, "repair": a.repair}, [model_dir / "config.json"],
                        run_materialize, a, plan_path, model_dir)
         stage(work, f"verify-n{n}", {"model": mat_fp}, [d / "verify.txt"], run_verify, plan_path, model_dir, d / "verify.txt")
@@ -209,7 +259,7 @@ def prune(a: PruneArgs) -> Path:
         rows.append({"n": n, "removed": removed, "ranges": ranges, "source": src_ppl, "cut": cut["perplexity"],
                      "repaired": pr["perplexity"] if a.repair != "none" else None, "pruned": pr["perplexity"],
                      "healed": healed, "tokens": pr["tokens_scored"]})
-    write_report(work, a, rows, scan)
+    write_report(work, a, rows, scan, budget)
     return work / "report.md"
 
 
@@ -253,7 +303,36 @@ def plot_ppl(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile) -> None:
+def budget_lines(budget: dict | None, scan: ScanFile) -> list[str]:
+    if not budget:
+        return []
+    lines = ["", f"## How many layers can go: budget {budget['max_ratio']}x the dense calibration perplexity", "",
+             f"Answer: **{budget['n']} of {scan.num_layers} layers** (dense calibration perplexity "
+             f"{budget['dense']:.3f}).", "", "| n removed | layers removed | calibration perplexity | x dense | within |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['n']} | {format_layers(r['removed'])} | {r['perplexity']:.3f} | {r['ratio']:.3f} | "
+              f"{'yes' if r['within'] else 'no'} |" for r in budget["curve"]]
+    return lines
+
+
+def candidate_lines(work: Path, rows: list[dict], scan: ScanFile) -> list[str]:
+    """Every candidate block the selection scored, with its scan score; the chosen one marked."""
+    lines = []
+    for r in rows:
+        sel = work / f"n{r['n']}" / "sliced.select.json"
+        if not sel.exists():
+            continue
+        c = json.loads(sel.read_text())
+        lines += ["", f"### Candidates for n = {r['n']} (`--select {c['strategy']}`, {c['passes']} calibration passes)", "",
+                  "| block | scan score | calibration perplexity | chosen |", "|---|---|---|---|"]
+        for x in sorted((x for x in c["candidates"] if "start" in x), key=lambda x: x["perplexity"]):
+            block = list(range(x["start"], x["start"] + r["n"]))
+            lines.append(f"| {format_layers(block)} | {x['score']:.4f} | {x['perplexity']:.3f} | "
+                         f"{'**yes**' if block == c['removed'] else ''} |")
+    return lines
+
+
+def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile, budget: dict | None = None) -> None:
     from compute_block_similarity.atomic import atomic_path
 
     with atomic_path(work / "heatmap.png") as tmp:
@@ -275,6 +354,7 @@ def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile) -> 
         lines.append(f"| {r['n']} | {format_layers(r['removed'])} | {format_ranges(r['ranges'])} | "
                      f"{r['source']:.2f} | {r['cut']:.2f} | {repaired} | {healed} | "
                      f"`n{r['n']}/{'healed' if r['healed'] else 'model'}` |")
+    lines += budget_lines(budget, scan) + candidate_lines(work, rows, scan)
     lines += ["", "![heatmap](heatmap.png)", "", "![perplexity](perplexity_vs_layers.png)", ""]
     write_text(work / "report.md", "\n".join(lines))
     log.info("report: %s", work / "report.md")

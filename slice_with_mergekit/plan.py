@@ -151,6 +151,17 @@ def write_config(config: MergeConfiguration, path: str | os.PathLike) -> None:
     write_text(path, config.to_yaml() + "\n")
 
 
+def write_selection(plan_path: str | os.PathLike, choice: Any) -> Path:
+    """The selection's evidence beside the plan: sliced.yml -> sliced.select.json (every candidate scored)."""
+    import dataclasses
+
+    from compute_block_similarity.atomic import write_text
+
+    sel = Path(plan_path).with_suffix(".select.json")
+    write_text(sel, json.dumps(dataclasses.asdict(choice), indent=1) + "\n")
+    return sel
+
+
 def read_config(path: str | os.PathLike) -> MergeConfiguration:
     import yaml
 

@@ -10,7 +10,8 @@ candidate costs one more pass for its bridge). The scan itself is one pass with 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from itertools import takewhile
 from typing import Any, Callable, Sequence
 
 from compute_block_similarity.ranges import format_layers
@@ -179,3 +180,38 @@ def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer
 
 def strategies_help() -> str:
     return "; ".join(f"{s.name}: {s.help} ({s.cost} extra passes)" for s in STRATEGIES.values())
+
+
+@dataclass
+class Budget:
+    """Budget mode's answer: the most layers that can go with perplexity within ``max_ratio`` x dense."""
+
+    max_ratio: float
+    dense: float
+    n: int  # 0 when not even one layer fits
+    curve: list[dict]  # per n tried: removed, perplexity, ratio, within
+
+    @property
+    def removed(self) -> list[int]:
+        return self.curve[self.n - 1]["removed"] if self.n else []
+
+
+def budget_search(scan: ScanFile, score: Scorer, max_ratio: float, strategy: str = "angle", top_k: int = 5,
+                  max_layers: int | None = None) -> Budget:
+    """Grow n from 1 while the chosen n-layer cut keeps calibration perplexity within ``max_ratio``
+    times the dense model's; one scan serves every n. Stops at the first n over budget."""
+    if max_ratio <= 1:
+        raise ValueError(f"--max_ppl_ratio must be > 1 (1.25 allows a 25% increase), got {max_ratio}")
+    dense = score([])
+    top = min(max_layers or scan.num_layers - 2, scan.num_layers - 2)
+    curve: list[dict] = []
+    for n in range(1, top + 1):
+        c = choose(strategy, scan, n, lambda: score, top_k)
+        p = c.perplexity if c.perplexity is not None else score(c.removed)
+        curve.append({"n": n, "removed": c.removed, "perplexity": p, "ratio": p / dense, "within": p <= max_ratio * dense})
+        log.info("budget: n=%d removes %s: perplexity %.3f = %.3fx dense (budget %.2fx)", n, format_layers(c.removed),
+                 p, p / dense, max_ratio)
+        if not curve[-1]["within"]:
+            break
+    n = sum(1 for _ in takewhile(lambda r: r["within"], curve))
+    return Budget(max_ratio, dense, n, curve)

@@ -226,3 +226,41 @@ def test_speed_measurement_fields(tiny_llama, tmp_path, capsys):
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["perplexity"]["speed"]["decode_tokens_per_s"] > 0
     assert "decode" in capsys.readouterr().out
+
+
+def test_budget_search_never_returns_an_n_over_budget(tiny_models):
+    from slice_with_mergekit.select import budget_search
+
+    model, tok = load(tiny_models["qwen3"])  # 8 layers
+    L = 8
+    dist = {n: [float((s * 7 + n) % 5) for s in range(L - n + 1)] for n in range(1, L)}
+    scan = ScanFile(model="m", num_layers=L, distances=dist)
+    probe = budget_search(scan, Scorer(model, tok, TEXTS, max_length=64, stride=64), 1e9)
+    ratios = [r["ratio"] for r in probe.curve]
+    assert probe.n == len(probe.curve) == L - 2 and all(r["within"] for r in probe.curve)
+    for budget in sorted({(a + b) / 2 for a, b in zip(sorted(ratios), sorted(ratios)[1:])} | {1.0 + 1e-9}):
+        if budget <= 1:
+            continue
+        fresh = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+        b = budget_search(scan, fresh, budget)
+        assert all(r["ratio"] <= budget for r in b.curve[: b.n])  # every n up to the answer fits
+        assert b.n == len(b.curve) or b.curve[b.n]["ratio"] > budget  # the next one does not
+        if b.n:  # the ratio is the model's: an independent scorer agrees
+            ref = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+            assert ref(b.removed) / ref([]) == pytest.approx(b.curve[b.n - 1]["ratio"], rel=1e-6)
+    with pytest.raises(ValueError, match="--max_ppl_ratio"):
+        budget_search(scan, Scorer(model, tok, TEXTS, max_length=64, stride=64), 0.9)
+
+
+def test_prune_budget_mode_and_target_layers(tiny_models, tmp_path):
+    base = ["prune", str(tiny_models["qwen3"]), "--dataset_size", "24", "--eval_size", "6", "--max_length", "64",
+            "--repair", "none"]
+    assert slice_main([*base, "--max_ppl_ratio", "1e6", "--max_layers", "3", "--work_dir", str(tmp_path / "b")]) == 0
+    budget = json.loads((tmp_path / "b" / "budget.json").read_text())
+    assert budget["n"] == 3 and [r["n"] for r in budget["curve"]] == [1, 2, 3]
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "How many layers can go" in report and "**3 of 8 layers**" in report
+    assert json.loads((tmp_path / "b" / "n3" / "model" / "config.json").read_text())["num_hidden_layers"] == 5
+    assert slice_main([*base, "--target_layers", "6", "--work_dir", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "n2" / "model" / "config.json").exists()
+    assert slice_main([*base, "--target_layers", "6", "--max_ppl_ratio", "1.5", "--work_dir", str(tmp_path / "x")]) == 2
