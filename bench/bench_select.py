@@ -32,8 +32,9 @@ def main() -> None:
     args = p.parse_args()
 
     from compute_block_similarity import scan_model
+    from compute_block_similarity.ranges import format_layers
     from compute_block_similarity.scanfile import ScanFile
-    from slice_with_mergekit.select import Scorer, select_deepest, select_iterative, select_ppl
+    from slice_with_mergekit.select import Scorer, select_deepest, select_iterative, select_ppl, select_refine
 
     model, tok, calib, held = load(args)
     t0 = time.perf_counter()
@@ -55,23 +56,27 @@ def main() -> None:
         for k in sorted(map(int, args.top_k.split(","))):
             c = select_ppl(scan, n, cal, k)  # cached: a larger k pays only for its new candidates
             choices[f"ppl (k={k})"] = (c.removed, len(c.candidates))
+            c = select_refine(scan, n, cal, k)
+            choices[f"refine (k={k})"] = (c.removed, len(c.candidates))
         if n <= args.iterative_max_n:
             c = select_iterative(scan, n, cal)
             choices["iterative"] = (c.removed, c.passes)
         for name, (removed, passes) in choices.items():
             ppl = exh[removed[0]] if removed == list(range(removed[0], removed[0] + n)) else hel(removed)
             rows.append({"n": n, "strategy": name, "removed": removed, "heldout_ppl": ppl,
-                         "regret": ppl / exh[best_s], "extra_passes": passes})
+                         "regret": ppl / exh[best_s], "extra_passes": passes, "cost": passes / (L - n + 1)})
         rows.append({"n": n, "strategy": "exhaustive", "removed": list(range(best_s, best_s + n)),
-                     "heldout_ppl": exh[best_s], "regret": 1.0, "extra_passes": L - n + 1, "seconds": exh_s})
+                     "heldout_ppl": exh[best_s], "regret": 1.0, "extra_passes": L - n + 1, "cost": 1.0, "seconds": exh_s})
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"machine: {dev} ({platform.machine()}), torch {torch.__version__}")
     print(f"model: {L} layers; calibration {args.calib} texts (train split), held-out {args.heldout} texts "
           f"(test split), max_length {args.max_length}; scan {scan_s:.1f}s; dense held-out perplexity {dense:.2f}")
-    print(f"{'n':>2} {'strategy':<12} {'removed':<16} {'held-out ppl':>12} {'regret':>7} {'extra passes':>12}")
+    print(f"{'n':>2} {'strategy':<14} {'removed':<16} {'held-out ppl':>12} {'regret':>7} {'extra passes':>12} "
+          f"{'of exhaustive':>13}")
     for r in rows:
-        rm = f"{r['removed'][0]}-{r['removed'][-1]}" if r["removed"] == list(range(r["removed"][0], r["removed"][-1] + 1)) else ",".join(map(str, r["removed"]))
-        print(f"{r['n']:>2} {r['strategy']:<12} {rm:<16} {r['heldout_ppl']:12.2f} {r['regret']:7.3f} {r['extra_passes']:12d}")
+        rm = format_layers(r["removed"])
+        print(f"{r['n']:>2} {r['strategy']:<14} {rm:<16} {r['heldout_ppl']:12.2f} {r['regret']:7.3f} {r['extra_passes']:12d} "
+              f"{r['cost']:13.0%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"dense_heldout_ppl": dense, "rows": rows}, f, indent=1)
