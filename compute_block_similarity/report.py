@@ -71,26 +71,36 @@ def json_payload(result: "ScanResult", n: int) -> dict:
 
 def plot_heatmap(result: "ScanResult", path: str) -> None:
     """Whole triangle: x = start layer, y = block size n; the best block per n is marked."""
+    plot_triangle(result.triangle(), result.num_layers, result.metric,
+                  os.path.basename(str(result.provenance.get("model", ""))), result.best_starts(), path)
+
+
+def plot_triangle(triangle: dict[int, list[float]], L: int, metric: str, title: str, best: dict[int, int],
+                  path: str, chosen: dict[int, list[int]] | None = None) -> None:
+    """Score of every block [l, l+n) as a heatmap; x marks the scan's best start per n, and a box each
+    ``chosen`` cut (n -> removed layers) when the choice was made otherwise."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.patches import Rectangle
 
-    L = result.num_layers
     grid = np.full((L, L), np.nan)  # (n, start)
-    for n, row in result.triangle().items():
+    for n, row in triangle.items():
         grid[n, : len(row)] = row
     fig, ax = plt.subplots(figsize=(7, 5.5))
     im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r", interpolation="nearest",
                    extent=(-0.5, L - 0.5, -0.5, L - 0.5))
-    best = result.best_starts()
-    ax.scatter(list(best.values()), list(best.keys()), marker="x", s=18, c="red", label="best start per n")
+    ax.scatter(list(best.values()), list(best.keys()), marker="x", s=18, c="red", label="best start per n (scan)")
+    for k, (n, removed) in enumerate((chosen or {}).items()):
+        ax.add_patch(Rectangle((min(removed) - 0.5, n - 0.5), 1, 1, fill=False, ec="magenta", lw=2.5,
+                               label="chosen cut" if k == 0 else None))
     ax.set_xlabel("start layer l (block [l, l+n) removed)")
     ax.set_ylabel("block size n")
     ax.set_ylim(0.5, L - 0.5)
-    ax.set_title(f"{result.metric}: {os.path.basename(str(result.provenance.get('model', '')))}", fontsize=10)
-    fig.colorbar(im, ax=ax, label=result.metric)
+    ax.set_title(f"{metric}: {title}", fontsize=10)
+    fig.colorbar(im, ax=ax, label=metric)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")

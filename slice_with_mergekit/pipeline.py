@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -335,8 +334,12 @@ def candidate_lines(work: Path, rows: list[dict], scan: ScanFile) -> list[str]:
 def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile, budget: dict | None = None) -> None:
     from compute_block_similarity.atomic import atomic_path
 
-    with atomic_path(work / "heatmap.png") as tmp:
-        shutil.copyfile(work / "scan" / "block_distances.png", tmp)
+    from compute_block_similarity.report import plot_triangle
+
+    with atomic_path(work / "heatmap.png") as tmp:  # the scan's heatmap with the chosen cuts boxed
+        plot_triangle(scan.distances, scan.num_layers, scan.metric, Path(a.model).name,
+                      {n: scan.best_start(n) for n in scan.distances}, str(tmp),
+                      chosen={r["n"]: r["removed"] for r in rows})
     plot_ppl(rows, work / "perplexity_vs_layers.png")
     L = scan.num_layers
     lines = [f"# Depth-pruning report: `{a.model}`", "",
