@@ -71,12 +71,15 @@ def tokenize_windows(tok: Any, texts: Sequence[str], max_length: int, stride: in
 
 @torch.inference_mode()
 def perplexity(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 512, stride: int = 256,
-               batch_size: int = 4, progress: bool = False, _windows: list | None = None) -> Perplexity:
-    """Token-weighted perplexity of ``model`` on ``texts``."""
+               batch_size: int = 4, progress: bool = False, _windows: list | None = None,
+               per_window: list | None = None) -> Perplexity:
+    """Token-weighted perplexity of ``model`` on ``texts``. ``per_window``, if given, receives each
+    window's (nll sum, tokens scored) in window order, for paired comparisons of two models."""
     wins = _windows if _windows is not None else tokenize_windows(tok, texts, max_length, stride)
     dev = input_device(model)
     order = sorted(range(len(wins)), key=lambda i: -len(wins[i][0]))
     nll, count = 0.0, 0
+    rows_out: dict[int, tuple[float, int]] = {}
     for k in tqdm(range(0, len(order), batch_size), desc="perplexity", disable=not progress):
         rows = [wins[i] for i in order[k : k + batch_size]]
         width = max(len(r[0]) for r in rows)
@@ -94,8 +97,14 @@ def perplexity(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 
         sel = score[:, 1:].to(logp.device)
         nll += float(tok_nll[sel].double().sum())
         count += int(sel.sum())
+        if per_window is not None:
+            sums = (tok_nll.double() * sel).sum(1).tolist()  # (B,)
+            for b, i in enumerate(order[k : k + batch_size]):
+                rows_out[i] = (sums[b], int(sel[b].sum()))
     if not math.isfinite(nll):
         raise UserError("the model produced NaN or inf log-probabilities; try float32")
+    if per_window is not None:
+        per_window[:] = [rows_out[i] for i in range(len(wins))]
     return Perplexity(math.exp(nll / count), nll, count, len(texts), max_length, stride)
 
 

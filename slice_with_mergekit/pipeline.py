@@ -323,10 +323,12 @@ def candidate_lines(work: Path, rows: list[dict], scan: ScanFile) -> list[str]:
             continue
         c = json.loads(sel.read_text())
         lines += ["", f"### Candidates for n = {r['n']} (`--select {c['strategy']}`, {c['passes']} calibration passes)", "",
-                  "| block | scan score | calibration perplexity | chosen |", "|---|---|---|---|"]
+                  "| block | scan score | calibration perplexity | loss - chosen's (nats/token) ± paired SE | chosen |",
+                  "|---|---|---|---|---|"]
         for x in sorted((x for x in c["candidates"] if "start" in x), key=lambda x: x["perplexity"]):
             block = list(range(x["start"], x["start"] + r["n"]))
-            lines.append(f"| {format_layers(block)} | {x['score']:.4f} | {x['perplexity']:.3f} | "
+            gap = (f"{x['nll_minus_chosen']:+.4f} ± {x['se']:.4f}" if x.get("se") is not None else "-")
+            lines.append(f"| {format_layers(block)} | {x['score']:.4f} | {x['perplexity']:.3f} | {gap} | "
                          f"{'**yes**' if block == c['removed'] else ''} |")
     return lines
 

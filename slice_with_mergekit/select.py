@@ -10,6 +10,7 @@ candidate costs one more pass for its bridge). The scan itself is one pass with 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from itertools import takewhile
 from typing import Any, Callable, Sequence
@@ -49,6 +50,7 @@ class Choice:
     passes: int
     perplexity: float | None = None
     candidates: list[dict] = field(default_factory=list)
+    confidence: dict | None = None  # the runner-up, the loss gap to it and its paired standard error
 
 
 class Scorer:
@@ -64,16 +66,32 @@ class Scorer:
         self.repair = repair
         self.passes = 0  # forward passes over the calibration text actually run
         self.cache: dict[tuple[int, ...], float] = {}
+        self.windows: dict[tuple[int, ...], list[tuple[float, int]]] = {}  # per-window (nll sum, tokens)
 
     def __call__(self, removed: Sequence[int]) -> float:
         key = tuple(sorted(removed))
         if key not in self.cache:
             self.passes += 1
             bridge = self._bridge(key)  # fitted on the dense model, before the layers go
+            per: list = []
             with removed_layers(self.model, key), bridge:
                 self.cache[key] = perplexity(self.model, self.tok, self.texts, batch_size=self.batch_size,
-                                             _windows=self.wins, **self.kw).perplexity
+                                             _windows=self.wins, per_window=per, **self.kw).perplexity
+            self.windows[key] = per
         return self.cache[key]
+
+    def paired(self, a: Sequence[int], b: Sequence[int]) -> tuple[float, float]:
+        """(mean per-token NLL of cut ``a`` minus cut ``b``, its standard error), paired over the same
+        calibration windows: a ratio estimator, windows as the sampling unit. Both must be scored."""
+        wa, wb = self.windows[tuple(sorted(a))], self.windows[tuple(sorted(b))]
+        d = [x[0] - y[0] for x, y in zip(wa, wb)]  # per-window NLL difference
+        t = [x[1] for x in wa]
+        T, k = sum(t), len(d)
+        diff = sum(d) / T
+        if k < 2:
+            return diff, math.inf
+        var = k / (k - 1) * sum((di - ti * diff) ** 2 for di, ti in zip(d, t)) / T**2
+        return diff, math.sqrt(var)
 
     def _bridge(self, removed: tuple[int, ...]) -> Any:
         from contextlib import nullcontext
@@ -101,17 +119,43 @@ def select_deepest(scan: ScanFile, n: int, score: "Scorer | None" = None, top_k:
     return Choice("deepest", list(range(L - 1 - n, L - 1)), 0)
 
 
-@strategy("ppl", cost="top_k", help="re-rank the scan's top-k blocks by the real perplexity of the model without them",
-          needs_scorer=True)
-def select_ppl(scan: ScanFile, n: int, score: Scorer, top_k: int = 5) -> Choice:
-    cands, passes0 = [], score.passes
+def top_k_by_loss(scan: ScanFile, n: int, score: Scorer, top_k: int) -> list[dict]:
+    """The scan's top-k blocks, each scored by real calibration perplexity."""
+    cands = []
     for s in scan.ranking(n)[:top_k]:
         p = score(list(range(s, s + n)))
         cands.append({"start": s, "removed": format_layers(range(s, s + n)), "perplexity": p,
                       "score": scan.scores(n)[s]})
         log.info("candidate block [%d, %d): perplexity %.3f", s, s + n, p)
+    return cands
+
+
+@strategy("ppl", cost="top_k", help="re-rank the scan's top-k blocks by the real perplexity of the model without them",
+          needs_scorer=True)
+def select_ppl(scan: ScanFile, n: int, score: Scorer, top_k: int = 5) -> Choice:
+    passes0 = score.passes
+    cands = top_k_by_loss(scan, n, score, top_k)
     best = min(cands, key=lambda c: c["perplexity"])
-    return Choice("ppl", list(range(best["start"], best["start"] + n)), score.passes - passes0, best["perplexity"], cands)
+    return with_confidence(Choice("ppl", list(range(best["start"], best["start"] + n)), score.passes - passes0,
+                                  best["perplexity"], cands), score, n)
+
+
+def with_confidence(c: Choice, score: Scorer, n: int) -> Choice:
+    """Each candidate's calibration loss minus the chosen cut's, with its paired standard error; the
+    log says by how many standard errors the choice beats the runner-up."""
+    for x in c.candidates:
+        d, se = score.paired(range(x["start"], x["start"] + n), c.removed)
+        x["nll_minus_chosen"], x["se"] = d, (se if math.isfinite(se) else None)
+    rivals = [x for x in c.candidates if x["start"] != c.removed[0]]
+    if rivals:
+        r = min(rivals, key=lambda x: x["nll_minus_chosen"])
+        z = r["nll_minus_chosen"] / r["se"] if r["se"] else None
+        c.confidence = {"runner_up": r["start"], "nll_gap": r["nll_minus_chosen"], "se": r["se"], "z": z}
+        log.info("--select %s: %s beats the runner-up %s by %.4f nats/token (paired SE %.4f, %.1f SE)%s", c.strategy,
+                 format_layers(c.removed), format_layers(range(r["start"], r["start"] + n)), r["nll_minus_chosen"],
+                 r["se"] or 0.0, z or 0.0, "" if z is None or z >= 2 else
+                 ": close; more calibration text (--dataset_size) would separate them")
+    return c
 
 
 @strategy("refine", cost="top_k + 2 + one per shift",
@@ -123,10 +167,10 @@ def select_refine(scan: ScanFile, n: int, score: Scorer, top_k: int = 5) -> Choi
     low but that sit beside a good one (the angle's ranking is noisy by a layer or two) are found at
     two passes a step."""
     passes0 = score.passes
-    base = select_ppl(scan, n, score, top_k)
-    cands = list(base.candidates)
+    cands = top_k_by_loss(scan, n, score, top_k)
     seen = {c["start"] for c in cands}
-    s, best = base.removed[0], base.perplexity
+    first = min(cands, key=lambda c: c["perplexity"])
+    s, best = first["start"], first["perplexity"]
     last = scan.num_layers - n
     while True:
         for t in (s - 1, s + 1):
@@ -139,7 +183,7 @@ def select_refine(scan: ScanFile, n: int, score: Scorer, top_k: int = 5) -> Choi
         if nxt is None or nxt["perplexity"] >= best:
             break
         s, best = nxt["start"], nxt["perplexity"]
-    return Choice("refine", list(range(s, s + n)), score.passes - passes0, best, cands)
+    return with_confidence(Choice("refine", list(range(s, s + n)), score.passes - passes0, best, cands), score, n)
 
 
 @strategy("iterative", cost="about n (L - n/2)", help="remove one layer at a time by perplexity (SLEB); "

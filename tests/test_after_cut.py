@@ -264,3 +264,29 @@ def test_prune_budget_mode_and_target_layers(tiny_models, tmp_path):
     assert slice_main([*base, "--target_layers", "6", "--work_dir", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "n2" / "model" / "config.json").exists()
     assert slice_main([*base, "--target_layers", "6", "--max_ppl_ratio", "1.5", "--work_dir", str(tmp_path / "x")]) == 2
+
+
+def test_paired_standard_error_against_a_window_by_window_reference(tiny_models):
+    import math
+
+    from slice_with_mergekit.evaluate import perplexity as ppl_of
+
+    model, tok = load(tiny_models["qwen3"])
+    score = Scorer(model, tok, TEXTS, max_length=16, stride=16)
+    a, b = [2, 3], [5, 6]
+    pa, pb = score(a), score(b)
+    d, se = score.paired(a, b)
+    assert d == pytest.approx(math.log(pa) - math.log(pb), rel=1e-9)  # same tokens: the log ratio
+    from slice_with_mergekit.inmemory import removed_layers
+
+    per = {}
+    for cut in (a, b):  # every window alone, as its own perplexity call
+        with removed_layers(model, cut):
+            per[tuple(cut)] = [ppl_of(model, tok, [], max_length=16, stride=16, _windows=[w]) for w in score.wins]
+    diffs = [x.nll_sum - y.nll_sum for x, y in zip(per[tuple(a)], per[tuple(b)])]
+    toks = [x.tokens_scored for x in per[tuple(a)]]
+    T, k = sum(toks), len(diffs)
+    mean = sum(diffs) / T
+    ref_se = math.sqrt(k / (k - 1) * sum((x - t * mean) ** 2 for x, t in zip(diffs, toks)) / T**2)
+    assert d == pytest.approx(mean, rel=1e-6) and se == pytest.approx(ref_se, rel=1e-6)
+    assert k > 5
