@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -198,15 +199,21 @@ def heal_config(a: "PruneArgs") -> HealConfig:
     return a.heal_cfg.model_copy(update={"max_length": a.max_length})
 
 
-def run_heal(a: "PruneArgs", model_dir: Path, eval_texts: list[str], hdir: Path) -> None:
+def run_heal(a: "PruneArgs", model_dir: Path, model_fp: str, eval_texts: list[str], hdir: Path) -> None:
     from compute_block_similarity.data import load_texts
 
     from .heal import heal
 
     # healing wants far more text than the calibration: up to HEAL_TEXTS of the training split
     train = load_texts(a.dataset, a.dataset_column, a.dataset_subset, HEAL_TEXTS)
-    heal(str(model_dir), train, eval_texts, str(hdir), heal_config(a), resume=Path(f"{hdir}.work").exists(),
-         progress=True)
+    cfg = heal_config(a)
+    work, inputs = Path(f"{hdir}.work"), json.dumps({"model": model_fp, "heal": cfg.model_dump()}, sort_keys=True)
+    marker = work / "prune_inputs.json"
+    if work.exists() and not (marker.exists() and marker.read_text() == inputs):
+        shutil.rmtree(work)  # a run for another model or recipe: start over; the same one resumes
+    work.mkdir(parents=True, exist_ok=True)
+    write_text(marker, inputs)
+    heal(str(model_dir), train, eval_texts, str(hdir), cfg, resume=True, progress=True)
 
 
 def prune(a: PruneArgs) -> Path:
@@ -245,7 +252,7 @@ def prune(a: PruneArgs) -> Path:
         healed = None
         if a.heal:
             stage(work, f"heal-n{n}", {"model": mat_fp, "heal": heal_config(a).model_dump(), **eval_in},
-                  [hdir / "heal.json"], run_heal, a, model_dir, eval_texts, hdir)
+                  [hdir / "heal.json"], run_heal, a, model_dir, mat_fp, eval_texts, hdir)
             healed = json.loads((hdir / "heal.json").read_text())["after_heal"]
         ranges = _ranges(plan_path)
         removed = scan.removed(ranges)

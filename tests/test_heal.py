@@ -190,3 +190,21 @@ def test_torchrun_two_processes_heal_to_a_checkpoint_that_loads(cut_llama, tmp_p
     assert s["tokens_per_step"] == 2 * 2 * 32  # two processes, each a batch of 2 x 32 tokens
     healed, tok = load(out)
     assert perplexity(healed, tok, TEXTS, max_length=64, stride=64).perplexity == pytest.approx(s["after_heal"], rel=1e-4)
+
+
+def test_prune_heal_rerun_with_another_recipe_starts_over(tiny_models, tmp_path, caplog):
+    import logging
+
+    from slice_with_mergekit.cli import main as slice_main
+
+    base = ["prune", str(tiny_models["qwen3"]), "--layers_to_skip", "2", "--dataset_size", "24", "--eval_size", "6",
+            "--max_length", "64", "--heal", "--heal_steps", "2", "--heal_seq_len", "32", "--heal_loss", "lm",
+            "--work_dir", str(tmp_path / "w")]
+    assert slice_main(base) == 0
+    first = json.loads((tmp_path / "w" / "n2" / "healed" / "heal.json").read_text())
+    assert first["config"]["lr"] == 1e-3 and first["config"]["max_length"] == 64
+    with caplog.at_level(logging.INFO):
+        assert slice_main([*base, "--heal_lr", "3e-3"]) == 0
+    second = json.loads((tmp_path / "w" / "n2" / "healed" / "heal.json").read_text())
+    assert second["config"]["lr"] == 3e-3 and second["after_cut"] == pytest.approx(first["after_cut"])
+    assert "stage materialize-n2: inputs unchanged, skipped" in caplog.text
