@@ -30,7 +30,7 @@ RECIPES = {  # name -> HealConfig overrides
     "lm": {"loss": "lm"},
     "kd": {"loss": "kd"},
     "lm+kd": {"loss": "lm+kd"},
-    "layers": {"loss": "kd", "train_layers": "auto", "lr": 1e-4},
+    "layers": {"loss": "lm", "train_layers": "auto", "lr": 1e-4},
     "kd_all": {"loss": "kd", "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                 "down_proj"]},
     "paper": {"loss": "lm", "alpha": 8, "lr": 3e-4, "dropout": 0.05},  # the old default (Gromov et al.)

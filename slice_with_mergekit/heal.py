@@ -40,7 +40,8 @@ class HealConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     loss: Literal["lm", "kd", "lm+kd"] = Field(
-        "kd", description="training loss: next-token cross-entropy, forward KL to the dense teacher's logits, or their sum")
+        "lm", description="training loss: next-token cross-entropy, forward KL to the dense teacher's logits, or their "
+                         "sum (lm recovered the most per token on SmolLM2, see bench/heal_smollm2.txt)")
     kd_temperature: float = Field(1.0, gt=0, description="softmax temperature of the distillation loss (scaled by T^2)")
     kd_top_k: int = Field(0, ge=0, description="distil on the teacher's top-k tokens plus one bucket for the rest "
                                                "(0: the whole vocabulary)")
