@@ -4,7 +4,6 @@ verify's view of a repaired checkpoint, and the refusals."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
