@@ -152,12 +152,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def data_args(p: argparse.ArgumentParser, split: str = "train") -> None:
-    a = p.add_argument
-    a("--dataset", default="python-stdlib-docs", help="Hub id, local file/folder, or python-stdlib-docs")
-    a("--dataset_column", default="text")
-    a("--dataset_subset", default=split, help="split")
-    a("--dataset_size", type=int, default=None, help="first N texts (default: all)")
-    a("--dataset_config", default=None)
+    """The data flags of the scan's DataOptions (all but its batching), reading ``split`` by default."""
+    from compute_block_similarity.options import DataOptions, add_flags
+
+    add_flags(p, DataOptions, skip={"streaming", "batch_size", "max_length"}, title="Data")
+    p.set_defaults(dataset_subset=split)
 
 
 def repair_args(p: argparse.ArgumentParser, default: str) -> None:
