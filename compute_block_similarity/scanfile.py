@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
-from .metrics import rank_blocks
+from .metrics import DEFAULT_METRIC, rank_blocks
 from .ranges import kept_ranges
 
 FORMAT_VERSION = 1
@@ -52,7 +52,7 @@ class ScanFile(BaseModel):
     layer_convention: str = "0-based layers; blocks are half-open [start, end)"
     model: str
     num_layers: int = Field(ge=2)
-    metric: str = "angular_last_token"
+    metric: str = DEFAULT_METRIC
     metric_info: MetricInfo = Field(default_factory=MetricInfo)
     distances: dict[int, list[float]]
     stderr: dict[int, list[float]] = Field(default_factory=dict)
