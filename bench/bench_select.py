@@ -27,33 +27,51 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_flags(p, calib=64)
     p.add_argument("--sizes", default="2,4,6,8")
-    p.add_argument("--top_k", default="5", help="one or more k for --select ppl, e.g. 5,8")
-    p.add_argument("--iterative_max_n", type=int, default=4, help="run SLEB-style iterative only up to this n (it is costly)")
+    p.add_argument("--top_k", default="5", help="one or more k for --select ppl and refine, e.g. 5,8")
+    p.add_argument("--race_k", type=int, default=8, help="candidates for --select race (the default strategy)")
+    p.add_argument("--heldout_cache", default=None, help="JSON file keeping the exhaustive held-out search between runs "
+                   "(valid for the same model, --heldout and --max_length)")
+    p.add_argument("--iterative_max_n", type=int, default=0, help="run SLEB-style iterative only up to this n (it is costly)")
     args = p.parse_args()
 
     from compute_block_similarity import scan_model
     from compute_block_similarity.ranges import format_layers
+    from compute_block_similarity.report import json_payload
     from compute_block_similarity.scanfile import ScanFile
-    from slice_with_mergekit.select import Scorer, select_deepest, select_iterative, select_ppl, select_refine
+    from slice_with_mergekit.select import Scorer, select_deepest, select_iterative, select_ppl, select_race, select_refine
 
     model, tok, calib, held = load(args)
     t0 = time.perf_counter()
     res = scan_model(model, tok, calib, batch_size=16, max_length=args.max_length, progress=False)
     scan_s = time.perf_counter() - t0
     L = res.num_layers
-    scan = ScanFile(model=str(args.model_path), num_layers=L, distances=res.triangle())
+    scan = ScanFile.model_validate({**json_payload(res, 1), "model": str(args.model_path)})  # every metric
     cal = Scorer(model, tok, calib, max_length=args.max_length, stride=args.max_length)
     hel = Scorer(model, tok, held, max_length=args.max_length, stride=args.max_length)
     dense = hel([])
     rows = []
+    cache = {}
+    if args.heldout_cache and os.path.exists(args.heldout_cache):
+        with open(args.heldout_cache) as f:
+            cache = json.load(f)
     for n in map(int, args.sizes.split(",")):
         t = time.perf_counter()
-        exh = {s: hel(list(range(s, s + n))) for s in range(L - n + 1)}
+        key = f"{args.model_path}|{args.heldout}|{args.max_length}|{n}"
+        if key in cache:
+            exh = {int(s): v for s, v in cache[key].items()}
+        else:
+            exh = cache[key] = {s: hel(list(range(s, s + n))) for s in range(L - n + 1)}
+            if args.heldout_cache:
+                with open(args.heldout_cache, "w") as f:
+                    json.dump(cache, f)
         exh_s = time.perf_counter() - t
         best_s = min(exh, key=exh.get)
-        choices = {"angle": (list(range(res.best_start(n), res.best_start(n) + n)), 0),
-                   "deepest": (select_deepest(scan, n).removed, 0)}
-        for k in sorted(map(int, args.top_k.split(","))):
+        cal_race = Scorer(model, tok, calib, max_length=args.max_length, stride=args.max_length)  # its own cost count
+        c = select_race(scan, n, cal_race, args.race_k)
+        choices = {f"race (k={args.race_k})": (c.removed, c.passes)}
+        choices["angle"] = (list(range(res.best_start(n), res.best_start(n) + n)), 0)
+        choices["deepest"] = (select_deepest(scan, n).removed, 0)
+        for k in sorted(int(k) for k in args.top_k.split(",") if k.strip() and int(k) > 0):
             c = select_ppl(scan, n, cal, k)  # cached: a larger k pays only for its new candidates
             choices[f"ppl (k={k})"] = (c.removed, len(c.candidates))
             c = select_refine(scan, n, cal, k)
@@ -75,7 +93,7 @@ def main() -> None:
           f"{'of exhaustive':>13}")
     for r in rows:
         rm = format_layers(r["removed"])
-        print(f"{r['n']:>2} {r['strategy']:<14} {rm:<16} {r['heldout_ppl']:12.2f} {r['regret']:7.3f} {r['extra_passes']:12d} "
+        print(f"{r['n']:>2} {r['strategy']:<14} {rm:<16} {r['heldout_ppl']:12.2f} {r['regret']:7.3f} {r['extra_passes']:12.2f} "
               f"{r['cost']:13.0%}")
     if args.json:
         with open(args.json, "w") as f:

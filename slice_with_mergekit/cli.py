@@ -164,7 +164,8 @@ def repair_args(p: argparse.ArgumentParser, default: str) -> None:
 
     a = p.add_argument
     a("--repair", default=default, choices=list(REPAIRS),
-      help="; ".join(f"{m.name}: {m.help}" for m in REPAIRS.values()))
+      help=f"the least-squares bridge over each cut, one of: {', '.join(REPAIRS)}; "
+      + "; ".join(f"{m.name}: {m.help}" for m in REPAIRS.values()))
     data_args(p)
     p.set_defaults(dataset_size=256)
     a("--max_length", type=int, default=256, help="calibration tokens per text for the repair fit")
@@ -188,15 +189,17 @@ def plan_parser(p: argparse.ArgumentParser) -> None:
     a("--model", "--model_path", dest="model", default=None,
       help="source model path or id; default: the one the scan recorded")
     a("--dtype", default=None, help="output dtype; default: the source model's")
-    from .select import STRATEGIES, strategies_help
+    from compute_block_similarity.options import add_flags
 
-    a("--select", default="angle", choices=list(STRATEGIES), help=strategies_help())
-    a("--top_k", type=int, default=5, help="candidates that --select ppl re-ranks")
-    a("--select_texts", type=int, default=None, help="calibration texts for --select ppl/iterative (default: the scan's)")
+    from .select import SelectOptions
+
+    add_flags(p, SelectOptions)
+    select_choices(p)
     from .repair import REPAIRS
 
     a("--repair", default="none", choices=list(REPAIRS),
-      help="with --select ppl/iterative: score each candidate after this repair (sliced.yml stays the plain cut)")
+      help=f"the least-squares bridge over each cut, one of: {', '.join(REPAIRS)}; each candidate is scored "
+      "after it (sliced.yml stays the plain cut: bridge after the merge with the repair command)")
     a("--trust_remote_code", action="store_true", help="allow model code from the Hub")
 
 
@@ -279,17 +282,23 @@ def build_parser() -> argparse.ArgumentParser:
     r = parsers["prune"]
     from .pipeline import PruneArgs
     from .repair import REPAIRS
-    from .select import STRATEGIES, strategies_help
-
     r.add_argument("model", help=PruneArgs.model_fields["model"].description)
     add_flags(r, PruneArgs, skip={"model", "heal_cfg"})
     add_flags(r, HealConfig, prefix="heal_", skip={"max_length"}, title="Healing (with --heal), as the heal command")
-    for action in r._actions:  # choices from the registries
-        if action.dest == "select":
-            action.choices, action.help = list(STRATEGIES), strategies_help()
-        elif action.dest == "repair":
+    select_choices(r)
+    for action in r._actions:  # choices from the registry
+        if action.dest == "repair":
             action.choices = list(REPAIRS)
     return p
+
+
+def select_choices(p: argparse.ArgumentParser) -> None:
+    """--select's choices and help from the strategy registry."""
+    from .select import STRATEGIES, strategies_help
+
+    for action in p._actions:
+        if action.dest == "select":
+            action.choices, action.help = list(STRATEGIES), strategies_help()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

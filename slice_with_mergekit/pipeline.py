@@ -26,6 +26,7 @@ from compute_block_similarity.scanfile import ScanFile
 
 from .heal import HealConfig
 from .plan import load_scan
+from .select import SelectOptions
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def stage(work: Path, name: str, inputs: dict, outputs: list[Path], fn: Callable
     return fp
 
 
-class PruneArgs(BaseModel):
+class PruneArgs(SelectOptions):
     """The whole job"""
 
     model_config = ConfigDict(extra="forbid")
@@ -60,9 +61,8 @@ class PruneArgs(BaseModel):
     max_length: int = Field(256, ge=2, description="tokens per text (calibration) and evaluation window")
     batch_size: int = Field(8, ge=1, description="texts per forward pass")
     metric: str = Field(DEFAULT_METRIC, description="the scan metric that ranks the blocks")
-    select: str = Field("angle", description="how the block is chosen (see --select of the plan command)")
-    top_k: int = Field(5, ge=1, description="candidates for --select ppl/refine")
-    repair: str = Field("linear", description="bridge each cut without training before evaluation and healing")
+    repair: str = Field("linear", description="bridge each cut without training before evaluation and healing; "
+                        "the candidates are scored after it")
     heal: bool = Field(False, description="heal each pruned (and repaired) model; --heal_* set the recipe")
     work_dir: str = Field("prune_out", description="every stage's output, and report.md")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="the scan's precision")
@@ -78,10 +78,7 @@ class PruneArgs(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "PruneArgs":
         from .repair import REPAIRS
-        from .select import STRATEGIES
 
-        if self.select not in STRATEGIES:
-            raise ValueError(f"--select {self.select!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
         if self.repair not in REPAIRS:
             raise ValueError(f"--repair {self.repair!r} is unknown; choose one of: {', '.join(REPAIRS)}")
         if self.max_ppl_ratio is not None and self.target_layers is not None:
@@ -132,7 +129,8 @@ def run_plan(a: "PruneArgs", scan_json: Path, n: int, plan_path: Path, removed: 
 
     fixed = {"remove": format_inclusive(removed)} if removed else {"layers_to_skip": n}
     choices: list = []
-    write_config(plan(str(scan_json), select=a.select, top_k=a.top_k, model=a.model, repair=a.repair,
+    write_config(plan(str(scan_json), select=a.select, top_k=a.top_k, select_texts=a.select_texts, model=a.model,
+                      repair=a.repair,
                       trust_remote_code=a.trust_remote_code, choice_out=choices, **fixed), plan_path)
     if choices:
         write_selection(plan_path, choices[0])
@@ -143,7 +141,7 @@ def run_budget(a: "PruneArgs", scan_json: Path, out: Path) -> None:
     from .select import budget_search
 
     scan = load_scan(scan_json)
-    score = calibration_scorer(scan, a.model, None, a.trust_remote_code, a.repair)
+    score = calibration_scorer(scan, a.model, a.select_texts, a.trust_remote_code, a.repair)
     b = budget_search(scan, score, a.max_ppl_ratio, a.select, a.top_k, a.max_layers)
     write_text(out, json.dumps({**asdict(b), "passes": score.passes}, indent=1) + "\n")
 
@@ -159,7 +157,7 @@ def sizes_to_cut(a: "PruneArgs", work: Path, scan: ScanFile, scan_json: Path, sc
         return a.layers_to_skip, None
     bjson = work / "budget.json"
     stage(work, "budget", {"scan": scan_fp, "ratio": a.max_ppl_ratio, "max_layers": a.max_layers, "select": a.select,
-                           "top_k": a.top_k, "repair": a.repair}, [bjson], run_budget, a, scan_json, bjson)
+                           "select_texts": a.select_texts, "top_k": a.top_k, "repair": a.repair}, [bjson], run_budget, a, scan_json, bjson)
     budget = json.loads(bjson.read_text())
     if budget["n"] == 0:
         first = budget["curve"][0]
@@ -240,7 +238,7 @@ def prune(a: PruneArgs) -> Path:
         cut_eval = d / "cut_eval.json"
         fixed = budget["curve"][n - 1]["removed"] if budget else None
         plan_fp = stage(work, f"plan-n{n}", {"scan": scan_fp, "n": n, "select": a.select, "top_k": a.top_k,
-                                            "repair": a.repair, "removed": fixed}, [plan_path], run_plan, a, scan_json,
+                                            "select_texts": a.select_texts, "repair": a.repair, "removed": fixed}, [plan_path], run_plan, a, scan_json,
                         n, plan_path, fixed)
         mat_fp = stage(work, f"materialize-n{n}", {"plan": plan_fp, "repair": a.repair}, [model_dir / "config.json"],
                        run_materialize, a, plan_path, model_dir)
@@ -329,13 +327,14 @@ def candidate_lines(work: Path, rows: list[dict], scan: ScanFile) -> list[str]:
         if not sel.exists():
             continue
         c = json.loads(sel.read_text())
-        lines += ["", f"### Candidates for n = {r['n']} (`--select {c['strategy']}`, {c['passes']} calibration passes)", "",
-                  "| block | scan score | calibration perplexity | loss - chosen's (nats/token) ± paired SE | chosen |",
-                  "|---|---|---|---|---|"]
+        lines += ["", f"### Candidates for n = {r['n']} (`--select {c['strategy']}`, {c['passes']:.2f} calibration passes)", "",
+                  "| block | scan score | calibration perplexity (windows) | loss - chosen's (nats/token) ± paired SE | "
+                  "chosen |", "|---|---|---|---|---|"]
         for x in sorted((x for x in c["candidates"] if "start" in x), key=lambda x: x["perplexity"]):
             block = list(range(x["start"], x["start"] + r["n"]))
             gap = (f"{x['nll_minus_chosen']:+.4f} ± {x['se']:.4f}" if x.get("se") is not None else "-")
-            lines.append(f"| {format_layers(block)} | {x['score']:.4f} | {x['perplexity']:.3f} | {gap} | "
+            seen = f" ({x['windows']})" if "windows" in x else ""
+            lines.append(f"| {format_layers(block)} | {x['score']:.4f} | {x['perplexity']:.3f}{seen} | {gap} | "
                          f"{'**yes**' if block == c['removed'] else ''} |")
     return lines
 

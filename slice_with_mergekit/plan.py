@@ -108,16 +108,18 @@ def calibration_scorer(scan: ScanFile, model: str, num_texts: int | None = None,
 
 def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None = None, remove: str | None = None,
          model: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
-         select: str = "angle", top_k: int = 5, select_texts: int | None = None, repair: str = "none",
+         select: str | None = None, top_k: int | None = None, select_texts: int | None = None, repair: str = "none",
          choice_out: list | None = None) -> MergeConfiguration:
     """Everything MergeKit leaves unchecked, checked; then the config.
 
-    ``select`` picks the block of ``layers_to_skip`` when no explicit --start/--remove is given:
-    angle (the scan's best), ppl (re-rank the top_k by real perplexity), iterative (SLEB), deepest.
-    With ``repair``, candidates are scored after that repair (the plan itself stays the plain cut).
+    ``select`` (a strategy of select.STRATEGIES; default: SelectOptions') picks the block of
+    ``layers_to_skip`` when no explicit --start/--remove is given. With ``repair``, candidates are
+    scored after that repair (the plan itself stays the plain cut).
     """
-    from .select import choose
+    from .select import SelectOptions, choose
 
+    opts = SelectOptions(**{k: v for k, v in dict(select=select, top_k=top_k).items() if v is not None})
+    select, top_k = opts.select, opts.top_k
     scan = load_scan(scan_path)
     removed = removed_layers(scan, layers_to_skip=layers_to_skip, start=start, remove=remove)
     if select != "angle" and start is None and remove is None:
@@ -127,7 +129,7 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
         removed = choice.removed
         if choice_out is not None:
             choice_out.append(choice)
-        log.info("--select %s: remove %s (%d calibration passes%s)", select, format_layers(removed), choice.passes,
+        log.info("--select %s: remove %s (%.2f calibration passes%s)", select, format_layers(removed), choice.passes,
                  f", perplexity {choice.perplexity:.3f}" if choice.perplexity else "")
     scanned = scan.model
     if model is not None and os.path.normpath(model) != os.path.normpath(scanned):

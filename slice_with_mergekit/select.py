@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from itertools import takewhile
 from typing import Any, Callable, Sequence
 
+from pydantic import BaseModel, Field, field_validator
+
 from compute_block_similarity.ranges import format_layers
 from compute_block_similarity.scanfile import ScanFile
 
@@ -47,7 +49,7 @@ def strategy(name: str, cost: str, help: str, needs_scorer: bool) -> Callable:
 class Choice:
     strategy: str
     removed: list[int]
-    passes: int
+    passes: float  # calibration passes spent (forward tokens / one pass's)
     perplexity: float | None = None
     candidates: list[dict] = field(default_factory=list)
     confidence: dict | None = None  # the runner-up, the loss gap to it and its paired standard error
@@ -56,36 +58,71 @@ class Choice:
 class Scorer:
     """Perplexity of the model with some layers removed, on fixed calibration windows; with
     ``repair`` (see repair.REPAIRS), of the model with the layers removed and the cut bridged,
-    each candidate's bridge fitted on the same calibration text (one more pass)."""
+    each candidate's bridge fitted on the same calibration text.
+
+    Losses are kept per window, so a candidate can be scored on a share of the windows first
+    (``share``: the first windows of a fixed shuffled order) and on more later, paying only for the
+    new ones. ``passes`` counts the forward tokens run, in units of one pass over every window."""
 
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
-                 batch_size: int = 8, repair: str = "none"):
+                 batch_size: int = 8, repair: str = "none", seed: int = 0):
+        import random
+
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.wins = tokenize_windows(tok, texts, max_length, stride)
+        self.order = list(range(len(self.wins)))
+        random.Random(seed).shuffle(self.order)  # growing shares: representative, nested
+        self.total_tokens = sum(len(w[0]) for w in self.wins)
         self.kw = dict(max_length=max_length, stride=stride)
         self.repair = repair
-        self.passes = 0  # forward passes over the calibration text actually run
-        self.cache: dict[tuple[int, ...], float] = {}
-        self.windows: dict[tuple[int, ...], list[tuple[float, int]]] = {}  # per-window (nll sum, tokens)
+        self.tokens_run = 0
+        self.windows: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # cut -> window -> (nll sum, tokens)
+        self.bridges: dict[tuple[int, ...], Any] = {}
 
-    def __call__(self, removed: Sequence[int]) -> float:
+    @property
+    def passes(self) -> float:
+        """Forward tokens run so far, in passes over the calibration windows (a bridge fit counts one)."""
+        return self.tokens_run / self.total_tokens
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.wins)
+
+    def share(self, m: int) -> list[int]:
+        """The first ``m`` windows of the fixed shuffled order."""
+        return sorted(self.order[:m])
+
+    def score_on(self, removed: Sequence[int], idx: Sequence[int]) -> float:
+        """Mean NLL per token of the cut on windows ``idx``; runs only the windows not yet scored."""
         key = tuple(sorted(removed))
-        if key not in self.cache:
-            self.passes += 1
+        have = self.windows.setdefault(key, {})
+        todo = [i for i in idx if i not in have]
+        if todo:
             bridge = self._bridge(key)  # fitted on the dense model, before the layers go
             per: list = []
             with removed_layers(self.model, key), bridge:
-                self.cache[key] = perplexity(self.model, self.tok, self.texts, batch_size=self.batch_size,
-                                             _windows=self.wins, per_window=per, **self.kw).perplexity
-            self.windows[key] = per
-        return self.cache[key]
+                perplexity(self.model, self.tok, [], batch_size=self.batch_size, _windows=[self.wins[i] for i in todo],
+                           per_window=per, **self.kw)
+            have.update(zip(todo, per))
+            self.tokens_run += sum(len(self.wins[i][0]) for i in todo)
+        return sum(have[i][0] for i in idx) / sum(have[i][1] for i in idx)
 
-    def paired(self, a: Sequence[int], b: Sequence[int]) -> tuple[float, float]:
+    def __call__(self, removed: Sequence[int]) -> float:
+        """Perplexity of the cut on every calibration window."""
+        return math.exp(self.score_on(removed, range(self.num_windows)))
+
+    def scored(self, removed: Sequence[int]) -> int:
+        """How many windows the cut has been scored on."""
+        return len(self.windows.get(tuple(sorted(removed)), {}))
+
+    def paired(self, a: Sequence[int], b: Sequence[int], idx: Sequence[int] | None = None) -> tuple[float, float]:
         """(mean per-token NLL of cut ``a`` minus cut ``b``, its standard error), paired over the same
-        calibration windows: a ratio estimator, windows as the sampling unit. Both must be scored."""
+        calibration windows (``idx``, default: every window both were scored on): a ratio
+        estimator, windows as the sampling unit."""
         wa, wb = self.windows[tuple(sorted(a))], self.windows[tuple(sorted(b))]
-        d = [x[0] - y[0] for x, y in zip(wa, wb)]  # per-window NLL difference
-        t = [x[1] for x in wa]
+        idx = sorted(set(wa) & set(wb)) if idx is None else list(idx)
+        d = [wa[i][0] - wb[i][0] for i in idx]  # per-window NLL difference
+        t = [wa[i][1] for i in idx]
         T, k = sum(t), len(d)
         diff = sum(d) / T
         if k < 2:
@@ -100,10 +137,12 @@ class Scorer:
 
         if self.repair == "none" or not removed:
             return nullcontext()
-        fit = fit_repair(self.model, self.tok, self.texts, removed, method=self.repair, batch_size=self.batch_size,
-                         max_length=self.kw["max_length"], skip_unfoldable=True, progress=False)
-        self.passes += 1
-        return fit.in_memory()
+        if removed not in self.bridges:  # fitted once per cut, on the whole calibration text
+            self.bridges[removed] = fit_repair(self.model, self.tok, self.texts, removed, method=self.repair,
+                                               batch_size=self.batch_size, max_length=self.kw["max_length"],
+                                               skip_unfoldable=True, progress=False)
+            self.tokens_run += self.total_tokens
+        return self.bridges[removed].in_memory()
 
 
 @strategy("angle", cost="0", help="the scan's best block by its metric", needs_scorer=False)
@@ -186,6 +225,103 @@ def select_refine(scan: ScanFile, n: int, score: Scorer, top_k: int = 5) -> Choi
     return with_confidence(Choice("refine", list(range(s, s + n)), score.passes - passes0, best, cands), score, n)
 
 
+def pick_candidates(scan: ScanFile, n: int, k: int) -> list[int]:
+    """Up to ``k`` block starts to score, covering different regions of the depth first.
+
+    Every metric the scan computed votes: a block's rank is the best rank any metric gives it (ties:
+    the primary metric's order). Blocks are taken in that order, skipping any that overlaps one
+    already taken, until no non-overlapping block is left; the rest are filled by rank."""
+    metrics = [None, *(m for m in scan.all_metrics if m != scan.metric and n in scan.all_metrics[m].distances)]
+    primary = scan.ranking(n)
+    best = {s: i for i, s in enumerate(primary)}
+    for m in metrics[1:]:
+        for i, s in enumerate(scan.ranking(n, m)):
+            best[s] = min(best[s], i)
+    order = sorted(primary, key=lambda s: (best[s], primary.index(s)))
+    picked: list[int] = []
+    for s in order:  # one per region
+        if len(picked) < k and all(abs(s - p) >= n for p in picked):
+            picked.append(s)
+    for s in order:  # then by rank
+        if len(picked) < k and s not in picked:
+            picked.append(s)
+    return picked
+
+
+@dataclass
+class Race:
+    """Successive halving on growing shares of the calibration windows, with early stopping."""
+
+    first_share: float = 1 / 8  # windows every candidate is scored on first
+    z: float = 2.0  # a candidate more than z paired standard errors behind the leader is dropped
+    min_windows: int = 8
+
+
+def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tuple[tuple[int, ...], list[dict]]:
+    """The cut with the lowest calibration loss among ``cuts``, found without scoring every cut on
+    every window: all are scored on a first share, then, at each doubling of the share, the
+    candidates clearly behind the leader (``z`` paired SEs) are dropped and at most half (at least
+    two) survive. Ends early when one is left, else when the survivors have seen every window. Returns (winner, a record per
+    cut: mean NLL on the windows it saw, how many, the round it left)."""
+    W = score.num_windows
+    m = min(W, max(cfg.min_windows, math.ceil(W * cfg.first_share)))
+    alive, log_ = list(dict.fromkeys(cuts)), {}
+    rnd = 0
+    while True:
+        idx = score.share(m)
+        nll = {c: score.score_on(c, idx) for c in alive}
+        leader = min(alive, key=lambda c: nll[c])
+        behind = {c for c in alive if c != leader and _clearly_behind(score, c, leader, idx, cfg.z)}
+        keep = sorted((c for c in alive if c not in behind), key=lambda c: nll[c])
+        if m < W:
+            keep = keep[: max(2, math.ceil(len(alive) / 2))]  # the last two meet on every window
+        for c in alive:
+            log_[c] = {"nll": nll[c], "windows": m, "round": rnd, "out": c not in keep}
+        alive = keep
+        if len(alive) == 1 or m == W:
+            break
+        m, rnd = min(W, 2 * m), rnd + 1
+    return alive[0], [{"removed": list(c), **v} for c, v in log_.items()]
+
+
+def _clearly_behind(score: Scorer, c: tuple, leader: tuple, idx: list[int], z: float) -> bool:
+    d, se = score.paired(c, leader, idx)
+    return d > z * se
+
+
+@strategy("race", cost="about 3 + 2 per shift (of top_k candidates, most are dropped on a share of the text)",
+          help="the scan's candidates from every metric, one per region of the depth, raced by real loss on a "
+               "growing share of the calibration text (successive halving, clear losers dropped early), then "
+               "the winner shifted a layer while a neighbour wins", needs_scorer=True)
+def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 8, cfg: Race = Race()) -> Choice:
+    passes0 = score.passes
+    block = lambda s: tuple(range(s, s + n))  # noqa: E731
+    seen = pick_candidates(scan, n, top_k)
+    for s in seen:
+        log.info("candidate block [%d, %d)", s, s + n)
+    win, rec = race(score, [block(s) for s in seen], cfg)
+    last = scan.num_layers - n
+    while True:  # shift the winner while a neighbour beats it
+        new = [t for t in (win[0] - 1, win[0] + 1) if 0 <= t <= last and t not in seen]
+        if not new:
+            break
+        seen += new
+        w2, r2 = race(score, [win, *map(block, new)], cfg)
+        rec += [r for r in r2 if r["removed"][0] in new]
+        if w2 == win:
+            break
+        log.info("race: block [%d, %d) beats its neighbour [%d, %d)", w2[0], w2[0] + n, win[0], win[0] + n)
+        win = w2
+    cands = []
+    for r in rec:  # perplexity on the windows each one was scored on
+        c, s = tuple(r["removed"]), r["removed"][0]
+        cands.append({"start": s, "removed": format_layers(c), "windows": score.scored(c),
+                      "perplexity": math.exp(score.score_on(c, sorted(score.windows[c]))),
+                      "score": scan.scores(n)[s], "dropped_in_round": r["round"] if r["out"] else None})
+    p = math.exp(score.score_on(win, sorted(score.windows[win])))
+    return with_confidence(Choice("race", list(win), score.passes - passes0, p, cands), score, n)
+
+
 @strategy("iterative", cost="about n (L - n/2)", help="remove one layer at a time by perplexity (SLEB); "
           "may pick non-contiguous layers", needs_scorer=True)
 def select_iterative(scan: ScanFile, n: int, score: Scorer, top_k: int = 0) -> Choice:
@@ -211,7 +347,7 @@ def exhaustive(num_layers: int, n: int, score: Scorer) -> dict[int, float]:
     return {s: score(list(range(s, s + n))) for s in range(num_layers - n + 1)}
 
 
-def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer] | None, top_k: int = 5) -> Choice:
+def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer] | None, top_k: int = 8) -> Choice:
     if name not in STRATEGIES:
         raise ValueError(f"--select {name!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
     st = STRATEGIES[name]
@@ -222,8 +358,25 @@ def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer
     return st.select(scan, n, score_factory(), top_k)
 
 
+class SelectOptions(BaseModel):
+    """Block selection"""
+
+    select: str = Field("race", description="how the block is chosen; see the strategies below")
+    top_k: int = Field(8, ge=1, description="candidate blocks the loss-based strategies (race, ppl, refine) score")
+    select_texts: int | None = Field(None, ge=1, description="calibration texts that score the candidates "
+                                     "(default: all the scan's)")
+
+    @field_validator("select")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in STRATEGIES:
+            raise ValueError(f"--select {v!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
+        return v
+
+
 def strategies_help() -> str:
-    return "; ".join(f"{s.name}: {s.help} ({s.cost} extra passes)" for s in STRATEGIES.values())
+    return f"how the block is chosen, one of: {', '.join(STRATEGIES)}; " + "; ".join(
+        f"{s.name}: {s.help} ({s.cost} extra passes)" for s in STRATEGIES.values())
 
 
 @dataclass
@@ -240,7 +393,7 @@ class Budget:
         return self.curve[self.n - 1]["removed"] if self.n else []
 
 
-def budget_search(scan: ScanFile, score: Scorer, max_ratio: float, strategy: str = "angle", top_k: int = 5,
+def budget_search(scan: ScanFile, score: Scorer, max_ratio: float, strategy: str = "race", top_k: int = 8,
                   max_layers: int | None = None) -> Budget:
     """Grow n from 1 while the chosen n-layer cut keeps calibration perplexity within ``max_ratio``
     times the dense model's; one scan serves every n. Stops at the first n over budget."""
@@ -251,7 +404,7 @@ def budget_search(scan: ScanFile, score: Scorer, max_ratio: float, strategy: str
     curve: list[dict] = []
     for n in range(1, top + 1):
         c = choose(strategy, scan, n, lambda: score, top_k)
-        p = c.perplexity if c.perplexity is not None else score(c.removed)
+        p = score(c.removed)  # on every calibration window, as the dense model (a race may stop on a share)
         curve.append({"n": n, "removed": c.removed, "perplexity": p, "ratio": p / dense, "within": p <= max_ratio * dense})
         log.info("budget: n=%d removes %s: perplexity %.3f = %.3fx dense (budget %.2fx)", n, format_layers(c.removed),
                  p, p / dense, max_ratio)

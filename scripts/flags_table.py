@@ -1,0 +1,61 @@
+"""Print the README's flag table from the parsers (tests/test_flags_doc.py checks the README against
+them); `python scripts/flags_table.py --write` replaces the table in README.md."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+ORDER = ["scan", "plan", "materialize", "repair", "verify", "push", "evaluate", "heal", "prune"]
+
+
+def meaning(action: argparse.Action) -> str:
+    h = (action.help or "").replace("%%", "%")
+    depth, cut = 0, len(h)
+    for i, ch in enumerate(h):  # the first clause: up to a '; ' outside parentheses
+        depth += ch == "("
+        depth -= ch == ")"
+        if h.startswith("; ", i) and depth == 0:
+            cut = i
+            break
+    return h[:cut].replace("|", "/")
+
+
+def rows() -> list[str]:
+    from test_flags_doc import parsers, shown
+
+    seen: dict[tuple[str, str], dict] = {}
+    for cmd, p in sorted(parsers().items(), key=lambda kv: ORDER.index(kv[0])):
+        for a in p._actions:
+            if not a.option_strings or a.dest == "help" or isinstance(a, argparse._SubParsersAction):
+                continue
+            flag = a.option_strings[0]
+            if cmd == "prune" and flag.startswith("--heal_"):
+                continue
+            r = seen.setdefault((flag, shown(a)), {"cmds": [], "help": ""})
+            r["cmds"].append(cmd)
+            r["help"] = max(r["help"], meaning(a), key=len)  # the most telling of the commands' help texts
+    helps = {f: r["help"] for (f, _), r in seen.items() if r["help"]}
+    for (f, _), r in seen.items():
+        r["help"] = r["help"] or helps.get(f, "")
+    out = [f"| `{f}` | {', '.join(r['cmds'])} | `{d}` | {r['help']} |" for (f, d), r in sorted(seen.items())]
+    return out + ["| `--heal_<flag>` | prune | as `heal` | every recipe flag of `heal` (`--heal_loss`, `--heal_lr`, "
+                  "`--heal_steps`, ...), used with `--heal` |"]
+
+
+def main() -> None:
+    table = "\n".join(["| flag | commands | default | meaning |", "|---|---|---|---|", *rows()])
+    if "--write" not in sys.argv:
+        print(table)
+        return
+    readme = (ROOT / "README.md").read_text()
+    new = re.sub(r"\| flag \| commands \| default \| meaning \|\n(\|.*\|\n)+", table + "\n", readme, count=1)
+    (ROOT / "README.md").write_text(new)
+
+
+if __name__ == "__main__":
+    main()
