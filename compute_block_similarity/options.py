@@ -4,6 +4,7 @@ Each field's default and ``description`` are the flag's default and help text (t
 defaults with ArgumentDefaultsHelpFormatter), so a default is written in one place.
 ``add_flags(parser, Group)`` adds ``--field`` (or ``--{prefix}field``) for every field;
 ``from_args(Group, args)`` builds the validated group back from the parsed namespace.
+A field's ``json_schema_extra={"aliases": [...]}`` adds other spellings of its flag.
 Types map as: bool -> ``--flag`` (``--flag/--no-flag`` when it defaults to True); Literal -> choices;
 ``list[str]`` -> a comma list; ``X | None`` -> X with default None.
 """
@@ -48,14 +49,14 @@ def add_flags(parser: argparse.ArgumentParser | Any, group: type[BaseModel], pre
     for name, f in group.model_fields.items():
         if name in skip:
             continue
-        flag = f"--{prefix}{name}"
+        flags = [f"--{prefix}{name}", *(f.json_schema_extra or {}).get("aliases", [])]
         help_ = (f.description or "").replace("%", "%%")
         if f.annotation is bool:
             action = argparse.BooleanOptionalAction if f.default else "store_true"
-            target.add_argument(flag, action=action, default=f.default, help=help_)
+            target.add_argument(*flags, dest=prefix + name, action=action, default=f.default, help=help_)
             continue
         typ, extra = _flag_type(f.annotation)
-        target.add_argument(flag, type=typ, default=f.default, help=help_, **extra)
+        target.add_argument(*flags, dest=prefix + name, type=typ, default=f.default, help=help_, **extra)
 
 
 def from_args(group: type[G], args: argparse.Namespace, prefix: str = "", **override: Any) -> G:
@@ -127,7 +128,8 @@ class ScanOptions(BaseModel):
     """The scan"""
 
     layers_to_skip: int = Field(8, ge=1, description="block size n: how many consecutive layers to remove")
-    output_dir: str = Field(".", description="where layer_distances.csv, block_distances.json and the heatmap go")
+    output_dir: str = Field(".", description="where layer_distances.csv, block_distances.json and the heatmap go",
+                            json_schema_extra={"aliases": ["--output"]})
     metric: str = Field(DEFAULT_METRIC, description=f"the metric that picks the block; one of: {', '.join(METRICS)}")
     metrics: str = Field("all", description="metrics computed in the same pass: 'all', 'last_token' (only those "
                          "that need just the last token: least memory on big models), or a comma list")

@@ -36,12 +36,13 @@ def rows() -> list[str]:
             flag = a.option_strings[0]
             if cmd == "prune" and flag.startswith("--heal_"):
                 continue
-            r = seen.setdefault((flag, shown(a)), {"cmds": [], "help": ""})
+            r = seen.setdefault((flag, shown(a)), {"cmds": [], "helps": {}})
             r["cmds"].append(cmd)
-            r["help"] = max(r["help"], meaning(a), key=len)  # the most telling of the commands' help texts
-    helps = {f: r["help"] for (f, _), r in seen.items() if r["help"]}
-    for (f, _), r in seen.items():
-        r["help"] = r["help"] or helps.get(f, "")
+            if meaning(a):
+                r["helps"].setdefault(meaning(a), []).append(cmd)
+    for (f, _), r in seen.items():  # one help, or each command's own when they differ
+        hs = r["helps"] or next((x["helps"] for (g, _), x in seen.items() if g == f and x["helps"]), {})
+        r["help"] = next(iter(hs), "") if len(hs) <= 1 else "; ".join(f"{', '.join(c)}: {h}" for h, c in hs.items())
     out = [f"| `{f}` | {', '.join(r['cmds'])} | `{d}` | {r['help']} |" for (f, d), r in sorted(seen.items())]
     return out + ["| `--heal_<flag>` | prune | as `heal` | every recipe flag of `heal` (`--heal_loss`, `--heal_lr`, "
                   "`--heal_steps`, ...), used with `--heal` |"]

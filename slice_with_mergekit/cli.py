@@ -2,8 +2,15 @@
 
   python -m slice_with_mergekit --scan scan/block_distances.json [--layers_to_skip n | --start s | --remove 21-28,30]
   python -m slice_with_mergekit materialize sliced.yml out/
+  python -m slice_with_mergekit repair out/ --plan sliced.yml
   python -m slice_with_mergekit verify out/ --plan sliced.yml [--source MODEL]
-  python -m slice_with_mergekit push out/ org/name [--private] [--revision R] [--dry-run]
+  python -m slice_with_mergekit evaluate out/ [--output DIR]
+  python -m slice_with_mergekit heal out/ [--output out-healed]
+  python -m slice_with_mergekit push out/ org/name [--private] [--revision R] [--dry_run]
+  python -m slice_with_mergekit prune MODEL [--output prune_out]
+
+Every command after the plan takes the checkpoint it acts on first (MODEL); where it writes is
+--output (the scan keeps PruneMe's --output_dir; materialize takes PLAN OUTPUT as mergekit-yaml does).
 """
 
 from __future__ import annotations
@@ -57,21 +64,21 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 def cmd_repair(args: argparse.Namespace) -> int:
     from .repair import describe, repair_checkpoint
 
-    check_output_dir(args.out, "out")
+    check_output_dir(args.model, "model")
     texts, cal = repair_inputs(args)
-    res = repair_checkpoint(args.out, args.plan, texts, method=args.repair, source=args.source, dtype=args.dtype,
+    res = repair_checkpoint(args.model, args.plan, texts, method=args.repair, source=args.source, dtype=args.dtype,
                             device=args.device, batch_size=args.batch_size, max_length=args.max_length,
                             calibration=cal, trust_remote_code=args.trust_remote_code)
     for b in res.bridges:
         print(f"  [{b.start}, {b.end}) -> {b.writer}: {b.decision}")
-    print(f"repair {describe(res)}; recorded in {args.out.rstrip('/')}/repair.safetensors")
+    print(f"repair {describe(res)}; recorded in {args.model.rstrip('/')}/repair.safetensors")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    report = verify(args.out, args.plan, source=args.source)
+    report = verify(args.model, args.plan, source=args.source)
     print(report.render())
     return 0 if report.ok else 1
 
@@ -81,10 +88,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    files = push(args.out, args.repo_id, plan_path=args.plan, scan_path=args.scan, private=args.private,
+    files = push(args.model, args.repo_id, plan_path=args.plan, scan_path=args.scan, private=args.private,
                  revision=args.revision, dry_run=args.dry_run, base_model=args.base_model)
     for f in files:
-        print(f"  {f}  ({(Path(args.out) / f).stat().st_size:,} bytes)")
+        print(f"  {f}  ({(Path(args.model) / f).stat().st_size:,} bytes)")
     return 0
 
 
@@ -132,8 +139,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
     cfg = from_args(HealConfig, args)
     train = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
     held = load_texts(args.dataset, args.dataset_column, args.eval_subset, args.eval_size, args.dataset_config)
-    out = args.output or args.out.rstrip("/") + "-healed"
-    summary = heal(args.out, train, held, out, cfg, teacher=args.teacher, resume=args.resume)
+    out = args.output or args.model.rstrip("/") + "-healed"
+    summary = heal(args.model, train, held, out, cfg, teacher=args.teacher, resume=args.resume)
     print(f"perplexity before healing {summary['after_cut']:.3f} -> after healing {summary['after_heal']:.3f} "
           f"(best step {summary['best_step']}); merged model in {out}")
     return 0
@@ -174,7 +181,7 @@ def repair_args(p: argparse.ArgumentParser, default: str) -> None:
 
 def checkpoint_args(p: argparse.ArgumentParser, out_help: str) -> None:
     """A pruned checkpoint and the plan and dense source it came from (repair, verify)."""
-    p.add_argument("out", help=out_help)
+    p.add_argument("model", help=out_help)
     p.add_argument("--plan", default="sliced.yml", help="the sliced.yml it was built from")
     p.add_argument("--source", default=None, help="dense source model; default: the plan's")
 
@@ -225,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                for name, (_, h) in COMMANDS.items()}
     plan_parser(parsers["plan"])
     m = parsers["materialize"]
-    m.add_argument("plan", help="sliced.yml")
-    m.add_argument("out", help="output folder")
+    m.add_argument("plan", help="sliced.yml (positional, as mergekit-yaml takes it)")
+    m.add_argument("out", metavar="output", help="output folder (positional, as mergekit-yaml takes it)")
     m.add_argument("--device", default="cpu", help="device MergeKit computes on")
     m.add_argument("--trust_remote_code", action="store_true")
     repair_args(m, default="none")
@@ -238,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     repair_args(f, default="linear")
     checkpoint_args(parsers["verify"], "pruned checkpoint folder")
     u = parsers["push"]
-    u.add_argument("out", help="pruned checkpoint folder")
+    u.add_argument("model", help="pruned checkpoint folder")
     u.add_argument("repo_id", help="org/name on the Hub")
-    u.add_argument("--plan", default=None, help="sliced.yml (default: out/mergekit_config.yml)")
+    u.add_argument("--plan", default=None, help="sliced.yml (default: MODEL/mergekit_config.yml)")
     u.add_argument("--scan", default=None, help="block_distances.json, for the card's scores")
     u.add_argument("--private", action="store_true", help="create the repository private")
     u.add_argument("--base_model", default=None, help="Hub id of the source for the card's base_model "
@@ -257,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto")
     e.add_argument("--device", default="auto")
     e.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. 'arc_easy,hellaswag' (needs lm-eval)")
-    e.add_argument("--into", default=None, help="folder whose eval.json gets the result (default: MODEL if local)")
+    e.add_argument("--output", "--into", dest="into", default=None,
+                   help="folder whose eval.json gets the result (default: MODEL if local)")
     e.add_argument("--name", default="perplexity", help="key of this result in eval.json (e.g. source, pruned)")
     e.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s and memory "
                    "(medians of repeated runs; compare a dense and a pruned model on the same device)")
@@ -270,13 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .heal import HealConfig
 
-    h.add_argument("out", help="pruned (and repaired) checkpoint folder")
+    h.add_argument("model", help="pruned (and repaired) checkpoint folder")
     data_args(h)
     h.add_argument("--eval_subset", default="test", help="held-out split for the perplexity that picks the best step")
     h.add_argument("--eval_size", type=int, default=64)
-    h.add_argument("--output", default=None, help="merged healed model (default: OUT-healed)")
+    h.add_argument("--output", default=None, help="merged healed model (default: MODEL-healed)")
     h.add_argument("--teacher", default=None, help="dense teacher for --loss kd (default: the source model named in "
-                   "OUT/mergekit_config.yml)")
+                   "MODEL/mergekit_config.yml)")
     h.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.work")
     add_flags(h, HealConfig)
     r = parsers["prune"]

@@ -64,7 +64,8 @@ class PruneArgs(SelectOptions):
     repair: str = Field("linear", description="bridge each cut without training before evaluation and healing; "
                         "the candidates are scored after it")
     heal: bool = Field(False, description="heal each pruned (and repaired) model; --heal_* set the recipe")
-    work_dir: str = Field("prune_out", description="every stage's output, and report.md")
+    work_dir: str = Field("prune_out", description="every stage's output, and report.md",
+                          json_schema_extra={"aliases": ["--output"]})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="the scan's precision")
     device: str = Field("auto", description="the scan's device")
     trust_remote_code: bool = Field(False, description="allow model code from the Hub")

@@ -122,25 +122,24 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
     select, top_k = opts.select, opts.top_k
     scan = load_scan(scan_path)
     removed = removed_layers(scan, layers_to_skip=layers_to_skip, start=start, remove=remove)
-    if select != "angle" and start is None and remove is None:
-        src0 = model or scan.model
-        choice = choose(select, scan, len(removed),
-                        lambda: calibration_scorer(scan, src0, select_texts, trust_remote_code, repair), top_k)
-        removed = choice.removed
-        if choice_out is not None:
-            choice_out.append(choice)
-        log.info("--select %s: remove %s (%.2f calibration passes%s)", select, format_layers(removed), choice.passes,
-                 f", perplexity {choice.perplexity:.3f}" if choice.perplexity else "")
     scanned = scan.model
     if model is not None and os.path.normpath(model) != os.path.normpath(scanned):
         log.warning("--model %s overrides the scanned model %s", model, scanned)
     src = model or scanned
-    cfg = source_config(src, trust_remote_code)
+    cfg = source_config(src, trust_remote_code)  # checked before any selection loads the weights
     L = cfg.get_text_config().num_hidden_layers
     if L != scan.num_layers:
         raise UserError(f"{src} has {L} layers but the scan saw {scan.num_layers}; "
                         "pass --model with the model that was scanned")
     check_architecture(cfg, src)
+    if select != "angle" and start is None and remove is None:
+        choice = choose(select, scan, len(removed),
+                        lambda: calibration_scorer(scan, src, select_texts, trust_remote_code, repair), top_k)
+        removed = choice.removed
+        if choice_out is not None:
+            choice_out.append(choice)
+        log.info("--select %s: remove %s (%.2f calibration passes%s)", select, format_layers(removed), choice.passes,
+                 f", perplexity {choice.perplexity:.3f}" if choice.perplexity else "")
     config = build_config(src, L, removed, dtype or source_dtype(cfg))
     keep = kept_ranges(L, removed)
     log.info("removing layers %s of %d; keeping %s", format_layers(removed), L, format_ranges(keep))

@@ -35,7 +35,8 @@ def scans(tiny_models, tmp_path_factory) -> dict[str, Path]:
 
 def make_plan(scan: Path, tmp_path: Path, *args: str) -> Path:
     out = tmp_path / "sliced.yml"
-    assert slice_main(["--scan", str(scan), "-o", str(out), *args]) == 0
+    pick = [] if "--select" in args else ["--select", "angle"]  # the scan's best, no model loaded
+    assert slice_main(["--scan", str(scan), "-o", str(out), *pick, *args]) == 0
     return out
 
 
