@@ -58,7 +58,8 @@ class Choice:
 class Scorer:
     """Perplexity of the model with some layers removed, on fixed calibration windows; with
     ``repair`` (see repair.REPAIRS), of the model with the layers removed and the cut bridged,
-    each candidate's bridge fitted on the same calibration text.
+    each candidate's bridge fitted on the first quarter of the same calibration text (the chosen
+    cut's final bridge is fitted on all of it).
 
     Losses are kept per window, so a candidate can be scored on a share of the windows first
     (``share``: the first windows of a fixed shuffled order) and on more later, paying only for the
@@ -137,11 +138,12 @@ class Scorer:
 
         if self.repair == "none" or not removed:
             return nullcontext()
-        if removed not in self.bridges:  # fitted once per cut, on the whole calibration text
-            self.bridges[removed] = fit_repair(self.model, self.tok, self.texts, removed, method=self.repair,
+        if removed not in self.bridges:  # once per cut, on a quarter of the calibration text (at least 64 texts)
+            texts = self.texts[: max(64, len(self.texts) // 4)]
+            self.bridges[removed] = fit_repair(self.model, self.tok, texts, removed, method=self.repair,
                                                batch_size=self.batch_size, max_length=self.kw["max_length"],
                                                skip_unfoldable=True, progress=False)
-            self.tokens_run += self.total_tokens
+            self.tokens_run += self.total_tokens * len(texts) / len(self.texts)
         return self.bridges[removed].in_memory()
 
 

@@ -122,3 +122,20 @@ def test_select_race_on_a_tiny_model_reports_its_candidates_and_cost(tiny_models
     assert c.perplexity == pytest.approx(math.exp(sc.score_on(c.removed, sorted(sc.windows[tuple(c.removed)]))))
     assert all(x["se"] is None or x["nll_minus_chosen"] >= -3 * x["se"] for x in c.candidates)  # none clearly better
     assert ref[s] <= sorted(ref.values())[2]  # among the three best blocks on the whole text
+
+
+def test_repair_aware_scoring_scores_the_bridged_cut(tiny_models):
+    from slice_with_mergekit.evaluate import perplexity
+    from slice_with_mergekit.inmemory import removed_layers
+    from slice_with_mergekit.repair import fit_repair
+
+    model, tok = load(tiny_models["qwen3"])
+    texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]  # enough tokens for the guard to apply the bridge
+    cut = [2, 3]
+    got = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")(cut)
+    fit = fit_repair(model, tok, texts, cut, method="linear", max_length=64, skip_unfoldable=True, progress=False)
+    with removed_layers(model, cut), fit.in_memory():
+        ref = perplexity(model, tok, texts, max_length=64, stride=64).perplexity
+    assert got == pytest.approx(ref, rel=1e-5)
+    plain = Scorer(model, tok, texts, max_length=64, stride=64)(cut)
+    assert fit.applied and got < plain  # the bridge was applied, and it is what was scored
