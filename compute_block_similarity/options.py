@@ -69,6 +69,13 @@ def from_args(group: type[G], args: argparse.Namespace, prefix: str = "", **over
         raise UserError(describe(e, group, prefix)) from None
 
 
+def one_of(flag: str, registry: Iterable[str], value: str) -> str:
+    """``value`` if the registry has it; else ValueError naming the flag and the choices."""
+    if value not in registry:
+        raise ValueError(f"{flag} {value!r} is unknown; choose one of: {', '.join(registry)}")
+    return value
+
+
 def describe(e: ValidationError, group: type[BaseModel], prefix: str = "") -> str:
     """One line naming the flag: "--batch_size must be >= 1, got 0"."""
     err = e.errors()[0]
@@ -147,9 +154,7 @@ class ScanOptions(BaseModel):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        if v not in METRICS:
-            raise ValueError(f"--metric {v!r} is unknown; choose one of: {', '.join(METRICS)}")
-        return v
+        return one_of("--metric", METRICS, v)
 
     @field_validator("metrics")
     @classmethod

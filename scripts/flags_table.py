@@ -26,20 +26,14 @@ def meaning(action: argparse.Action) -> str:
 
 
 def rows() -> list[str]:
-    from test_flags_doc import parsers, shown
+    from test_flags_doc import flags, shown
 
     seen: dict[tuple[str, str], dict] = {}
-    for cmd, p in sorted(parsers().items(), key=lambda kv: ORDER.index(kv[0])):
-        for a in p._actions:
-            if not a.option_strings or a.dest == "help" or isinstance(a, argparse._SubParsersAction):
-                continue
-            flag = a.option_strings[0]
-            if cmd == "prune" and flag.startswith("--heal_"):
-                continue
-            r = seen.setdefault((flag, shown(a)), {"cmds": [], "helps": {}})
-            r["cmds"].append(cmd)
-            if meaning(a):
-                r["helps"].setdefault(meaning(a), []).append(cmd)
+    for cmd, flag, a in sorted(flags(), key=lambda x: ORDER.index(x[0])):
+        r = seen.setdefault((flag, shown(a)), {"cmds": [], "helps": {}})
+        r["cmds"].append(cmd)
+        if meaning(a):
+            r["helps"].setdefault(meaning(a), []).append(cmd)
     for (f, _), r in seen.items():  # one help, or each command's own when they differ
         hs = r["helps"] or next((x["helps"] for (g, _), x in seen.items() if g == f and x["helps"]), {})
         r["help"] = next(iter(hs), "") if len(hs) <= 1 else "; ".join(f"{', '.join(c)}: {h}" for h, c in hs.items())

@@ -15,12 +15,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from compute_block_similarity.atomic import write_text
 from compute_block_similarity.data import BUILTIN_DATASET
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.metrics import DEFAULT_METRIC
+from compute_block_similarity.options import one_of
 from compute_block_similarity.ranges import format_layers, format_ranges
 from compute_block_similarity.scanfile import ScanFile
 
@@ -80,8 +81,7 @@ class PruneArgs(SelectOptions):
     def _check(self) -> "PruneArgs":
         from .repair import REPAIRS
 
-        if self.repair not in REPAIRS:
-            raise ValueError(f"--repair {self.repair!r} is unknown; choose one of: {', '.join(REPAIRS)}")
+        one_of("--repair", REPAIRS, self.repair)
         if self.max_ppl_ratio is not None and self.target_layers is not None:
             raise ValueError("--max_ppl_ratio and --target_layers are exclusive: give a budget or a layer count")
         if any(n < 1 for n in self.layers_to_skip):

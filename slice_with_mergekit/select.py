@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel, Field, field_validator
 
+from compute_block_similarity.options import one_of
 from compute_block_similarity.ranges import format_layers
 from compute_block_similarity.scanfile import ScanFile
 
@@ -350,9 +351,7 @@ def exhaustive(num_layers: int, n: int, score: Scorer) -> dict[int, float]:
 
 
 def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer] | None, top_k: int = 8) -> Choice:
-    if name not in STRATEGIES:
-        raise ValueError(f"--select {name!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
-    st = STRATEGIES[name]
+    st = STRATEGIES[one_of("--select", STRATEGIES, name)]
     if not st.needs_scorer:
         return st.select(scan, n, None, top_k)
     if top_k < 1:
@@ -371,9 +370,7 @@ class SelectOptions(BaseModel):
     @field_validator("select")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in STRATEGIES:
-            raise ValueError(f"--select {v!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
-        return v
+        return one_of("--select", STRATEGIES, v)
 
 
 def strategies_help() -> str:
