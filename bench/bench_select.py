@@ -28,7 +28,7 @@ def main() -> None:
     add_data_flags(p, calib=64)
     p.add_argument("--sizes", default="2,4,6,8")
     p.add_argument("--top_k", default="5", help="one or more k for --select ppl and refine, e.g. 5,8")
-    p.add_argument("--race_k", type=int, default=8, help="candidates for --select race (the default strategy)")
+    p.add_argument("--race_k", type=int, default=16, help="candidates for --select race (the default strategy)")
     p.add_argument("--heldout_cache", default=None, help="JSON file keeping the exhaustive held-out search between runs "
                    "(valid for the same model, --heldout and --max_length)")
     p.add_argument("--iterative_max_n", type=int, default=0, help="run SLEB-style iterative only up to this n (it is costly)")

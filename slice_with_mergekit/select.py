@@ -255,7 +255,7 @@ def pick_candidates(scan: ScanFile, n: int, k: int) -> list[int]:
 class Race:
     """Successive halving on growing shares of the calibration windows, with early stopping."""
 
-    first_share: float = 1 / 8  # windows every candidate is scored on first
+    first_share: float = 1 / 16  # windows every candidate is scored on first
     z: float = 2.0  # a candidate more than z paired standard errors behind the leader is dropped
     min_windows: int = 8
 
@@ -292,25 +292,26 @@ def _clearly_behind(score: Scorer, c: tuple, leader: tuple, idx: list[int], z: f
     return d > z * se
 
 
-@strategy("race", cost="about 3 + 2 per shift (of top_k candidates, most are dropped on a share of the text)",
+@strategy("race", cost="about 3.5 + 1 per shift (top_k candidates, most dropped on a share of the text)",
           help="the scan's candidates from every metric, one per region of the depth, raced by real loss on a "
                "growing share of the calibration text (successive halving, clear losers dropped early), then "
                "the winner shifted a layer while a neighbour wins", needs_scorer=True)
-def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 8, cfg: Race = Race()) -> Choice:
+def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 16, cfg: Race = Race()) -> Choice:
     passes0 = score.passes
     block = lambda s: tuple(range(s, s + n))  # noqa: E731
-    seen = pick_candidates(scan, n, top_k)
-    for s in seen:
+    picked = pick_candidates(scan, n, top_k)
+    for s in picked:
         log.info("candidate block [%d, %d)", s, s + n)
-    win, rec = race(score, [block(s) for s in seen], cfg)
+    win, rec = race(score, [block(s) for s in picked], cfg)
     last = scan.num_layers - n
-    while True:  # shift the winner while a neighbour beats it
-        new = [t for t in (win[0] - 1, win[0] + 1) if 0 <= t <= last and t not in seen]
+    shifted = {win[0]}
+    while True:  # shift the winner while a neighbour beats it; a neighbour halved out earlier races again
+        new = [t for t in (win[0] - 1, win[0] + 1) if 0 <= t <= last and t not in shifted]
         if not new:
             break
-        seen += new
+        shifted.update(new)
         w2, r2 = race(score, [win, *map(block, new)], cfg)
-        rec += [r for r in r2 if r["removed"][0] in new]
+        rec = [r for r in rec if r["removed"][0] not in new] + [r for r in r2 if r["removed"][0] in new]
         if w2 == win:
             break
         log.info("race: block [%d, %d) beats its neighbour [%d, %d)", w2[0], w2[0] + n, win[0], win[0] + n)
@@ -350,7 +351,7 @@ def exhaustive(num_layers: int, n: int, score: Scorer) -> dict[int, float]:
     return {s: score(list(range(s, s + n))) for s in range(num_layers - n + 1)}
 
 
-def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer] | None, top_k: int = 8) -> Choice:
+def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer] | None, top_k: int = 16) -> Choice:
     st = STRATEGIES[one_of("--select", STRATEGIES, name)]
     if not st.needs_scorer:
         return st.select(scan, n, None, top_k)
@@ -363,7 +364,8 @@ class SelectOptions(BaseModel):
     """Block selection"""
 
     select: str = Field("race", description="how the block is chosen; see the strategies below")
-    top_k: int = Field(8, ge=1, description="candidate blocks the loss-based strategies (race, ppl, refine) score")
+    top_k: int = Field(16, ge=1, description="candidate blocks scored by loss: race scores them on a growing share "
+                       "of the calibration text; ppl and refine each on all of it (one pass each)")
     select_texts: int | None = Field(None, ge=1, description="calibration texts that score the candidates "
                                      "(default: all the scan's)")
 
@@ -392,7 +394,7 @@ class Budget:
         return self.curve[self.n - 1]["removed"] if self.n else []
 
 
-def budget_search(scan: ScanFile, score: Scorer, max_ratio: float, strategy: str = "race", top_k: int = 8,
+def budget_search(scan: ScanFile, score: Scorer, max_ratio: float, strategy: str = "race", top_k: int = 16,
                   max_layers: int | None = None) -> Budget:
     """Grow n from 1 while the chosen n-layer cut keeps calibration perplexity within ``max_ratio``
     times the dense model's; one scan serves every n. Stops at the first n over budget."""
