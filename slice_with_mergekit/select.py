@@ -183,14 +183,15 @@ def select_ppl(scan: ScanFile, n: int, score: Scorer, top_k: int = 5) -> Choice:
 
 
 def with_confidence(c: Choice, score: Scorer, n: int) -> Choice:
-    """Each candidate's calibration loss minus the chosen cut's, with its paired standard error; the
-    log says by how many standard errors the choice beats the runner-up."""
+    """Each candidate's calibration loss minus the chosen cut's, with its paired standard error over
+    the windows both were scored on; the log says by how many standard errors the choice beats the
+    runner-up, the rival it beats least clearly."""
     for x in c.candidates:
         d, se = score.paired(range(x["start"], x["start"] + n), c.removed)
         x["nll_minus_chosen"], x["se"] = d, (se if math.isfinite(se) else None)
     rivals = [x for x in c.candidates if x["start"] != c.removed[0]]
-    if rivals:
-        r = min(rivals, key=lambda x: x["nll_minus_chosen"])
+    if rivals:  # the runner-up: the rival least clearly beaten (fewest standard errors behind)
+        r = min(rivals, key=lambda x: (x["nll_minus_chosen"] / x["se"] if x["se"] else math.inf, x["nll_minus_chosen"]))
         z = r["nll_minus_chosen"] / r["se"] if r["se"] else None
         c.confidence = {"runner_up": r["start"], "nll_gap": r["nll_minus_chosen"], "se": r["se"], "z": z}
         log.info("--select %s: %s beats the runner-up %s by %.4f nats/token (paired SE %.4f, %.1f SE)%s", c.strategy,

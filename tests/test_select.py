@@ -139,3 +139,18 @@ def test_repair_aware_scoring_scores_the_bridged_cut(tiny_models):
     assert got == pytest.approx(ref, rel=1e-5)
     plain = Scorer(model, tok, texts, max_length=64, stride=64)(cut)
     assert fit.applied and got < plain  # the bridge was applied, and it is what was scored
+
+
+def test_confidence_names_the_rival_beaten_least_clearly():
+    from slice_with_mergekit.select import Choice, with_confidence
+
+    W = 64
+    table = {(0,): noisy(2.0, W, 0), (1,): noisy(2.5, W, 1, sd=0.05), (2,): noisy(2.3, W, 2, sd=2.0)}
+    sc = TableScorer(table)
+    for c in table:
+        sc.score_on(c, range(W))
+    c = with_confidence(Choice("x", [0], 0, None, [{"start": s} for s in range(3)]), sc, 1)
+    z = {s: sc.paired([s], [0])[0] / sc.paired([s], [0])[1] for s in (1, 2)}
+    assert c.confidence["runner_up"] == min(z, key=z.get) == 2  # smaller gap-to-noise, though 1 is further behind
+    assert c.confidence["z"] == pytest.approx(z[2])
+    assert c.candidates[1]["nll_minus_chosen"] == pytest.approx(0.5, abs=0.05)
