@@ -90,10 +90,11 @@ def perplexity(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 
             ids[b, : len(w)] = torch.tensor(w)
             mask[b, : len(w)] = 1
             score[b, ctx : len(w)] = True
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits[:, :-1].float()
-        target = ids[:, 1:].to(logits.device)  # (B, S-1): position t predicts token t+1
-        tok_nll = torch.logsumexp(logits, -1) - logits.gather(-1, target[..., None])[..., 0]  # (B, S-1), no (B, S, V) copy
-        sel = score[:, 1:].to(logits.device)
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, S-1, V) predicts tokens 1..S-1
+        target = ids[:, 1:].to(logp.device)
+        tok_nll = -logp.gather(-1, target[..., None])[..., 0]  # (B, S-1)
+        sel = score[:, 1:].to(logp.device)
         nll += float(tok_nll[sel].double().sum())
         count += int(sel.sum())
         if per_window is not None:
