@@ -97,11 +97,11 @@ def scan(mo: ModelOptions, do: DataOptions, so: ScanOptions) -> dict[str, str]:
     if runner is None:
         log.info("only one candidate block of %d layers", n)
     elif z > 2:
-        log.info("best block [%d, %d) beats the runner-up [%d, %d) by %.1f standard errors: a clear winner",
+        log.info("by the scan's metric, block [%d, %d) beats the runner-up [%d, %d) by %.1f standard errors: a clear winner",
                  best, best + n, runner, runner + n, z)
     else:
-        log.warning("best block [%d, %d) beats the runner-up [%d, %d) by only %.1f standard errors (< 2): "
-                    "a coin toss; use more calibration texts (--dataset_size)", best, best + n, runner, runner + n, z)
+        log.warning("by the scan's metric, block [%d, %d) beats the runner-up [%d, %d) by only %.1f standard errors "
+                    "(< 2): a coin toss; use more calibration texts (--dataset_size)", best, best + n, runner, runner + n, z)
     paths = result.write(so.output_dir, n)
     if ckpt:
         ckpt.remove(rank)

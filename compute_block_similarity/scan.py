@@ -405,8 +405,8 @@ class ScanResult:
         s = self.best_start(n)
         removed = list(range(s, s + n))
         keep = kept_ranges(self.num_layers, removed)
-        return (f"remove layers {format_layers(removed)} of {self.num_layers} (0-based, half-open); "
-                f"keep {format_ranges(keep)}")
+        return (f"by {self.metric}: remove layers {format_layers(removed)} of {self.num_layers} (0-based, half-open); "
+                f"keep {format_ranges(keep)} (slice_with_mergekit chooses again by real loss unless --select angle)")
 
     def write(self, output_dir: str, layers_to_skip: int) -> dict[str, str]:
         from .report import write_outputs
