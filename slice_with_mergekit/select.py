@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import takewhile
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -141,11 +142,24 @@ class Scorer:
             return nullcontext()
         if removed not in self.bridges:  # once per cut, on a quarter of the calibration text (at least 64 texts)
             texts = self.texts[: max(64, len(self.texts) // 4)]
-            self.bridges[removed] = fit_repair(self.model, self.tok, texts, removed, method=self.repair,
-                                               batch_size=self.batch_size, max_length=self.kw["max_length"],
-                                               skip_unfoldable=True, progress=False)
+            with quiet("slice_with_mergekit.repair"):  # a log line per candidate's bridge is noise
+                self.bridges[removed] = fit_repair(self.model, self.tok, texts, removed, method=self.repair,
+                                                   batch_size=self.batch_size, max_length=self.kw["max_length"],
+                                                   skip_unfoldable=True, progress=False)
             self.tokens_run += self.total_tokens * len(texts) / len(self.texts)
         return self.bridges[removed].in_memory()
+
+
+@contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    """Only warnings from ``logger`` while inside."""
+    lg = logging.getLogger(logger)
+    level = lg.level
+    lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
 
 
 @strategy("angle", cost="0", help="the scan's best block by its metric", needs_scorer=False)
