@@ -356,6 +356,7 @@ def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile, bud
              f"of `{a.dataset}`; selection: `{a.select}`. Perplexity: held-out split `{a.eval_subset}` "
              f"({a.eval_size} texts, {rows[0]['tokens']} tokens scored, window {a.max_length}).",
              "Layers are 0-based; ranges are half-open `[start, end)` as in MergeKit's `layer_range`.", "",
+             "Repair: `none` (the plain cut)." if a.repair == "none" else
              f"Repair: `{a.repair}` (a least-squares bridge folded into the layer before each cut; "
              "see `n*/model/repair.safetensors`).", "",
              "| n removed | layers removed | kept `layer_range`s | perplexity dense | cut | repaired | healed | checkpoint |",
