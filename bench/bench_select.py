@@ -5,7 +5,7 @@ contiguous block of the same size (exhaustive search). Strategies choose on the 
 regret is measured on the held-out split. Cost: calibration passes beyond the scan (one forward
 pass over the calibration text each); the exhaustive search costs L - n + 1 held-out passes.
 
-    python bench/bench_select.py [--sizes 2,4,6,8] [--calib 64] [--heldout 64] [--max_length 256]
+    python bench/bench_select.py [--sizes 2,4,6,8] [--calib 512] [--heldout 64] [--max_length 192] [--top_k 5,8]
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from common import add_data_flags, load  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_flags(p, calib=64)
+    add_data_flags(p, calib=512)
+    p.set_defaults(max_length=192)  # the recorded runs: bench/select_smollm2_race*.txt
     p.add_argument("--sizes", default="2,4,6,8")
-    p.add_argument("--top_k", default="5", help="one or more k for --select ppl and refine, e.g. 5,8")
+    p.add_argument("--top_k", default="0", help="one or more k for --select ppl and refine, e.g. 5,8 (0: neither)")
     p.add_argument("--race_k", type=int, default=16, help="candidates for --select race (the default strategy)")
     p.add_argument("--heldout_cache", default=None, help="JSON file keeping the exhaustive held-out search between runs "
                    "(valid for the same model, --heldout and --max_length)")
