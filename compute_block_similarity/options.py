@@ -4,7 +4,8 @@ Each field's default and ``description`` are the flag's default and help text (t
 defaults with ArgumentDefaultsHelpFormatter), so a default is written in one place.
 ``add_flags(parser, Group)`` adds ``--field`` (or ``--{prefix}field``) for every field;
 ``from_args(Group, args)`` builds the validated group back from the parsed namespace.
-A field's ``json_schema_extra={"aliases": [...]}`` adds other spellings of its flag.
+A field's ``json_schema_extra`` may give ``"aliases"`` (other spellings of its flag) and ``"choices"``
+(for a string validated against a registry).
 Types map as: bool -> ``--flag`` (``--flag/--no-flag`` when it defaults to True); Literal -> choices;
 ``list[str]`` -> a comma list; ``X | None`` -> X with default None.
 """
@@ -49,13 +50,16 @@ def add_flags(parser: argparse.ArgumentParser | Any, group: type[BaseModel], pre
     for name, f in group.model_fields.items():
         if name in skip:
             continue
-        flags = [f"--{prefix}{name}", *(f.json_schema_extra or {}).get("aliases", [])]
+        more = f.json_schema_extra or {}
+        flags = [f"--{prefix}{name}", *more.get("aliases", [])]
         help_ = (f.description or "").replace("%", "%%")
         if f.annotation is bool:
             action = argparse.BooleanOptionalAction if f.default else "store_true"
             target.add_argument(*flags, dest=prefix + name, action=action, default=f.default, help=help_)
             continue
         typ, extra = _flag_type(f.annotation)
+        if "choices" in more:
+            extra["choices"] = more["choices"]
         target.add_argument(*flags, dest=prefix + name, type=typ, default=f.default, help=help_, **extra)
 
 

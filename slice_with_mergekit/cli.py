@@ -201,7 +201,6 @@ def plan_parser(p: argparse.ArgumentParser) -> None:
     from .select import SelectOptions
 
     add_flags(p, SelectOptions)
-    select_choices(p)
     from .repair import REPAIRS
 
     a("--repair", default="none", choices=list(REPAIRS),
@@ -289,24 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(h, HealConfig)
     r = parsers["prune"]
     from .pipeline import PruneArgs
-    from .repair import REPAIRS
+
     r.add_argument("model", help=PruneArgs.model_fields["model"].description)
     add_flags(r, PruneArgs, skip={"model", "heal_cfg"})
     add_flags(r, HealConfig, prefix="heal_", skip={"max_length"}, title="Healing (with --heal), as the heal command")
-    select_choices(r)
-    for action in r._actions:  # choices from the registry
-        if action.dest == "repair":
-            action.choices = list(REPAIRS)
     return p
-
-
-def select_choices(p: argparse.ArgumentParser) -> None:
-    """--select's choices and help from the strategy registry."""
-    from .select import STRATEGIES, strategies_help
-
-    for action in p._actions:
-        if action.dest == "select":
-            action.choices, action.help = list(STRATEGIES), strategies_help()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

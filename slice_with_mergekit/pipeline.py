@@ -27,6 +27,7 @@ from compute_block_similarity.scanfile import ScanFile
 
 from .heal import HealConfig
 from .plan import load_scan
+from .repair import REPAIRS
 from .select import SelectOptions
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class PruneArgs(SelectOptions):
     batch_size: int = Field(8, ge=1, description="texts per forward pass")
     metric: str = Field(DEFAULT_METRIC, description="the scan metric that ranks the blocks")
     repair: str = Field("linear", description="bridge each cut without training before evaluation and healing; "
-                        "the candidates are scored after it")
+                        "the candidates are scored after it", json_schema_extra={"choices": list(REPAIRS)})
     heal: bool = Field(False, description="heal each pruned (and repaired) model; --heal_* set the recipe")
     work_dir: str = Field("prune_out", description="every stage's output, and report.md",
                           json_schema_extra={"aliases": ["--output"]})
@@ -79,8 +80,6 @@ class PruneArgs(SelectOptions):
 
     @model_validator(mode="after")
     def _check(self) -> "PruneArgs":
-        from .repair import REPAIRS
-
         one_of("--repair", REPAIRS, self.repair)
         if self.max_ppl_ratio is not None and self.target_layers is not None:
             raise ValueError("--max_ppl_ratio and --target_layers are exclusive: give a budget or a layer count")
@@ -131,10 +130,14 @@ def run_plan(a: "PruneArgs", scan_json: Path, n: int, plan_path: Path, removed: 
     fixed = {"remove": format_inclusive(removed)} if removed else {"layers_to_skip": n}
     choices: list = []
     write_config(plan(str(scan_json), select=a.select, top_k=a.top_k, select_texts=a.select_texts, model=a.model,
-                      repair=a.repair,
-                      trust_remote_code=a.trust_remote_code, choice_out=choices, **fixed), plan_path)
+                      repair=a.repair, trust_remote_code=a.trust_remote_code, choice_out=choices, **fixed), plan_path)
     if choices:
         write_selection(plan_path, choices[0])
+
+
+def selection_inputs(a: "PruneArgs") -> dict:
+    """What a choice of block depends on, for the stages' fingerprints."""
+    return {**a.model_dump(include=set(SelectOptions.model_fields)), "repair": a.repair}
 
 
 def run_budget(a: "PruneArgs", scan_json: Path, out: Path) -> None:
@@ -157,8 +160,8 @@ def sizes_to_cut(a: "PruneArgs", work: Path, scan: ScanFile, scan_json: Path, sc
     if a.max_ppl_ratio is None:
         return a.layers_to_skip, None
     bjson = work / "budget.json"
-    stage(work, "budget", {"scan": scan_fp, "ratio": a.max_ppl_ratio, "max_layers": a.max_layers, "select": a.select,
-                           "select_texts": a.select_texts, "top_k": a.top_k, "repair": a.repair}, [bjson], run_budget, a, scan_json, bjson)
+    stage(work, "budget", {"scan": scan_fp, "ratio": a.max_ppl_ratio, "max_layers": a.max_layers, **selection_inputs(a)},
+          [bjson], run_budget, a, scan_json, bjson)
     budget = json.loads(bjson.read_text())
     if budget["n"] == 0:
         first = budget["curve"][0]
@@ -238,9 +241,8 @@ def prune(a: PruneArgs) -> Path:
         plan_path, model_dir, pr_eval, hdir = d / "sliced.yml", d / "model", d / "pruned_eval.json", d / "healed"
         cut_eval = d / "cut_eval.json"
         fixed = budget["curve"][n - 1]["removed"] if budget else None
-        plan_fp = stage(work, f"plan-n{n}", {"scan": scan_fp, "n": n, "select": a.select, "top_k": a.top_k,
-                                            "select_texts": a.select_texts, "repair": a.repair, "removed": fixed}, [plan_path], run_plan, a, scan_json,
-                        n, plan_path, fixed)
+        plan_fp = stage(work, f"plan-n{n}", {"scan": scan_fp, "n": n, "removed": fixed, **selection_inputs(a)},
+                        [plan_path], run_plan, a, scan_json, n, plan_path, fixed)
         mat_fp = stage(work, f"materialize-n{n}", {"plan": plan_fp, "repair": a.repair}, [model_dir / "config.json"],
                        run_materialize, a, plan_path, model_dir)
         stage(work, f"verify-n{n}", {"model": mat_fp}, [d / "verify.txt"], run_verify, plan_path, model_dir, d / "verify.txt")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
+import random
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import takewhile
 from typing import Any, Callable, Iterator, Sequence
@@ -69,8 +70,6 @@ class Scorer:
 
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
                  batch_size: int = 8, repair: str = "none", seed: int = 0):
-        import random
-
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.wins = tokenize_windows(tok, texts, max_length, stride)
         self.order = list(range(len(self.wins)))
@@ -118,6 +117,11 @@ class Scorer:
         """How many windows the cut has been scored on."""
         return len(self.windows.get(tuple(sorted(removed)), {}))
 
+    def seen_perplexity(self, removed: Sequence[int]) -> float:
+        """Perplexity of the cut on the windows it has been scored on (runs nothing)."""
+        key = tuple(sorted(removed))
+        return math.exp(self.score_on(key, sorted(self.windows[key])))
+
     def paired(self, a: Sequence[int], b: Sequence[int], idx: Sequence[int] | None = None) -> tuple[float, float]:
         """(mean per-token NLL of cut ``a`` minus cut ``b``, its standard error), paired over the same
         calibration windows (``idx``, default: every window both were scored on): a ratio
@@ -134,8 +138,6 @@ class Scorer:
         return diff, math.sqrt(var)
 
     def _bridge(self, removed: tuple[int, ...]) -> Any:
-        from contextlib import nullcontext
-
         from .repair import fit_repair
 
         if self.repair == "none" or not removed:
@@ -249,13 +251,13 @@ def pick_candidates(scan: ScanFile, n: int, k: int) -> list[int]:
     Every metric the scan computed votes: a block's rank is the best rank any metric gives it (ties:
     the primary metric's order). Blocks are taken in that order, skipping any that overlaps one
     already taken, until no non-overlapping block is left; the rest are filled by rank."""
-    metrics = [None, *(m for m in scan.all_metrics if m != scan.metric and n in scan.all_metrics[m].distances)]
-    primary = scan.ranking(n)
-    best = {s: i for i, s in enumerate(primary)}
-    for m in metrics[1:]:
-        for i, s in enumerate(scan.ranking(n, m)):
-            best[s] = min(best[s], i)
-    order = sorted(primary, key=lambda s: (best[s], primary.index(s)))
+    rank = {s: i for i, s in enumerate(scan.ranking(n))}  # the primary metric's
+    best = dict(rank)
+    for m, b in scan.all_metrics.items():
+        if m != scan.metric and n in b.distances:
+            for i, s in enumerate(scan.ranking(n, m)):
+                best[s] = min(best[s], i)
+    order = sorted(rank, key=lambda s: (best[s], rank[s]))
     picked: list[int] = []
     for s in order:  # one per region
         if len(picked) < k and all(abs(s - p) >= n for p in picked):
@@ -275,15 +277,16 @@ class Race:
     min_windows: int = 8
 
 
-def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tuple[tuple[int, ...], list[dict]]:
+def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tuple[tuple[int, ...], dict]:
     """The cut with the lowest calibration loss among ``cuts``, found without scoring every cut on
     every window: all are scored on a first share, then, at each doubling of the share, the
     candidates clearly behind the leader (``z`` paired SEs) are dropped and at most half (at least
-    two) survive. Ends early when one is left, else when the survivors have seen every window. Returns (winner, a record per
-    cut: mean NLL on the windows it saw, how many, the round it left)."""
+    two) survive. Ends early when one is left, else when the survivors have seen every window.
+    Returns (winner, {cut: the round it was dropped in, None for the winner})."""
     W = score.num_windows
     m = min(W, max(cfg.min_windows, math.ceil(W * cfg.first_share)))
-    alive, log_ = list(dict.fromkeys(cuts)), {}
+    dropped: dict[tuple[int, ...], int | None] = dict.fromkeys(cuts)  # None: still in the race
+    alive = list(dropped)
     rnd = 0
     while True:
         idx = score.share(m)
@@ -293,13 +296,12 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tupl
         keep = sorted((c for c in alive if c not in behind), key=lambda c: nll[c])
         if m < W:
             keep = keep[: max(2, math.ceil(len(alive) / 2))]  # the last two meet on every window
-        for c in alive:
-            log_[c] = {"nll": nll[c], "windows": m, "round": rnd, "out": c not in keep}
+        dropped.update({c: rnd for c in alive if c not in keep})
         alive = keep
         if len(alive) == 1 or m == W:
             break
         m, rnd = min(W, 2 * m), rnd + 1
-    return alive[0], [{"removed": list(c), **v} for c, v in log_.items()]
+    return alive[0], dropped
 
 
 def _clearly_behind(score: Scorer, c: tuple, leader: tuple, idx: list[int], z: float) -> bool:
@@ -317,7 +319,7 @@ def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 16, cfg: Rac
     picked = pick_candidates(scan, n, top_k)
     for s in picked:
         log.info("candidate block [%d, %d)", s, s + n)
-    win, rec = race(score, [block(s) for s in picked], cfg)
+    win, dropped = race(score, [block(s) for s in picked], cfg)
     last = scan.num_layers - n
     shifted = {win[0]}
     while True:  # shift the winner while a neighbour beats it; a neighbour halved out earlier races again
@@ -325,20 +327,17 @@ def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 16, cfg: Rac
         if not new:
             break
         shifted.update(new)
-        w2, r2 = race(score, [win, *map(block, new)], cfg)
-        rec = [r for r in rec if r["removed"][0] not in new] + [r for r in r2 if r["removed"][0] in new]
+        w2, d2 = race(score, [win, *map(block, new)], cfg)
+        dropped.update({c: r for c, r in d2.items() if c[0] in new})
         if w2 == win:
             break
         log.info("race: block [%d, %d) beats its neighbour [%d, %d)", w2[0], w2[0] + n, win[0], win[0] + n)
         win = w2
-    cands = []
-    for r in rec:  # perplexity on the windows each one was scored on
-        c, s = tuple(r["removed"]), r["removed"][0]
-        cands.append({"start": s, "removed": format_layers(c), "windows": score.scored(c),
-                      "perplexity": math.exp(score.score_on(c, sorted(score.windows[c]))),
-                      "score": scan.scores(n)[s], "dropped_in_round": r["round"] if r["out"] else None})
-    p = math.exp(score.score_on(win, sorted(score.windows[win])))
-    return with_confidence(Choice("race", list(win), score.passes - passes0, p, cands), score, n)
+    cands = [{"start": c[0], "removed": format_layers(c), "windows": score.scored(c),
+              "perplexity": score.seen_perplexity(c),  # on the windows each one was scored on
+              "score": scan.scores(n)[c[0]], "dropped_in_round": r} for c, r in dropped.items()]
+    return with_confidence(Choice("race", list(win), score.passes - passes0, score.seen_perplexity(win), cands),
+                           score, n)
 
 
 @strategy("iterative", cost="about n (L - n/2)", help="remove one layer at a time by perplexity (SLEB); "
@@ -375,10 +374,15 @@ def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer
     return st.select(scan, n, score_factory(), top_k)
 
 
+def strategies_help() -> str:
+    return f"how the block is chosen, one of: {', '.join(STRATEGIES)}; " + "; ".join(
+        f"{s.name}: {s.help} ({s.cost} extra passes)" for s in STRATEGIES.values())
+
+
 class SelectOptions(BaseModel):
     """Block selection"""
 
-    select: str = Field("race", description="how the block is chosen; see the strategies below")
+    select: str = Field("race", description=strategies_help(), json_schema_extra={"choices": list(STRATEGIES)})
     top_k: int = Field(16, ge=1, description="candidate blocks scored by loss: race scores them on a growing share "
                        "of the calibration text; ppl and refine each on all of it (one pass each)")
     select_texts: int | None = Field(None, ge=1, description="calibration texts that score the candidates "
@@ -388,11 +392,6 @@ class SelectOptions(BaseModel):
     @classmethod
     def _known(cls, v: str) -> str:
         return one_of("--select", STRATEGIES, v)
-
-
-def strategies_help() -> str:
-    return f"how the block is chosen, one of: {', '.join(STRATEGIES)}; " + "; ".join(
-        f"{s.name}: {s.help} ({s.cost} extra passes)" for s in STRATEGIES.values())
 
 
 @dataclass

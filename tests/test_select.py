@@ -76,9 +76,9 @@ def test_race_stops_early_when_the_leader_is_clearly_ahead():
     W = 256
     table = {(0,): noisy(2.0, W, 0), (1,): noisy(4.0, W, 1), (2,): noisy(5.0, W, 2), (3,): noisy(6.0, W, 3)}
     sc = TableScorer(table)
-    win, rec = race(sc, list(table), Race(first_share=1 / 8))
+    win, dropped = race(sc, list(table), Race(first_share=1 / 8))
     assert win == (0,)
-    assert all(r["windows"] == 32 for r in rec)  # decided on the first share
+    assert all(sc.scored(c) == 32 for c in dropped)  # decided on the first share
     assert sc.passes == pytest.approx(4 * 32 / W)
 
 
@@ -87,8 +87,8 @@ def test_race_halves_and_the_last_two_meet_on_every_window():
     means = [2.0, 2.01, 2.02, 2.03, 2.5, 2.6, 2.7, 2.8]  # four close ones, four clearly worse
     table = {(i,): noisy(m, W, i, sd=0.5) for i, m in enumerate(means)}
     sc = TableScorer(table)
-    win, rec = race(sc, list(table), Race(first_share=1 / 8, z=50))  # z huge: only halving drops
-    seen = {tuple(r["removed"]): sc.scored(r["removed"]) for r in rec}
+    win, dropped = race(sc, list(table), Race(first_share=1 / 8, z=50))  # z huge: only halving drops
+    seen = {c: sc.scored(c) for c in dropped}
     assert sorted(seen.values()) == [32, 32, 32, 32, 64, 64, 256, 256]  # 8 -> 4 -> 2, the final two on all
     finalists = [c for c, w in seen.items() if w == W]
     assert win == min(finalists, key=lambda c: sum(table[c]))  # the better of the two on every window
