@@ -266,9 +266,30 @@ def test_prune_budget_mode_and_target_layers(tiny_models, tmp_path):
     assert slice_main([*base, "--target_layers", "6", "--max_ppl_ratio", "1.5", "--work_dir", str(tmp_path / "x")]) == 2
 
 
-def test_paired_standard_error_against_a_window_by_window_reference(tiny_models):
-    import math
+FLOAT32_EPS = 2.0**-23
 
+
+def paired_reference(per_a: list, per_b: list) -> tuple[float, float]:
+    """Mean per-token NLL difference of two cuts and its ratio-estimator standard error, in float64
+    from each window's (nll sum, tokens) as scored one window at a time."""
+    diffs = [x[0] - y[0] for x, y in zip(per_a, per_b)]
+    toks = [x[1] for x in per_a]
+    T, k = sum(toks), len(diffs)
+    mean = sum(diffs) / T
+    return mean, math.sqrt(k / (k - 1) * sum((x - t * mean) ** 2 for x, t in zip(diffs, toks)) / T**2)
+
+
+def paired_tolerance(per_a: list, per_b: list, ulps: float = 8) -> tuple[float, float]:
+    """Absolute tolerances on (difference, SE) that follow from float32: each window's NLL sum is off
+    by at most ``ulps`` float32 roundings of its magnitude (batched and padded vs one window alone),
+    so a window's difference is off by delta_i = ulps * eps * (|A_i| + |B_i|); the difference of means by
+    sum(delta_i) / T and the SE by sqrt(k / (k - 1)) * ||delta|| / T. Never relative to the small difference."""
+    delta = [ulps * FLOAT32_EPS * (abs(x[0]) + abs(y[0])) for x, y in zip(per_a, per_b)]
+    T, k = sum(x[1] for x in per_a), len(delta)
+    return sum(delta) / T, math.sqrt(k / (k - 1)) * math.sqrt(sum(e * e for e in delta)) / T
+
+
+def test_paired_standard_error_against_a_window_by_window_reference(tiny_models):
     from slice_with_mergekit.evaluate import perplexity as ppl_of
 
     model, tok = load(tiny_models["qwen3"])
@@ -276,17 +297,26 @@ def test_paired_standard_error_against_a_window_by_window_reference(tiny_models)
     a, b = [2, 3], [5, 6]
     pa, pb = score(a), score(b)
     d, se = score.paired(a, b)
-    assert d == pytest.approx(math.log(pa) - math.log(pb), rel=1e-9)  # same tokens: the log ratio
-    from slice_with_mergekit.inmemory import removed_layers
-
+    assert d == pytest.approx(math.log(pa) - math.log(pb), rel=1e-9)  # the same float64 sums: the log ratio
     per = {}
     for cut in (a, b):  # every window alone, as its own perplexity call
         with removed_layers(model, cut):
             per[tuple(cut)] = [ppl_of(model, tok, [], max_length=16, stride=16, _windows=[w]) for w in score.wins]
-    diffs = [x.nll_sum - y.nll_sum for x, y in zip(per[tuple(a)], per[tuple(b)])]
-    toks = [x.tokens_scored for x in per[tuple(a)]]
-    T, k = sum(toks), len(diffs)
-    mean = sum(diffs) / T
-    ref_se = math.sqrt(k / (k - 1) * sum((x - t * mean) ** 2 for x, t in zip(diffs, toks)) / T**2)
-    assert d == pytest.approx(mean, rel=1e-6) and se == pytest.approx(ref_se, rel=1e-6)
-    assert k > 5
+    pa_w = [(x.nll_sum, x.tokens_scored) for x in per[tuple(a)]]
+    pb_w = [(x.nll_sum, x.tokens_scored) for x in per[tuple(b)]]
+    assert len(pa_w) > 5
+    tol_d, tol_se = paired_tolerance(pa_w, pb_w)
+    mean, ref_se = paired_reference(pa_w, pb_w)
+    assert abs(d - mean) <= tol_d and abs(se - ref_se) <= tol_se, (d - mean, tol_d, se - ref_se, tol_se)
+    # The check can fail: each of these wrong references is outside the tolerance.
+    k = len(pa_w)
+    wrong = {
+        "k windows instead of k - 1": (mean, ref_se * math.sqrt((k - 1) / k)),
+        "a window counted twice": paired_reference(pa_w + pa_w[:1], pb_w + pb_w[:1]),
+        "a window left out": paired_reference(pa_w[1:], pb_w[1:]),
+        "unpaired (independent) SE": (mean, math.hypot(*(paired_reference(w, [(0.0, t) for _, t in w])[1]
+                                                         for w in (pa_w, pb_w)))),
+        "windows mismatched": paired_reference(pa_w, pb_w[1:] + pb_w[:1]),
+    }
+    for why, (m, s) in wrong.items():
+        assert abs(d - m) > tol_d or abs(se - s) > tol_se, why

@@ -40,7 +40,8 @@ def test_two_gloo_ranks_equal_one_process(tiny_models, tmp_path):
     two = json.loads((tmp_path / "two" / "block_distances.json").read_text())
     assert two["num_samples"] == one["num_samples"] == len(MANY) and two["num_tokens"] == one["num_tokens"]
     for n in one["distances"]:
-        assert two["distances"][n] == pytest.approx(one["distances"][n], rel=1e-6, abs=1e-9)
+        # two ranks batch the texts differently: float32 states, so absolute on distances in [0, 1]
+        assert two["distances"][n] == pytest.approx(one["distances"][n], rel=0, abs=1e-6)
         assert two["stderr"][n] == pytest.approx(one["stderr"][n], rel=1e-4, abs=1e-9)
     assert two["best_start"] == one["best_start"]
     assert not list((tmp_path / "two").glob("scan_state*"))
