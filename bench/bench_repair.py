@@ -32,10 +32,11 @@ def main() -> None:
     args = p.parse_args()
 
     from compute_block_similarity import scan_model
-    from compute_block_similarity.scan import decoder_of, input_device, make_batches, tokenize
+    from compute_block_similarity.batching import make_batches, tokenize
+    from compute_block_similarity.model import decoder_of, input_device
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
-    from slice_with_mergekit.repair import fit_repair
+    from slice_with_mergekit.repair_fit import fit_repair
 
     model, tok, calib, held = load(args)
     dev = input_device(model)

@@ -64,7 +64,9 @@ def machine() -> str:
 def run_mode(args: argparse.Namespace) -> dict:
     from compute_block_similarity.data import load_texts
     from compute_block_similarity.model import default_model_dir, load_model
-    from compute_block_similarity.scan import decoder_of, input_device, make_batches, scan_model, tokenize
+    from compute_block_similarity.batching import make_batches, tokenize
+    from compute_block_similarity.model import decoder_of, input_device
+    from compute_block_similarity.scan import scan_model
 
     if args.random_llama:
         model, tok = random_llama(args.random_llama, args.model_path or default_model_dir(), args.dtype, args.device)
@@ -89,8 +91,8 @@ def run_mode(args: argparse.Namespace) -> dict:
                 decoder_of(model)(input_ids=b.input_ids.to(dev), attention_mask=m,
                                   position_ids=(m.cumsum(-1) - 1).clamp_min(0), use_cache=False)
     elif args.mode == "repair_fit":
-        from compute_block_similarity.scan import decoder_layers
-        from slice_with_mergekit.repair import fit_repair
+        from compute_block_similarity.model import decoder_layers
+        from slice_with_mergekit.repair_fit import fit_repair
 
         s = (len(decoder_layers(model)) - n) // 2
         fit_repair(model, tok, texts, list(range(s, s + n)), batch_size=args.batch_size, max_length=args.max_length,

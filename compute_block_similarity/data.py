@@ -137,3 +137,10 @@ def load_texts(
     if not texts:
         raise UserError(f"--dataset {dataset} (split {split!r}) is empty; give a dataset with at least one row")
     return texts
+
+
+def load_calibration(dataset: str, column: str, split: str, size: int | None,
+                     config: str | None = None) -> tuple[list[str], dict]:
+    """Calibration texts for a repair, and the provenance recorded beside the bridges."""
+    texts = load_texts(dataset, column, split, size, config)
+    return texts, {"dataset": dataset, "column": column, "split": split, "size": len(texts), "config": config}

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import UserError, first_line, looks_local
 
@@ -107,7 +108,7 @@ def load_model(
 
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=kw["dtype"])
-        kw["device_map"] = device_map or {"": 0}
+        kw["device_map"] = device_map or {"": int(os.environ.get("LOCAL_RANK", 0))}
     elif device_map:
         kw["device_map"] = device_map
     try:
@@ -126,3 +127,35 @@ def load_model(
         model.to(dev)
     model.eval()
     return model, tok
+
+
+# ---------------------------------------------------------------- plumbing every stage uses
+
+
+def text_config(model: nn.Module) -> Any:
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder layers (model.model.layers, transformer.h, ...)."""
+    num = text_config(model).num_hidden_layers
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == num:
+            return mod
+    raise UserError(f"could not find the {num} decoder layers of {type(model).__name__}; is it a decoder-only causal LM?")
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The backbone without the LM head, so no logits are computed."""
+    return getattr(model, "base_model", model)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the input ids go: the embedding's device, or accelerate's execution device when the
+    weights are offloaded (device_map / cpu_offload leave them on "meta" between forwards)."""
+    emb = model.get_input_embeddings()
+    hook = getattr(emb, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return emb.weight.device

@@ -1,110 +1,18 @@
-"""Option groups declared once, as pydantic models, with the CLI flags derived from them.
-
-Each field's default and ``description`` are the flag's default and help text (the parsers show
-defaults with ArgumentDefaultsHelpFormatter), so a default is written in one place.
-``add_flags(parser, Group)`` adds ``--field`` (or ``--{prefix}field``) for every field;
-``from_args(Group, args)`` builds the validated group back from the parsed namespace.
-A field's ``json_schema_extra`` may give ``"aliases"`` (other spellings of its flag) and ``"choices"``
-(for a string validated against a registry).
-Types map as: bool -> ``--flag`` (``--flag/--no-flag`` when it defaults to True); Literal -> choices;
-``list[str]`` -> a comma list; ``X | None`` -> X with default None.
-"""
+"""The scan's option groups (model loading, calibration data, the scan), each declared once as a
+pydantic model; compute_block_similarity's CLI and `prune` are derived from them (see flags.py)."""
 
 from __future__ import annotations
 
-import argparse
-import types
-import typing
-from typing import Any, Iterable, Literal, TypeVar
+from typing import Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, field_validator
 
-from .errors import UserError
+from .data import BUILTIN_DATASET
+from .flags import one_of
+from .metrics import DEFAULT_METRIC, METRICS
 
-G = TypeVar("G", bound=BaseModel)
-
-
-def _comma_list(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def _flag_type(annotation: Any) -> tuple[Any, dict]:
-    """argparse ``type`` and extra kwargs for a field's annotation."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _flag_type(args[0])
-    if origin is Literal:
-        choices = list(typing.get_args(annotation))
-        return type(choices[0]), {"choices": choices}
-    if origin is list:
-        return _comma_list, {"metavar": "A,B,..."}
-    return annotation, {}
-
-
-def add_flags(parser: argparse.ArgumentParser | Any, group: type[BaseModel], prefix: str = "",
-              skip: Iterable[str] = (), title: str | None = None) -> None:
-    """Add one flag per field of ``group`` (named ``--{prefix}{field}``) to ``parser``."""
-    skip = set(skip)
-    target = parser.add_argument_group(title or (group.__doc__ or group.__name__).strip().splitlines()[0])
-    for name, f in group.model_fields.items():
-        if name in skip:
-            continue
-        more = f.json_schema_extra or {}
-        flags = [f"--{prefix}{name}", *more.get("aliases", [])]
-        help_ = (f.description or "").replace("%", "%%")
-        if f.annotation is bool:
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
-            target.add_argument(*flags, dest=prefix + name, action=action, default=f.default, help=help_)
-            continue
-        typ, extra = _flag_type(f.annotation)
-        if "choices" in more:
-            extra["choices"] = more["choices"]
-        target.add_argument(*flags, dest=prefix + name, type=typ, default=f.default, help=help_, **extra)
-
-
-def from_args(group: type[G], args: argparse.Namespace, prefix: str = "", **override: Any) -> G:
-    """The validated ``group`` from parsed flags; a bad value is a one-line error naming its flag."""
-    values = {name: getattr(args, prefix + name) for name in group.model_fields if hasattr(args, prefix + name)}
-    values.update(override)
-    try:
-        return group(**values)
-    except ValidationError as e:
-        raise UserError(describe(e, group, prefix)) from None
-
-
-def one_of(flag: str, registry: Iterable[str], value: str) -> str:
-    """``value`` if the registry has it; else ValueError naming the flag and the choices."""
-    if value not in registry:
-        raise ValueError(f"{flag} {value!r} is unknown; choose one of: {', '.join(registry)}")
-    return value
-
-
-def describe(e: ValidationError, group: type[BaseModel], prefix: str = "") -> str:
-    """One line naming the flag: "--batch_size must be >= 1, got 0"."""
-    err = e.errors()[0]
-    loc = str(err["loc"][0]) if err["loc"] else ""
-    flag = f"--{prefix}{loc}" if loc else "the options"
-    ctx, got = err.get("ctx", {}), err.get("input")
-    for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-        if key in ctx:
-            return f"{flag} must be {op} {ctx[key]}, got {got}"
-    msg = err["msg"].removeprefix("Value error, ")
-    if msg.startswith("--"):
-        return msg
-    field = group.model_fields.get(loc)
-    hint = f" ({field.description})" if field is not None and field.description else ""
-    return f"{flag}: {msg}, got {got!r}{hint}"
-
-
-# --- the groups -----------------------------------------------------------------------------
-# Declared once; compute_block_similarity's CLI is derived from them, and `prune` builds them.
-
-from pydantic import Field, field_validator  # noqa: E402
-
-from .data import BUILTIN_DATASET  # noqa: E402
-from .metrics import DEFAULT_METRIC, METRICS  # noqa: E402
-from .scan import GRAM_BYTES, TOKENS_PER_TEXT  # noqa: E402
+GRAM_BYTES = 64 * 2**20  # float64 working set of one Gram chunk (--gram_bytes)
+TOKENS_PER_TEXT = 128  # all-token metrics: evenly spaced non-pad positions per text (0: every token)
 
 
 class ModelOptions(BaseModel):

@@ -8,22 +8,19 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .atomic import atomic_paths
 from .metrics import get_metric
 from .ranges import kept_ranges
 from .scanfile import FORMAT_VERSION, validate
 
-if TYPE_CHECKING:
-    from .scan import ScanResult
-
 log = logging.getLogger(__name__)
 
 LAYER_CONVENTION = "0-based, half-open [start, end): block [l, l+n) is layers l..l+n-1"
 
 
-def csv_text(result: "ScanResult", n: int) -> str:
+def csv_text(result: Any, n: int) -> str:
     """PruneMe's columns: block_start,block_end,average_distance, one row per start l = 0..L-n."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -33,7 +30,7 @@ def csv_text(result: "ScanResult", n: int) -> str:
     return buf.getvalue()
 
 
-def metric_block(result: "ScanResult", metric: str) -> dict:
+def metric_block(result: Any, metric: str) -> dict:
     m = get_metric(metric)
     return {
         "reduce": m.reduce,
@@ -45,7 +42,7 @@ def metric_block(result: "ScanResult", metric: str) -> dict:
     }
 
 
-def json_payload(result: "ScanResult", n: int) -> dict:
+def json_payload(result: Any, n: int) -> dict:
     s = result.best_start(n)
     primary = metric_block(result, result.metric)
     return {
@@ -69,7 +66,7 @@ def json_payload(result: "ScanResult", n: int) -> dict:
     }
 
 
-def plot_heatmap(result: "ScanResult", path: str) -> None:
+def plot_heatmap(result: Any, path: str) -> None:
     """Whole triangle: x = start layer, y = block size n; the best block per n is marked."""
     plot_triangle(result.triangle(), result.num_layers, result.metric,
                   os.path.basename(str(result.provenance.get("model", ""))), result.best_starts(), path)
@@ -107,7 +104,7 @@ def plot_triangle(triangle: dict[int, list[float]], L: int, metric: str, title: 
     plt.close(fig)
 
 
-def write_outputs(result: "ScanResult", output_dir: str, n: int) -> dict[str, str]:
+def write_outputs(result: Any, output_dir: str, n: int) -> dict[str, str]:
     """Write layer_distances.csv, block_distances.json and block_distances.png atomically."""
     result.scores(n)  # validate n before any file is touched
     paths = {k: os.path.join(output_dir, f) for k, f in

@@ -21,87 +21,16 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path
+from .batching import Batch, make_batches, tokenize
 from .errors import UserError, first_line
 from .metrics import DEFAULT_METRIC, METRICS, Metric, get_metric, rank_blocks
+from .model import decoder_layers, decoder_of, input_device
+from .options import GRAM_BYTES, TOKENS_PER_TEXT
 from .ranges import format_layers, format_ranges, kept_ranges
+from .report import write_outputs
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- model plumbing
-
-
-def text_config(model: nn.Module) -> Any:
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of decoder layers (model.model.layers, transformer.h, ...)."""
-    num = text_config(model).num_hidden_layers
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == num:
-            return mod
-    raise UserError(f"could not find the {num} decoder layers of {type(model).__name__}; is it a decoder-only causal LM?")
-
-
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The backbone without the LM head, so no logits are computed."""
-    return getattr(model, "base_model", model)
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where the input ids go: the embedding's device, or accelerate's execution device when the
-    weights are offloaded (device_map / cpu_offload leave them on "meta" between forwards)."""
-    emb = model.get_input_embeddings()
-    hook = getattr(emb, "_hf_hook", None)
-    if getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
-    return emb.weight.device
-
-
-# ---------------------------------------------------------------- batching
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # (B, S)
-    attention_mask: torch.Tensor  # (B, S)
-
-    @property
-    def lengths(self) -> torch.Tensor:  # (B,)
-        return self.attention_mask.sum(-1)
-
-
-def tokenize(tokenizer: Any, texts: Iterable[str], max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids per text (special tokens by the tokenizer's convention), and how many were empty."""
-    ids, skipped = [], 0
-    for text in texts:
-        toks = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
-        if len(toks) == 0 or not text.strip():
-            skipped += 1
-            continue
-        ids.append(list(toks))
-    return ids, skipped
-
-
-def make_batches(ids: Sequence[list[int]], batch_size: int, pad_id: int, padding_side: str) -> list[Batch]:
-    """Length-sorted batches (longest first, so an OOM shows at once), padded to the batch max."""
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    batches = []
-    for k in range(0, len(order), batch_size):
-        rows = [ids[i] for i in order[k : k + batch_size]]
-        width = max(map(len, rows))
-        inp = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            sl = slice(0, len(r)) if padding_side == "right" else slice(width - len(r), width)
-            inp[b, sl] = torch.tensor(r)
-            mask[b, sl] = 1
-        batches.append(Batch(inp, mask))
-    return batches
 
 
 # ---------------------------------------------------------------- capture
@@ -140,8 +69,6 @@ class ResidualCapture:
             h.remove()
 
 
-GRAM_BYTES = 64 * 2**20  # float64 working set of one Gram chunk
-TOKENS_PER_TEXT = 128  # all-token metrics: evenly spaced non-pad positions per text (0: every token); see README
 
 
 def gram_across_depth(states: Sequence[torch.Tensor], max_bytes: int = GRAM_BYTES) -> torch.Tensor:
@@ -295,7 +222,6 @@ class Checkpoint:
         return Accumulator.from_state_dict(state["acc"]), int(state["done"])
 
     def save(self, rank: int, fingerprint: str, acc: Accumulator, done: int) -> None:
-        from .atomic import atomic_path
 
         with atomic_path(self.rank_path(rank)) as tmp:
             torch.save({"fingerprint": fingerprint, "done": done, "acc": acc.state_dict()}, tmp)
@@ -409,8 +335,6 @@ class ScanResult:
                 f"keep {format_ranges(keep)} (slice_with_mergekit chooses again by real loss unless --select angle)")
 
     def write(self, output_dir: str, layers_to_skip: int) -> dict[str, str]:
-        from .report import write_outputs
-
         return write_outputs(self, output_dir, layers_to_skip)
 
 

@@ -7,22 +7,25 @@ from pathlib import Path
 
 import yaml
 
+from compute_block_similarity.errors import UserError, looks_local
 from compute_block_similarity.ranges import format_layers, format_ranges
-
-from compute_block_similarity.errors import UserError
 from compute_block_similarity.scanfile import ScanFile
 
-from .plan import kept_source_layers, read_config
+from .checkpoint import (
+    REPAIR_FILE,
+    kept_ranges_of,
+    kept_source_layers,
+    local_source,
+    num_layers_of,
+    read_plan,
+)
+from .repair_record import load_repair
 
 
 def source_layers(source: str) -> int:
     """The source model's decoder layer count, from its config (never guessed from the kept ranges)."""
-    from transformers import AutoConfig
-
-    from .materialize import local_source
-
     try:
-        return AutoConfig.from_pretrained(local_source(source)).get_text_config().num_hidden_layers
+        return num_layers_of(local_source(source))
     except (OSError, ValueError) as e:
         raise UserError(f"the card needs the source model {source}'s config to list the removed layers "
                         f"({str(e).splitlines()[0]}); pass --scan block_distances.json") from None
@@ -31,8 +34,6 @@ def source_layers(source: str) -> int:
 def hub_base_model(source: str, base_model: str | None = None) -> str | None:
     """The card's ``base_model``: a Hub id, never a local path. ``base_model`` if given, the source
     itself if it is a Hub id, else the id the source's config was saved from; None when unknown."""
-    from compute_block_similarity.errors import looks_local
-
     if base_model:
         return base_model
     if not looks_local(source) and not Path(source).exists():
@@ -47,11 +48,11 @@ def hub_base_model(source: str, base_model: str | None = None) -> str | None:
 
 def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id: str | None = None,
                base_model: str | None = None) -> str:
-    config = read_config(plan_path)
+    config = read_plan(plan_path)
     base, kept = kept_source_layers(config)
     L = scan.num_layers if scan else source_layers(base)
     removed = sorted(set(range(L)) - set(kept))
-    ranges = [list(s.sources[0].layer_range) for s in config.slices]
+    ranges = kept_ranges_of(config)
     hub = hub_base_model(base, base_model)
     meta = {**({"base_model": hub} if hub else {}), "library_name": "transformers",
             "tags": ["mergekit", "pruned", "depth-pruning"]}
@@ -75,8 +76,6 @@ def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id
             lines += ["", f"Scores of every {n}-layer block (lower = more redundant):", "",
                       "| start | block | score | std. error |", "|---|---|---|---|"]
             lines += [f"| {l} | [{l}, {l + n}) | {v:.4f} | {e:.4f} |" for l, (v, e) in enumerate(zip(row, se))]
-    from .repair import REPAIR_FILE, load_repair
-
     if (out / REPAIR_FILE).exists():
         info, _ = load_repair(out / REPAIR_FILE)
         cal = info.get("calibration", {})

@@ -21,13 +21,32 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from compute_block_similarity.errors import check_output_dir, check_output_file, debug_enabled, run_cli
+from compute_block_similarity.data import load_calibration, load_texts
+from compute_block_similarity.errors import (
+    check_output_dir,
+    check_output_file,
+    debug_enabled,
+    run_cli,
+)
+from compute_block_similarity.flags import add_flags, from_args
+from compute_block_similarity.model import load_model
+from compute_block_similarity.options import DataOptions, ModelOptions
+
+from .evaluate import measure_speed, perplexity, run_lm_eval, write_eval
+from .heal import HealConfig, heal
+from .materialize import materialize
+from .pipeline import PruneArgs, prune
+from .plan import plan, write_config, write_selection
+from .push import push
+from .repair import repair_checkpoint
+from .repair_fit import RepairOptions, describe
+from .select import SelectOptions
+from .verify import verify
 
 log = logging.getLogger("slice_with_mergekit")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import plan, write_config, write_selection
 
     check_output_file(args.output, "--output")
     choices: list = []
@@ -43,14 +62,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def repair_inputs(args: argparse.Namespace) -> tuple[list[str], dict]:
-    from .repair import load_calibration
 
     return load_calibration(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size,
                             args.dataset_config)
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    from .materialize import materialize
 
     check_output_dir(args.out, "out")
     check_output_dir(os.path.dirname(os.path.abspath(args.out)), "out")  # the finished folder is renamed into place
@@ -62,7 +79,6 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from .repair import describe, repair_checkpoint
 
     check_output_dir(args.model, "model")
     texts, cal = repair_inputs(args)
@@ -76,7 +92,6 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
 
     report = verify(args.model, args.plan, source=args.source)
     print(report.render())
@@ -84,9 +99,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .push import push
-
     from pathlib import Path
+
 
     files = push(args.model, args.repo_id, plan_path=args.plan, scan_path=args.scan, private=args.private,
                  revision=args.revision, dry_run=args.dry_run, base_model=args.base_model)
@@ -98,10 +112,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import os
 
-    from compute_block_similarity.data import load_texts
-    from compute_block_similarity.model import load_model
 
-    from .evaluate import perplexity, run_lm_eval, write_eval
 
     texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
@@ -111,7 +122,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.speed:
         import dataclasses
 
-        from .evaluate import measure_speed
 
         sp = measure_speed(model, tok, texts, prompt_tokens=args.speed_prompt_tokens,
                            new_tokens=args.speed_new_tokens, repeats=args.speed_repeats)
@@ -131,10 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
-    from compute_block_similarity.data import load_texts
-    from compute_block_similarity.options import from_args
 
-    from .heal import HealConfig, heal
 
     cfg = from_args(HealConfig, args)
     train = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
@@ -147,36 +154,28 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from compute_block_similarity.options import from_args
 
-    from .heal import HealConfig
-    from .pipeline import PruneArgs, prune
 
-    a = from_args(PruneArgs, args, heal_cfg=from_args(HealConfig, args, prefix="heal_"))
+    a = from_args(PruneArgs, args)
     check_output_dir(a.work_dir, "--work_dir")
     print(f"report: {prune(a)}")
     return 0
 
 
-def data_args(p: argparse.ArgumentParser, split: str = "train") -> None:
-    """The data flags of the scan's DataOptions (all but its batching), reading ``split`` by default."""
-    from compute_block_similarity.options import DataOptions, add_flags
+def data_args(p: argparse.ArgumentParser, split: str = "train", batching: bool = False, **defaults: object) -> None:
+    """The data flags of DataOptions (with its batching flags if ``batching``), reading ``split`` by default."""
+    skip = {"streaming"} | (set() if batching else {"batch_size", "max_length"})
+    add_flags(p, DataOptions, skip=skip, title="Data", defaults={"dataset_subset": split, **defaults})
 
-    add_flags(p, DataOptions, skip={"streaming", "batch_size", "max_length"}, title="Data")
-    p.set_defaults(dataset_subset=split)
+
+def model_args(p: argparse.ArgumentParser, *names: str, **defaults: object) -> None:
+    """The named flags of ModelOptions (how the command loads a model)."""
+    add_flags(p, ModelOptions, only=names, title="Model loading", defaults=defaults)
 
 
 def repair_args(p: argparse.ArgumentParser, default: str) -> None:
-    from .repair import REPAIRS
-
-    a = p.add_argument
-    a("--repair", default=default, choices=list(REPAIRS),
-      help=f"the least-squares bridge over each cut, one of: {', '.join(REPAIRS)}; "
-      + "; ".join(f"{m.name}: {m.help}" for m in REPAIRS.values()))
-    data_args(p)
-    p.set_defaults(dataset_size=256)
-    a("--max_length", type=int, default=256, help="calibration tokens per text for the repair fit")
-    a("--batch_size", type=int, default=8)
+    add_flags(p, RepairOptions, defaults={"repair": default})
+    data_args(p, batching=True, dataset_size=256, max_length=256)
 
 
 def checkpoint_args(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -195,18 +194,11 @@ def plan_parser(p: argparse.ArgumentParser) -> None:
     a("--remove", default=None, help="remove any set of 0-based layers, e.g. '21-28,30' (inclusive runs)")
     a("--model", "--model_path", dest="model", default=None,
       help="source model path or id; default: the one the scan recorded")
-    a("--dtype", default=None, help="output dtype; default: the source model's")
-    from compute_block_similarity.options import add_flags
-
-    from .select import SelectOptions
-
+    a("--dtype", default=None, help="the merged checkpoint's dtype; default: the source model's")
     add_flags(p, SelectOptions)
-    from .repair import REPAIRS
-
-    a("--repair", default="none", choices=list(REPAIRS),
-      help=f"the least-squares bridge over each cut, one of: {', '.join(REPAIRS)}; each candidate is scored "
-      "after it (sliced.yml stays the plain cut: bridge after the merge with the repair command)")
-    a("--trust_remote_code", action="store_true", help="allow model code from the Hub")
+    add_flags(p, RepairOptions, defaults={"repair": "none"}, title="Repair-aware selection: each candidate is scored "
+              "after its bridge (sliced.yml stays the plain cut: bridge after the merge with the repair command)")
+    model_args(p, "trust_remote_code")
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
@@ -233,14 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = parsers["materialize"]
     m.add_argument("plan", help="sliced.yml (positional, as mergekit-yaml takes it)")
     m.add_argument("out", metavar="output", help="output folder (positional, as mergekit-yaml takes it)")
-    m.add_argument("--device", default="cpu", help="device MergeKit computes on")
-    m.add_argument("--trust_remote_code", action="store_true")
+    model_args(m, "device", "trust_remote_code", device="cpu")
     repair_args(m, default="none")
     f = parsers["repair"]
     checkpoint_args(f, "pruned checkpoint folder, from mergekit-yaml or materialize (patched in place)")
-    f.add_argument("--dtype", default="auto", help="dtype the source runs in for the fit (sums are float64)")
-    f.add_argument("--device", default="auto")
-    f.add_argument("--trust_remote_code", action="store_true")
+    model_args(f, "dtype", "device", "trust_remote_code")
     repair_args(f, default="linear")
     checkpoint_args(parsers["verify"], "pruned checkpoint folder")
     u = parsers["push"]
@@ -256,12 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the card and list what would be uploaded, upload nothing")
     e = parsers["evaluate"]
     e.add_argument("model", help="checkpoint folder or Hub id")
-    data_args(e, split="test")
-    e.add_argument("--max_length", type=int, default=512, help="tokens per window")
+    data_args(e, split="test", batching=True, max_length=512, batch_size=4)
     e.add_argument("--stride", type=int, default=256, help="new tokens scored per window")
-    e.add_argument("--batch_size", type=int, default=4)
-    e.add_argument("--dtype", default="auto")
-    e.add_argument("--device", default="auto")
+    model_args(e, "dtype", "device", "trust_remote_code")
     e.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. 'arc_easy,hellaswag' (needs lm-eval)")
     e.add_argument("--output", "--into", dest="into", default=None,
                    help="folder whose eval.json gets the result (default: MODEL if local)")
@@ -271,12 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--speed_prompt_tokens", type=int, default=128, help="prompt length for --speed")
     e.add_argument("--speed_new_tokens", type=int, default=32, help="greedy tokens decoded for --speed")
     e.add_argument("--speed_repeats", type=int, default=5, help="timed runs for --speed (after one warm-up)")
-    e.add_argument("--trust_remote_code", action="store_true")
     h = parsers["heal"]
-    from compute_block_similarity.options import add_flags
-
-    from .heal import HealConfig
-
     h.add_argument("model", help="pruned (and repaired) checkpoint folder")
     data_args(h)
     h.add_argument("--eval_subset", default="test", help="held-out split for the perplexity that picks the best step")
@@ -287,11 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.work")
     add_flags(h, HealConfig)
     r = parsers["prune"]
-    from .pipeline import PruneArgs
-
     r.add_argument("model", help=PruneArgs.model_fields["model"].description)
-    add_flags(r, PruneArgs, skip={"model", "heal_cfg"})
-    add_flags(r, HealConfig, prefix="heal_", skip={"max_length"}, title="Healing (with --heal), as the heal command")
+    add_flags(r, PruneArgs, skip={"model"})
     return p
 
 

@@ -19,8 +19,9 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from compute_block_similarity.atomic import write_text
 from compute_block_similarity.errors import UserError
-from compute_block_similarity.scan import input_device
+from compute_block_similarity.model import input_device
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,6 @@ def perplexity(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 
 
 def write_eval(out_dir: str | Path, key: str, result: Perplexity, extra: dict | None = None) -> Path:
     """Merge ``{key: result}`` into out_dir/eval.json (atomic), where the model card picks it up."""
-    from compute_block_similarity.atomic import write_text
 
     path = Path(out_dir) / "eval.json"
     data = json.loads(path.read_text()) if path.exists() else {}

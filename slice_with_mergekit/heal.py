@@ -28,8 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compute_block_similarity.atomic import write_text
 from compute_block_similarity.errors import UserError
+from compute_block_similarity.model import decoder_layers, load_model
 
-from .evaluate import tokenize_windows
+from .checkpoint import copy_companions, kept_source_layers, local_source, read_plan
+from .evaluate import perplexity, tokenize_windows
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +171,6 @@ def _trainer_class() -> type:
 @torch.no_grad()
 def held_out_perplexity(model: Any, wins: list, accelerator: Any = None, batch_size: int = 4) -> float:
     """evaluate.perplexity over ``wins``, each process scoring its share, summed over processes."""
-    from .evaluate import perplexity
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     part = wins[rank::world]
@@ -191,24 +192,19 @@ def held_out_perplexity(model: Any, wins: list, accelerator: Any = None, batch_s
 
 def teacher_of(checkpoint: str | Path) -> str:
     """The dense source model named in the checkpoint's mergekit_config.yml (written by every merge)."""
-    from .materialize import local_source
-    from .plan import kept_source_layers, read_config
-
     cfg = Path(checkpoint) / "mergekit_config.yml"
     if not cfg.exists():
         raise UserError(f"{checkpoint} has no mergekit_config.yml naming its source model; pass --teacher PATH "
                         "or use --loss lm")
-    return str(local_source(kept_source_layers(read_config(cfg))[0]))
+    return str(local_source(kept_source_layers(read_plan(cfg))[0]))
 
 
 def cut_neighbours(checkpoint: str | Path, num_layers: int) -> list[int]:
     """Layers of the pruned model that sit next to a cut (0-based, pruned numbering)."""
-    from .plan import kept_source_layers, read_config
-
     cfg = Path(checkpoint) / "mergekit_config.yml"
     if not cfg.exists():
         raise UserError(f"--train_layers auto needs {cfg} to find the cut; give the layers, e.g. --train_layers 11,12")
-    kept = kept_source_layers(read_config(cfg))[1]
+    kept = kept_source_layers(read_plan(cfg))[1]
     out: set[int] = set()
     if kept[0] != 0:
         out.add(0)
@@ -229,33 +225,19 @@ def mlp_targets(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def _dtype(cfg: HealConfig) -> torch.dtype:
+def _dtype(cfg: HealConfig) -> str:
     # bf16 weights for LoRA on CUDA; full-weight training keeps float32 masters under bf16 autocast
-    return torch.bfloat16 if torch.cuda.is_available() and not cfg.train_layers else torch.float32
+    return "bfloat16" if torch.cuda.is_available() and not cfg.train_layers else "float32"
 
 
-def load_model(path: str, cfg: HealConfig, quantize: bool = False) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    kw: dict[str, Any] = {"dtype": _dtype(cfg)}
-    if quantize:
-        import importlib.util
-
-        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-            raise UserError("--load_in_4bit (QLoRA) needs CUDA and `pip install bitsandbytes`; drop the flag for LoRA")
-        from transformers import BitsAndBytesConfig
-
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_compute_dtype=torch.bfloat16)
-        kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return AutoModelForCausalLM.from_pretrained(path, **kw)
+def load_student(path: str, cfg: HealConfig, quantize: bool = False) -> Any:
+    """The model to train (or the teacher), on the CPU until the Trainer places it; 4-bit for QLoRA."""
+    return load_model(path, dtype=_dtype(cfg), device="cpu", load_in_4bit=quantize)[0]
 
 
 def trainable(model: Any, checkpoint: str, cfg: HealConfig) -> Any:
     """The model with what --train_layers or LoRA makes trainable (a peft model for LoRA)."""
     if cfg.train_layers:
-        from compute_block_similarity.scan import decoder_layers
-
         layers = decoder_layers(model)
         if cfg.train_layers == "auto":
             chosen = cut_neighbours(checkpoint, len(layers))
@@ -335,10 +317,10 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    model = trainable(load_model(checkpoint, cfg, cfg.load_in_4bit), checkpoint, cfg)
+    model = trainable(load_student(checkpoint, cfg, cfg.load_in_4bit), checkpoint, cfg)
     tmodel = None
     if teacher_path:
-        tmodel = load_model(teacher_path, cfg).to(args.device).eval().requires_grad_(False)
+        tmodel = load_student(teacher_path, cfg).to(args.device).eval().requires_grad_(False)
         if tmodel.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
             raise UserError(f"the teacher {teacher_path} has another vocabulary than {checkpoint}; pass --teacher")
     trainer = _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=wins, heal_cfg=cfg, teacher=tmodel,
@@ -373,7 +355,6 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
 
 def write_output(model: Any, checkpoint: str, output: str, summary: dict, healed: bool) -> None:
     """The best model as a normal checkpoint in ``output``, replaced in one rename."""
-    from .materialize import copy_companions
 
     tmp = Path(output + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

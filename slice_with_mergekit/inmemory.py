@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 from torch import nn
 
-from compute_block_similarity.scan import decoder_layers, text_config
+from compute_block_similarity.model import decoder_layers, text_config
 
 from .surgery import slice_per_layer_fields
 

@@ -12,29 +12,18 @@ from typing import Any
 from mergekit.config import MergeConfiguration
 
 from compute_block_similarity.atomic import atomic_path, write_text
-from compute_block_similarity.errors import UserError, looks_local
 
-from .plan import kept_source_layers, read_config
+from .checkpoint import (
+    copy_companions,
+    kept_source_layers,
+    local_source,
+    num_layers_of,
+    read_plan,
+)
+from .repair import repair_checkpoint
 from .surgery import slice_per_layer_fields
 
 log = logging.getLogger(__name__)
-
-COMPANIONS = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "special_tokens_map.json",
-              "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
-              "generation_config.json")
-
-
-def local_source(model: str) -> Path:
-    """The source checkpoint's folder: itself if local, else the Hub snapshot (configs, tokenizer, weights)."""
-    if os.path.isdir(model):
-        return Path(model)
-    if looks_local(model):
-        raise UserError(f"the plan's source model {model} does not exist (moved or deleted?); restore it or point "
-                        "the plan's `model:` at it")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-
 
 def out_config(src: Path, kept: list[int], num_layers: int, dtype: str | None, trust_remote_code: bool) -> Any:
     """The source's config for the kept layers: num_hidden_layers and every per-layer field sliced."""
@@ -109,38 +98,6 @@ def drop_spurious_lm_head(out: Path) -> None:
             write_text(index, json.dumps(idx, indent=2))
 
 
-def copy_companions(src: Path, out: Path) -> list[str]:
-    """Tokenizer, chat template and generation config; fail if the source has a tokenizer we can't bring."""
-    copied = []
-    for name in COMPANIONS:
-        if (src / name).exists() and not (out / name).exists():
-            shutil.copy2(src / name, out / name)
-            copied.append(name)
-    from transformers import AutoTokenizer
-
-    try:
-        src_tok = AutoTokenizer.from_pretrained(src)
-        out_tok = AutoTokenizer.from_pretrained(out)
-    except Exception as e:
-        raise UserError(f"the tokenizer could not be copied to {out} ({str(e).splitlines()[0]}); "
-                        f"copy it from {src} by hand") from None
-    if src_tok.get_vocab() != out_tok.get_vocab():
-        raise UserError(f"the tokenizer in {out} differs from the source's; copy it from {src}")
-    if getattr(src_tok, "chat_template", None) and getattr(out_tok, "chat_template", None) != src_tok.chat_template:
-        raise UserError(f"the chat template was not carried over to {out}; copy it from {src}")
-    if not (out / "generation_config.json").exists():
-        from transformers import GenerationConfig
-
-        try:
-            GenerationConfig.from_pretrained(src).save_pretrained(out)
-        except OSError:
-            from transformers import AutoConfig
-
-            GenerationConfig.from_model_config(AutoConfig.from_pretrained(src)).save_pretrained(out)
-        copied.append("generation_config.json")
-    return copied
-
-
 def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_remote_code: bool = False,
                 repair: str = "none", repair_texts: list[str] | None = None, repair_calibration: dict | None = None,
                 max_length: int = 256, batch_size: int = 8, skip_unfoldable: bool = False) -> Path:
@@ -150,12 +107,10 @@ def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_rem
     folder replaces ``out_path``, so a failed repair leaves the previous checkpoint as it was."""
     from mergekit.options import MergeOptions
 
-    config = read_config(plan_path)
+    config = read_plan(plan_path)
     model, kept = kept_source_layers(config)
     src = local_source(model)
-    from transformers import AutoConfig
-
-    L = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code).get_text_config().num_hidden_layers
+    L = num_layers_of(src, trust_remote_code)
     out = Path(out_path)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -166,8 +121,6 @@ def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_rem
     drop_spurious_lm_head(tmp)
     copy_companions(src, tmp)
     if repair != "none":
-        from .repair import repair_checkpoint
-
         repair_checkpoint(str(tmp), plan_path, repair_texts or [], method=repair, source=str(src), device=device,
                           batch_size=batch_size, max_length=max_length, calibration=repair_calibration,
                           skip_unfoldable=skip_unfoldable, trust_remote_code=trust_remote_code)

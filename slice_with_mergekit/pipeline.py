@@ -13,22 +13,34 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compute_block_similarity.atomic import write_text
-from compute_block_similarity.data import BUILTIN_DATASET
+from compute_block_similarity import scanfile
+from compute_block_similarity.atomic import atomic_path, write_text
+from compute_block_similarity.data import load_calibration, load_texts
 from compute_block_similarity.errors import UserError
-from compute_block_similarity.metrics import DEFAULT_METRIC
-from compute_block_similarity.options import one_of
-from compute_block_similarity.ranges import format_layers, format_ranges
+from compute_block_similarity.job import run_scan
+from compute_block_similarity.model import load_model
+from compute_block_similarity.options import DataOptions, ModelOptions, ScanOptions
+from compute_block_similarity.ranges import (
+    format_inclusive,
+    format_layers,
+    format_ranges,
+)
+from compute_block_similarity.report import plot_triangle
 from compute_block_similarity.scanfile import ScanFile
 
-from .heal import HealConfig
-from .plan import load_scan
-from .repair import REPAIRS
-from .select import SelectOptions
+from .checkpoint import kept_ranges_of, lineage, read_plan
+from .evaluate import perplexity
+from .heal import HealConfig, heal
+from .inmemory import removed_layers
+from .materialize import materialize
+from .plan import calibration_scorer, plan, write_config, write_selection
+from .repair_fit import RepairOptions
+from .select import SelectOptions, budget_search
+from .verify import verify
 
 log = logging.getLogger(__name__)
 
@@ -46,111 +58,107 @@ def stage(work: Path, name: str, inputs: dict, outputs: list[Path], fn: Callable
     return fp
 
 
-class PruneArgs(SelectOptions):
+SCAN_FLAGS = ["metric"]  # of ScanOptions, the ones prune takes; the rest keep the scan's defaults
+
+
+class PruneArgs(BaseModel):
     """The whole job"""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="checkpoint folder or Hub id")
+    load: ModelOptions = Field(default_factory=ModelOptions, json_schema_extra={"flags": {
+        "skip": ["model_path", "device_map", "gguf_file", "load_in_4bit"], "title": "Model loading (every stage)"}})
+    data: DataOptions = Field(default_factory=lambda: DataOptions(dataset_size=256, max_length=256),
+                              json_schema_extra={"flags": {"skip": ["streaming"], "title": "Calibration data (scan, "
+                                                 "selection, repair, healing) and the evaluation window"}})
+    scan: ScanOptions = Field(default_factory=ScanOptions, json_schema_extra={"flags": {
+        "skip": [k for k in ScanOptions.model_fields if k not in SCAN_FLAGS], "title": "The scan"}})
+    choice: SelectOptions = Field(default_factory=SelectOptions)
+    fix: RepairOptions = Field(default_factory=RepairOptions, json_schema_extra={"flags": {
+        "title": "Repair: each cut is bridged before evaluation and healing, and the candidates are scored after it"}})
+    heal_cfg: HealConfig = Field(default_factory=HealConfig, json_schema_extra={"flags": {
+        "prefix": "heal_", "skip": ["max_length"], "title": "Healing (with --heal), as the heal command"}})
     layers_to_skip: list[int] = Field([4], min_length=1, description="block size, or several: '2,4,6,8'")
-    dataset: str = Field(BUILTIN_DATASET, description="calibration data: Hub id, local file/folder, or "
-                         f"{BUILTIN_DATASET}")
-    dataset_column: str = Field("text", description="column holding the text")
-    dataset_subset: str = Field("train", description="calibration split (scan, selection, repair, healing)")
-    dataset_size: int | None = Field(256, ge=1, description="calibration texts for the scan, selection and repair")
     eval_subset: str = Field("test", description="held-out split for every perplexity reported")
     eval_size: int = Field(64, ge=1, description="held-out texts")
-    max_length: int = Field(256, ge=2, description="tokens per text (calibration) and evaluation window")
-    batch_size: int = Field(8, ge=1, description="texts per forward pass")
-    metric: str = Field(DEFAULT_METRIC, description="the scan metric that ranks the blocks")
-    repair: str = Field("linear", description="bridge each cut without training before evaluation and healing; "
-                        "the candidates are scored after it", json_schema_extra={"choices": list(REPAIRS)})
     heal: bool = Field(False, description="heal each pruned (and repaired) model; --heal_* set the recipe")
     work_dir: str = Field("prune_out", description="every stage's output, and report.md",
                           json_schema_extra={"aliases": ["--output"]})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="the scan's precision")
-    device: str = Field("auto", description="the scan's device")
-    trust_remote_code: bool = Field(False, description="allow model code from the Hub")
     max_ppl_ratio: float | None = Field(None, gt=1, description="budget mode: remove as many layers as keep calibration "
                                         "perplexity within this many times the dense model's (e.g. 1.25)")
     target_layers: int | None = Field(None, ge=1, description="keep this many decoder layers (instead of "
                                       "--layers_to_skip)")
     max_layers: int | None = Field(None, ge=1, description="budget mode: remove at most this many layers")
-    heal_cfg: HealConfig = Field(default_factory=HealConfig, description="the healing recipe")
 
     @model_validator(mode="after")
     def _check(self) -> "PruneArgs":
-        one_of("--repair", REPAIRS, self.repair)
         if self.max_ppl_ratio is not None and self.target_layers is not None:
             raise ValueError("--max_ppl_ratio and --target_layers are exclusive: give a budget or a layer count")
         if any(n < 1 for n in self.layers_to_skip):
             raise ValueError(f"--layers_to_skip {self.layers_to_skip}: block sizes must be >= 1")
+        if self.data.max_length < 2:
+            raise ValueError(f"--max_length must be >= 2 to score anything, got {self.data.max_length}")
         return self
 
-
-def run_scan(a: "PruneArgs", scan_dir: Path) -> None:
-    from compute_block_similarity.cli import scan
-    from compute_block_similarity.options import DataOptions, ModelOptions, ScanOptions
-
-    scan(ModelOptions(model_path=a.model, dtype=a.dtype, device=a.device, trust_remote_code=a.trust_remote_code),
-         DataOptions(dataset=a.dataset, dataset_column=a.dataset_column, dataset_subset=a.dataset_subset,
-                     dataset_size=a.dataset_size, max_length=a.max_length, batch_size=a.batch_size),
-         ScanOptions(layers_to_skip=a.layers_to_skip[0], metric=a.metric, output_dir=str(scan_dir)))
+    @property
+    def repair(self) -> str:
+        return self.fix.repair
 
 
-def run_eval(a: "PruneArgs", texts: list[str], model: str, out: Path) -> None:
-    from compute_block_similarity.model import load_model
+def fingerprints(a: PruneArgs) -> dict[str, dict]:
+    """Each stage's inputs, from the option groups that feed it (whole ``model_dump()``s, so nothing
+    that changes a result can be left out); the stages add the fingerprints of what they read."""
+    model = {"model": a.model, "load": a.load.model_dump()}
+    scan = a.scan.model_dump(exclude={"output_dir", "no_progress", "checkpoint_every", "resume", "layers_to_skip"})
+    evaluation = {**model, "eval_subset": a.eval_subset, "eval_size": a.eval_size, "data": a.data.model_dump()}
+    return {
+        "scan": {**model, "data": a.data.model_dump(), "scan": scan, "n": a.layers_to_skip[0]},
+        "select": {**model, "choice": a.choice.model_dump(), "fix": a.fix.model_dump()},
+        "materialize": {"fix": a.fix.model_dump(), "data": a.data.model_dump(),
+                        "trust_remote_code": a.load.trust_remote_code},
+        "eval": evaluation,
+        "heal": {"heal": heal_config(a).model_dump(), "data": a.data.model_dump()},
+    }
 
-    from .evaluate import perplexity
 
-    m, tok = load_model(model, trust_remote_code=a.trust_remote_code)
-    p = perplexity(m, tok, texts, max_length=a.max_length, stride=a.max_length, progress=True)
+def scan_stage(a: PruneArgs, scan_dir: Path) -> None:
+    run_scan(a.load.model_copy(update={"model_path": a.model}), a.data,
+             a.scan.model_copy(update={"layers_to_skip": a.layers_to_skip[0], "output_dir": str(scan_dir)}))
+
+
+def eval_stage(a: PruneArgs, texts: list[str], model: str, out: Path) -> None:
+    m, tok = load_model(model, dtype=a.load.dtype, device=a.load.device, trust_remote_code=a.load.trust_remote_code)
+    p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True)
     write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
 
 
-def run_eval_cut(a: "PruneArgs", texts: list[str], plan_path: Path, out: Path) -> None:
+def eval_cut_stage(a: PruneArgs, texts: list[str], plan_path: Path, out: Path) -> None:
     """Perplexity of the plain cut, computed in memory from the source (equal to its checkpoint's)."""
-    from compute_block_similarity.model import load_model
-
-    from .evaluate import perplexity
-    from .inmemory import removed_layers
-
-    m, tok = load_model(a.model, trust_remote_code=a.trust_remote_code)
-    keep = {i for r in _ranges(plan_path) for i in range(*r)}
-    with removed_layers(m, [i for i in range(m.config.get_text_config().num_hidden_layers) if i not in keep]):
-        p = perplexity(m, tok, texts, max_length=a.max_length, stride=a.max_length, progress=True)
+    m, tok = load_model(a.model, dtype=a.load.dtype, device=a.load.device, trust_remote_code=a.load.trust_remote_code)
+    with removed_layers(m, lineage(plan_path, a.model).removed):
+        p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True)
     write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
 
 
-def run_plan(a: "PruneArgs", scan_json: Path, n: int, plan_path: Path, removed: list[int] | None = None) -> None:
-    from compute_block_similarity.ranges import format_inclusive
-
-    from .plan import plan, write_config, write_selection
-
+def plan_stage(a: PruneArgs, scan_json: Path, n: int, plan_path: Path, removed: list[int] | None = None) -> None:
     fixed = {"remove": format_inclusive(removed)} if removed else {"layers_to_skip": n}
     choices: list = []
-    write_config(plan(str(scan_json), select=a.select, top_k=a.top_k, select_texts=a.select_texts, model=a.model,
-                      repair=a.repair, trust_remote_code=a.trust_remote_code, choice_out=choices, **fixed), plan_path)
+    write_config(plan(str(scan_json), select=a.choice.select, top_k=a.choice.top_k, select_texts=a.choice.select_texts,
+                      model=a.model, repair=a.repair, trust_remote_code=a.load.trust_remote_code, choice_out=choices,
+                      **fixed), plan_path)
     if choices:
         write_selection(plan_path, choices[0])
 
 
-def selection_inputs(a: "PruneArgs") -> dict:
-    """What a choice of block depends on, for the stages' fingerprints."""
-    return {**a.model_dump(include=set(SelectOptions.model_fields)), "repair": a.repair}
-
-
-def run_budget(a: "PruneArgs", scan_json: Path, out: Path) -> None:
-    from .plan import calibration_scorer
-    from .select import budget_search
-
-    scan = load_scan(scan_json)
-    score = calibration_scorer(scan, a.model, a.select_texts, a.trust_remote_code, a.repair)
-    b = budget_search(scan, score, a.max_ppl_ratio, a.select, a.top_k, a.max_layers)
+def budget_stage(a: PruneArgs, scan_json: Path, out: Path) -> None:
+    scan = scanfile.load(scan_json)
+    score = calibration_scorer(scan, a.model, a.choice.select_texts, a.load.trust_remote_code, a.repair)
+    b = budget_search(scan, score, a.max_ppl_ratio, a.choice.select, a.choice.top_k, a.max_layers)
     write_text(out, json.dumps({**asdict(b), "passes": score.passes}, indent=1) + "\n")
 
 
-def sizes_to_cut(a: "PruneArgs", work: Path, scan: ScanFile, scan_json: Path, scan_fp: str) -> tuple[list[int], dict | None]:
+def sizes_to_cut(a: PruneArgs, work: Path, scan: ScanFile, scan_json: Path, scan_fp: str) -> tuple[list[int], dict | None]:
     """--layers_to_skip, or the n that --target_layers or the --max_ppl_ratio budget asks for."""
     L = scan.num_layers
     if a.target_layers is not None:
@@ -160,8 +168,8 @@ def sizes_to_cut(a: "PruneArgs", work: Path, scan: ScanFile, scan_json: Path, sc
     if a.max_ppl_ratio is None:
         return a.layers_to_skip, None
     bjson = work / "budget.json"
-    stage(work, "budget", {"scan": scan_fp, "ratio": a.max_ppl_ratio, "max_layers": a.max_layers, **selection_inputs(a)},
-          [bjson], run_budget, a, scan_json, bjson)
+    stage(work, "budget", {"scan": scan_fp, "ratio": a.max_ppl_ratio, "max_layers": a.max_layers,
+                           **fingerprints(a)["select"]}, [bjson], budget_stage, a, scan_json, bjson)
     budget = json.loads(bjson.read_text())
     if budget["n"] == 0:
         first = budget["curve"][0]
@@ -172,22 +180,16 @@ def sizes_to_cut(a: "PruneArgs", work: Path, scan: ScanFile, scan_json: Path, sc
     return [budget["n"]], budget
 
 
-def run_materialize(a: "PruneArgs", plan_path: Path, model_dir: Path) -> None:
-    from .materialize import materialize
-    from .repair import load_calibration
-
-    texts, cal = (load_calibration(a.dataset, a.dataset_column, a.dataset_subset, a.dataset_size)
+def materialize_stage(a: PruneArgs, plan_path: Path, model_dir: Path) -> None:
+    d = a.data
+    texts, cal = (load_calibration(d.dataset, d.dataset_column, d.dataset_subset, d.dataset_size, d.dataset_config)
                   if a.repair != "none" else ([], {}))
-    materialize(str(plan_path), str(model_dir), trust_remote_code=a.trust_remote_code, repair=a.repair,
-                repair_texts=texts, repair_calibration=cal, max_length=a.max_length, batch_size=a.batch_size,
+    materialize(str(plan_path), str(model_dir), trust_remote_code=a.load.trust_remote_code, repair=a.repair,
+                repair_texts=texts, repair_calibration=cal, max_length=d.max_length, batch_size=d.batch_size,
                 skip_unfoldable=True)
 
 
-def run_verify(plan_path: Path, model_dir: Path, report: Path) -> None:
-    from compute_block_similarity.errors import UserError
-
-    from .verify import verify
-
+def verify_stage(plan_path: Path, model_dir: Path, report: Path) -> None:
     rep = verify(str(model_dir), str(plan_path))
     write_text(report, rep.render() + "\n")
     if not rep.ok:
@@ -197,17 +199,14 @@ def run_verify(plan_path: Path, model_dir: Path, report: Path) -> None:
 HEAL_TEXTS = 10_000
 
 
-def heal_config(a: "PruneArgs") -> HealConfig:
-    return a.heal_cfg.model_copy(update={"max_length": a.max_length})
+def heal_config(a: PruneArgs) -> HealConfig:
+    return a.heal_cfg.model_copy(update={"max_length": a.data.max_length})
 
 
-def run_heal(a: "PruneArgs", model_dir: Path, model_fp: str, eval_texts: list[str], hdir: Path) -> None:
-    from compute_block_similarity.data import load_texts
-
-    from .heal import heal
-
+def heal_stage(a: PruneArgs, model_dir: Path, model_fp: str, eval_texts: list[str], hdir: Path) -> None:
     # healing wants far more text than the calibration: up to HEAL_TEXTS of the training split
-    train = load_texts(a.dataset, a.dataset_column, a.dataset_subset, HEAL_TEXTS)
+    d = a.data
+    train = load_texts(d.dataset, d.dataset_column, d.dataset_subset, HEAL_TEXTS, d.dataset_config)
     cfg = heal_config(a)
     work, inputs = Path(f"{hdir}.work"), json.dumps({"model": model_fp, "heal": cfg.model_dump()}, sort_keys=True)
     marker = work / "prune_inputs.json"
@@ -219,20 +218,17 @@ def run_heal(a: "PruneArgs", model_dir: Path, model_fp: str, eval_texts: list[st
 
 
 def prune(a: PruneArgs) -> Path:
-    from compute_block_similarity.data import load_texts
-
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    fps = fingerprints(a)
     scan_json = work / "scan" / "block_distances.json"
-    scan_in = {"model": a.model, "dataset": a.dataset, "column": a.dataset_column, "split": a.dataset_subset,
-               "size": a.dataset_size, "max_length": a.max_length, "batch_size": a.batch_size, "metric": a.metric,
-               "n": a.layers_to_skip[0]}
-    scan_fp = stage(work, "scan", scan_in, [scan_json], run_scan, a, work / "scan")
-    scan = load_scan(scan_json)
-    eval_texts = load_texts(a.dataset, a.dataset_column, a.eval_subset, a.eval_size)
-    eval_in = {"texts": hashlib.sha256("\x00".join(eval_texts).encode()).hexdigest(), "max_length": a.max_length}
+    scan_fp = stage(work, "scan", fps["scan"], [scan_json], scan_stage, a, work / "scan")
+    scan = scanfile.load(scan_json)
+    data = a.data
+    eval_texts = load_texts(data.dataset, data.dataset_column, a.eval_subset, a.eval_size, data.dataset_config)
+    eval_in = {**fps["eval"], "texts": hashlib.sha256("\x00".join(eval_texts).encode()).hexdigest()}
     src_eval = work / "source_eval.json"
-    stage(work, "eval-source", {"model": a.model, **eval_in}, [src_eval], run_eval, a, eval_texts, a.model, src_eval)
+    stage(work, "eval-source", eval_in, [src_eval], eval_stage, a, eval_texts, a.model, src_eval)
     src_ppl = json.loads(src_eval.read_text())["perplexity"]
     sizes, budget = sizes_to_cut(a, work, scan, scan_json, scan_fp)
     rows = []
@@ -241,21 +237,23 @@ def prune(a: PruneArgs) -> Path:
         plan_path, model_dir, pr_eval, hdir = d / "sliced.yml", d / "model", d / "pruned_eval.json", d / "healed"
         cut_eval = d / "cut_eval.json"
         fixed = budget["curve"][n - 1]["removed"] if budget else None
-        plan_fp = stage(work, f"plan-n{n}", {"scan": scan_fp, "n": n, "removed": fixed, **selection_inputs(a)},
-                        [plan_path], run_plan, a, scan_json, n, plan_path, fixed)
-        mat_fp = stage(work, f"materialize-n{n}", {"plan": plan_fp, "repair": a.repair}, [model_dir / "config.json"],
-                       run_materialize, a, plan_path, model_dir)
-        stage(work, f"verify-n{n}", {"model": mat_fp}, [d / "verify.txt"], run_verify, plan_path, model_dir, d / "verify.txt")
-        stage(work, f"eval-n{n}", {"model": mat_fp, **eval_in}, [pr_eval], run_eval, a, eval_texts, str(model_dir), pr_eval)
+        plan_fp = stage(work, f"plan-n{n}", {"scan": scan_fp, "n": n, "removed": fixed, **fps["select"]},
+                        [plan_path], plan_stage, a, scan_json, n, plan_path, fixed)
+        mat_fp = stage(work, f"materialize-n{n}", {"plan": plan_fp, **fps["materialize"]}, [model_dir / "config.json"],
+                       materialize_stage, a, plan_path, model_dir)
+        stage(work, f"verify-n{n}", {"model": mat_fp}, [d / "verify.txt"], verify_stage, plan_path, model_dir,
+              d / "verify.txt")
+        stage(work, f"eval-n{n}", {**eval_in, "model": mat_fp}, [pr_eval], eval_stage, a, eval_texts, str(model_dir),
+              pr_eval)
         if a.repair != "none":
-            stage(work, f"eval-cut-n{n}", {"plan": plan_fp, **eval_in}, [cut_eval], run_eval_cut, a, eval_texts,
+            stage(work, f"eval-cut-n{n}", {**eval_in, "plan": plan_fp}, [cut_eval], eval_cut_stage, a, eval_texts,
                   plan_path, cut_eval)
         healed = None
         if a.heal:
-            stage(work, f"heal-n{n}", {"model": mat_fp, "heal": heal_config(a).model_dump(), **eval_in},
-                  [hdir / "heal.json"], run_heal, a, model_dir, mat_fp, eval_texts, hdir)
+            stage(work, f"heal-n{n}", {**eval_in, **fps["heal"], "model": mat_fp}, [hdir / "heal.json"], heal_stage,
+                  a, model_dir, mat_fp, eval_texts, hdir)
             healed = json.loads((hdir / "heal.json").read_text())["after_heal"]
-        ranges = _ranges(plan_path)
+        ranges = kept_ranges_of(read_plan(plan_path))
         removed = scan.removed(ranges)
         pr = json.loads(pr_eval.read_text())
         cut = json.loads(cut_eval.read_text()) if a.repair != "none" else pr
@@ -270,19 +268,12 @@ def prune(a: PruneArgs) -> Path:
     return work / "report.md"
 
 
-def _ranges(plan_path: Path) -> list[list[int]]:
-    from .plan import read_config
-
-    return [list(s.sources[0].layer_range) for s in read_config(plan_path).slices]
-
-
 def plot_ppl(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from compute_block_similarity.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ns = [0] + [r["n"] for r in rows]
@@ -343,9 +334,7 @@ def candidate_lines(work: Path, rows: list[dict], scan: ScanFile) -> list[str]:
 
 
 def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile, budget: dict | None = None) -> None:
-    from compute_block_similarity.atomic import atomic_path
 
-    from compute_block_similarity.report import plot_triangle
 
     with atomic_path(work / "heatmap.png") as tmp:  # the scan's heatmap with the chosen cuts boxed
         plot_triangle(scan.distances, scan.num_layers, scan.metric, Path(a.model).name,
@@ -355,8 +344,8 @@ def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile, bud
     L = scan.num_layers
     lines = [f"# Depth-pruning report: `{a.model}`", "",
              f"{L} decoder layers. Scan: `{scan.metric}` on {scan.num_samples} texts ({scan.num_tokens} tokens) "
-             f"of `{a.dataset}`; selection: `{a.select}`. Perplexity: held-out split `{a.eval_subset}` "
-             f"({a.eval_size} texts, {rows[0]['tokens']} tokens scored, window {a.max_length}).",
+             f"of `{a.data.dataset}`; selection: `{a.choice.select}`. Perplexity: held-out split `{a.eval_subset}` "
+             f"({a.eval_size} texts, {rows[0]['tokens']} tokens scored, window {a.data.max_length}).",
              "Layers are 0-based; ranges are half-open `[start, end)` as in MergeKit's `layer_range`.", "",
              "Repair: `none` (the plain cut)." if a.repair == "none" else
              f"Repair: `{a.repair}` (a least-squares bridge folded into the layer before each cut; "

@@ -12,22 +12,31 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mergekit.common import ModelReference
-from mergekit.config import InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
+from mergekit.config import (
+    InputSliceDefinition,
+    MergeConfiguration,
+    OutputSliceDefinition,
+)
 
 from compute_block_similarity import scanfile
+from compute_block_similarity.atomic import write_text
+from compute_block_similarity.data import BUILTIN_DATASET, load_texts
 from compute_block_similarity.errors import UserError, first_line, looks_local
-from compute_block_similarity.ranges import format_layers, format_ranges, kept_ranges, parse_layers
+from compute_block_similarity.model import load_model
+from compute_block_similarity.ranges import (
+    format_layers,
+    format_ranges,
+    kept_ranges,
+    parse_layers,
+)
 from compute_block_similarity.scanfile import ScanFile
+
+from .select import Scorer, SelectOptions, choose
 
 log = logging.getLogger(__name__)
 
 
-def load_scan(path: str | os.PathLike) -> ScanFile:
-    """block_distances.json, validated (see compute_block_similarity.scanfile)."""
-    return scanfile.load(path)
-
-
-def removed_layers(scan: ScanFile, *, layers_to_skip: int | None = None, start: int | None = None,
+def layers_to_remove(scan: ScanFile, *, layers_to_skip: int | None = None, start: int | None = None,
                    remove: str | None = None) -> list[int]:
     """The layers to cut: the scan's best block of ``layers_to_skip``, the block [start, start+n),
     or an explicit ``remove`` list such as "21-28,30"."""
@@ -93,10 +102,7 @@ def source_dtype(cfg: Any) -> str | None:
 def calibration_scorer(scan: ScanFile, model: str, num_texts: int | None = None, trust_remote_code: bool = False,
                        repair: str = "none"):
     """A perplexity scorer on the scan's own calibration text (its dataset provenance)."""
-    from compute_block_similarity.data import BUILTIN_DATASET, load_texts
-    from compute_block_similarity.model import load_model
 
-    from .select import Scorer
 
     ds = scan.dataset
     texts = load_texts(ds.name or BUILTIN_DATASET, ds.column or "text", ds.split or "train", num_texts or ds.size,
@@ -116,12 +122,11 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
     ``layers_to_skip`` when no explicit --start/--remove is given. With ``repair``, candidates are
     scored after that repair (the plan itself stays the plain cut).
     """
-    from .select import SelectOptions, choose
 
     opts = SelectOptions(**{k: v for k, v in dict(select=select, top_k=top_k).items() if v is not None})
     select, top_k = opts.select, opts.top_k
-    scan = load_scan(scan_path)
-    removed = removed_layers(scan, layers_to_skip=layers_to_skip, start=start, remove=remove)
+    scan = scanfile.load(scan_path)
+    removed = layers_to_remove(scan, layers_to_skip=layers_to_skip, start=start, remove=remove)
     scanned = scan.model
     if model is not None and os.path.normpath(model) != os.path.normpath(scanned):
         log.warning("--model %s overrides the scanned model %s", model, scanned)
@@ -147,7 +152,6 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
 
 
 def write_config(config: MergeConfiguration, path: str | os.PathLike) -> None:
-    from compute_block_similarity.atomic import write_text
 
     write_text(path, config.to_yaml() + "\n")
 
@@ -156,37 +160,7 @@ def write_selection(plan_path: str | os.PathLike, choice: Any) -> Path:
     """The selection's evidence beside the plan: sliced.yml -> sliced.select.json (every candidate scored)."""
     import dataclasses
 
-    from compute_block_similarity.atomic import write_text
 
     sel = Path(plan_path).with_suffix(".select.json")
     write_text(sel, json.dumps(dataclasses.asdict(choice), indent=1) + "\n")
     return sel
-
-
-def read_config(path: str | os.PathLike) -> MergeConfiguration:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; write it with `python -m slice_with_mergekit --scan ...`") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid YAML ({first_line(e)}); give the sliced.yml written by "
-                        "`python -m slice_with_mergekit --scan ...`") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a MergeKit config (a YAML mapping with merge_method and slices)")
-    try:
-        return MergeConfiguration.model_validate(data)
-    except Exception as e:
-        raise UserError(f"{path} is not a valid MergeKit config ({str(e).splitlines()[0]})") from None
-
-
-def kept_source_layers(config: MergeConfiguration) -> tuple[str, list[int]]:
-    """(source model, the source layer behind each output layer) for a single-source passthrough plan."""
-    if config.merge_method != "passthrough" or not config.slices:
-        raise UserError("the plan must be a passthrough merge with slices")
-    models = {str(s.model.model.path) for sl in config.slices for s in sl.sources}
-    if len(models) != 1 or any(len(sl.sources) != 1 for sl in config.slices):
-        raise UserError("the plan must slice one source model (one source per slice)")
-    layers = [i for sl in config.slices for i in range(*sl.sources[0].layer_range)]
-    return models.pop(), layers

@@ -6,11 +6,11 @@ import logging
 import os
 from pathlib import Path
 
+from compute_block_similarity import scanfile
 from compute_block_similarity.atomic import write_text
 from compute_block_similarity.errors import UserError, first_line
 
 from .card import model_card
-from .plan import load_scan
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def push(out_path: str, repo_id: str, *, plan_path: str | None = None, scan_path
     plan = Path(plan_path) if plan_path else out / "mergekit_config.yml"
     if not plan.exists():
         raise UserError(f"no plan at {plan}; pass --plan sliced.yml")
-    scan = load_scan(scan_path) if scan_path else None
+    scan = scanfile.load(scan_path) if scan_path else None
     from huggingface_hub import HfApi, get_token
 
     if not dry_run and not get_token():  # checked before the card replaces anything

@@ -19,12 +19,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 from pydantic import BaseModel, Field, field_validator
 
-from compute_block_similarity.options import one_of
+from compute_block_similarity.flags import one_of
 from compute_block_similarity.ranges import format_layers
 from compute_block_similarity.scanfile import ScanFile
 
 from .evaluate import perplexity, tokenize_windows
 from .inmemory import removed_layers
+from .repair_fit import fit_repair
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,6 @@ class Scorer:
         return diff, math.sqrt(var)
 
     def _bridge(self, removed: tuple[int, ...]) -> Any:
-        from .repair import fit_repair
 
         if self.repair == "none" or not removed:
             return nullcontext()

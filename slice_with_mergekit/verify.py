@@ -5,44 +5,26 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.ranges import format_layers
 
-from .materialize import local_source
-from .plan import kept_source_layers, read_config
+from .checkpoint import (
+    REPAIR_FILE,
+    layer_of,
+    lineage,
+    source_key,
+    tensor_files,
+    tensor_index,
+)
+from .repair_record import check_repaired
 
 log = logging.getLogger(__name__)
-
-LAYER_KEY = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks))\.(?P<idx>\d+)\.(?P<rest>.+)$")
-
-
-def tensor_files(folder: Path) -> list[Path]:
-    """The checkpoint's weight shards (repair.safetensors holds bridges, not weights)."""
-    files = sorted(f for f in folder.glob("*.safetensors") if f.name != "repair.safetensors")
-    if not files:
-        raise UserError(f"{folder} holds no .safetensors weights")
-    return files
-
-
-def tensor_index(folder: Path, stack: ExitStack) -> dict[str, Any]:
-    """{tensor name: the open safetensors handle holding it} over every shard; ``stack`` closes them.
-    Tensors are read one at a time through the handles, so a 70B checkpoint takes little memory."""
-    from safetensors import safe_open
-
-    index: dict[str, Any] = {}
-    for f in tensor_files(folder):
-        h = stack.enter_context(safe_open(str(f), "pt"))
-        index.update(dict.fromkeys(h.keys(), h))
-    return index
-
 
 def differing_tensors(out: Path, src: Path, kept: list[int]) -> list[str]:
     """Output tensors not bitwise equal to the source tensor they came from, compared pair by pair."""
@@ -64,16 +46,8 @@ def numel_by_name(folder: Path) -> dict[str, int]:
     return out
 
 
-def source_key(name: str, kept: list[int]) -> str:
-    """The source tensor an output tensor came from: output layer k is source layer kept[k]."""
-    m = LAYER_KEY.match(name)
-    if not m:
-        return name
-    return f"{m['prefix']}.{kept[int(m['idx'])]}.{m['rest']}"
-
-
 @dataclass
-class Report:
+class Checks:
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
 
     def add(self, name: str, ok: bool, detail: str) -> bool:
@@ -90,18 +64,16 @@ class Report:
         return "\n".join(lines + [f"verification {'passed' if self.ok else 'FAILED'}"])
 
 
-def verify(out_path: str, plan_path: str, source: str | None = None, generate_tokens: int = 8) -> Report:
+def verify(out_path: str, plan_path: str, source: str | None = None, generate_tokens: int = 8) -> Checks:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out_path)
     if not (out / "config.json").exists():
         raise UserError(f"{out} is not a checkpoint folder (no config.json); materialize it first")
-    model_id, kept = kept_source_layers(read_config(plan_path))
-    src = local_source(source or model_id)
-    L = AutoConfig.from_pretrained(src).get_text_config().num_hidden_layers
-    removed = sorted(set(range(L)) - set(kept))
-    rep = Report()
-    rep.add("plan", True, f"source {source or model_id}: remove {format_layers(removed)}, keep {len(kept)} of {L} layers")
+    lin = lineage(plan_path, source)
+    src, kept, L, removed = lin.source_dir, lin.kept, lin.num_layers, lin.removed
+    rep = Checks()
+    rep.add("plan", True, f"source {lin.source}: remove {format_layers(removed)}, keep {len(kept)} of {L} layers")
 
     cfg = AutoConfig.from_pretrained(out)
     n_out = cfg.get_text_config().num_hidden_layers
@@ -111,7 +83,7 @@ def verify(out_path: str, plan_path: str, source: str | None = None, generate_to
     out_names = numel_by_name(out)
     tied = bool(getattr(cfg.get_text_config(), "tie_word_embeddings", False))
     expected = {source_key(k, kept) for k in out_names}
-    wanted = {k for k in src_names if not (LAYER_KEY.match(k) and int(LAYER_KEY.match(k)["idx"]) in removed)}
+    wanted = {k for k in src_names if layer_of(k) not in removed}
     if tied:
         wanted.discard("lm_head.weight")
     missing, extra = sorted(wanted - expected), sorted(expected - wanted)
@@ -124,8 +96,6 @@ def verify(out_path: str, plan_path: str, source: str | None = None, generate_to
     actual = sum(out_names.values())
     rep.add("parameter count", actual == predicted,
             f"{actual:,} (plan predicts {predicted:,}; source {sum(src_names.values()):,})")
-
-    from .repair import REPAIR_FILE, check_repaired
 
     patched, bad = check_repaired(out, src, kept)
     diffs = [k for k in differing_tensors(out, src, kept) if k not in patched]

@@ -91,7 +91,8 @@ def test_sampled_all_token_metrics_agree_with_full(smollm2_dir):
     of the computation over every token (texts of up to 256 tokens)."""
     from compute_block_similarity.data import load_texts
     from compute_block_similarity.model import load_model
-    from compute_block_similarity.scan import TOKENS_PER_TEXT, scan_model
+    from compute_block_similarity.options import TOKENS_PER_TEXT
+    from compute_block_similarity.scan import scan_model
 
     model, tok = load_model(smollm2_dir, device="cpu")
     texts = load_texts(size=48)

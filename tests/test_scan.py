@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compute_block_similarity import METRICS, scan_model
-from compute_block_similarity.scan import decoder_layers
+from compute_block_similarity.model import decoder_layers
 from conftest import TEXTS, load
 
 

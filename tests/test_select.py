@@ -127,7 +127,7 @@ def test_select_race_on_a_tiny_model_reports_its_candidates_and_cost(tiny_models
 def test_repair_aware_scoring_scores_the_bridged_cut(tiny_models):
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
-    from slice_with_mergekit.repair import fit_repair
+    from slice_with_mergekit.repair_fit import fit_repair
 
     model, tok = load(tiny_models["qwen3"])
     texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]  # enough tokens for the guard to apply the bridge

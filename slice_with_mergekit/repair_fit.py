@@ -1,0 +1,504 @@
+"""Training-free repair of a cut: a least-squares bridge folded into one weight (ReplaceMe, arXiv 2505.02819).
+
+Removing the run of layers [s, e) hands layer e the state x^s instead of x^e. Layer s-1 writes into
+the residual stream through its MLP output projection, whose output m is added to the stream:
+x^s = r + m. Fit one d x d matrix T so that
+
+    r + m T  ~=  x^e          (least squares:  T = (M^T M + lam I)^-1 M^T (x^e - x^s + m))
+
+over every calibration token, and fold it into that projection (W <- T^T W for a Linear, W <- W T for
+a GPT-2 Conv1D, bias b <- b T). A cut at layer 0 folds into the input embedding (E <- E T), which
+is refused when the embedding is tied to the LM head. The result is an ordinary checkpoint.
+
+This module is the fit, in memory (what selection needs); repair_record.py is the record and the fold's
+arithmetic (what verify and the card need); repair.py folds a fit into a checkpoint on disk.
+
+Data path, top to bottom:
+  calibration texts -> batches -> one forward of the dense model, stopped after the last needed layer,
+  with hooks taking m (the writer's output), x^s and x^e at non-pad tokens
+  -> float64 M^T M, M^T Y per run, split into a fit part and a held-out part (every 5th text)
+  -> ridge strength chosen on the held-out part -> guard: held-out loss bridged vs plain cut
+  -> T refitted on all tokens -> repair.safetensors (T, provenance) -> folded into the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from pydantic import BaseModel, Field, field_validator
+from torch import nn
+from tqdm.auto import tqdm
+
+from compute_block_similarity.batching import make_batches, tokenize
+from compute_block_similarity.errors import UserError
+from compute_block_similarity.flags import one_of
+from compute_block_similarity.model import decoder_layers, input_device, text_config
+from compute_block_similarity.ranges import runs as ranges_runs
+
+from .evaluate import perplexity
+from .inmemory import removed_layers
+from .repair_record import fold_tensor
+
+log = logging.getLogger(__name__)
+
+HELDOUT_EVERY = 5  # every 5th calibration text chooses the ridge and guards the bridge
+RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # lam = alpha * mean(diag(M^T M))
+
+
+# ---------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class RepairMethod:
+    name: str
+    help: str
+    stores_tokens: bool  # keeps a sample of (r, m, x^e) tokens for an iterative fit
+
+
+REPAIRS: dict[str, RepairMethod] = {m.name: m for m in (
+    RepairMethod("none", "the plain cut", False),
+    RepairMethod("linear", "closed-form least squares with a held-out ridge (one forward pass, no training)", False),
+    RepairMethod("cosine", "ReplaceMe's cosine objective: Adam on a token sample, started from the linear fit", True),
+)}
+
+
+def get_repair(name: str) -> RepairMethod:
+    return REPAIRS[one_of("--repair", REPAIRS, name)]
+
+
+def repairs_help() -> str:
+    return "the bridge over each cut, fitted without training: " + "; ".join(f"{m.name}: {m.help}" for m in REPAIRS.values())
+
+
+class RepairOptions(BaseModel):
+    """Repair"""
+
+    repair: str = Field("linear", description=repairs_help(), json_schema_extra={"choices": list(REPAIRS)})
+
+    @field_validator("repair")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return one_of("--repair", REPAIRS, v)
+
+
+# ---------------------------------------------------------------- where a bridge folds
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
+
+
+def _linear_like(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or _is_conv1d(mod)
+
+
+class _Stop(Exception):
+    """Raised by a hook once every needed layer has run: the rest of the forward is skipped."""
+
+
+def _forward(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    try:
+        getattr(model, "base_model", model)(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                             use_cache=False)
+    except _Stop:
+        pass
+
+
+def _stop_after(layer: nn.Module) -> Any:
+    def hook(*_: Any) -> None:
+        raise _Stop
+
+    return layer.register_forward_hook(hook)
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class Writer:
+    """The module whose output is added, unchanged, to the residual stream entering layer ``start``."""
+
+    start: int  # the run's first removed layer
+    name: str  # module name; its weight is "<name>.weight" in the source's state dict
+    module: nn.Module = field(repr=False)
+    kind: str  # "linear" | "conv1d" | "embedding"
+
+    def params(self) -> dict[str, nn.Parameter]:
+        out = {"weight": self.module.weight}
+        if self.kind != "embedding" and getattr(self.module, "bias", None) is not None:
+            out["bias"] = self.module.bias
+        return out
+
+
+def find_writer(model: nn.Module, start: int, probe: tuple[torch.Tensor, torch.Tensor]) -> Writer:
+    """The writer for a run starting at ``start``, found by running the model, not by a name:
+    the last Linear/Conv1D of layer start-1 with a d-wide output (the input embedding when start = 0),
+    then checked: adding a vector to its output must add exactly that vector to x^start."""
+    layers = decoder_layers(model)
+    d = text_config(model).hidden_size
+    names = {m: n for n, m in model.named_modules()}
+    if start == 0:
+        emb = model.get_input_embeddings()
+        if getattr(text_config(model), "tie_word_embeddings", False):
+            raise UserError("the cut starts at layer 0, so its bridge must fold into the input embedding, which this "
+                            "model ties to the LM head (folding would change the output too); keep layer 0 or use "
+                            "--repair none")
+        writer = Writer(0, names[emb], emb, "embedding")
+    else:
+        order: list[nn.Module] = []
+        hooks = [m.register_forward_hook(lambda mod, a, o: order.append(mod))
+                 for m in layers[start - 1].modules() if _linear_like(m)]
+        hooks.append(_stop_after(layers[start - 1]))
+        try:
+            with torch.no_grad():
+                _forward(model, *probe)
+        finally:
+            for h in hooks:
+                h.remove()
+        wide = [m for m in order if _output_tensor_width(m) == d]
+        if not wide:
+            raise UserError(f"layer {start - 1} has no linear projection into the {d}-wide residual stream; "
+                            f"{type(model).__name__} cannot take a linear bridge (use --repair none)")
+        mod = wide[-1]
+        writer = Writer(start, names[mod], mod, "conv1d" if _is_conv1d(mod) else "linear")
+    _check_additive(model, writer, probe)
+    return writer
+
+
+def _output_tensor_width(mod: nn.Module) -> int:
+    return mod.nf if _is_conv1d(mod) else mod.out_features
+
+
+def _check_additive(model: nn.Module, writer: Writer, probe: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """x^start must move by exactly delta when the writer's output moves by delta; else a fold is not exact."""
+    layers = decoder_layers(model)
+    seen: list[torch.Tensor] = []
+    if writer.start == 0:
+        tap = layers[0].register_forward_pre_hook(
+            lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).float()), with_kwargs=True)
+    else:
+        tap = layers[writer.start - 1].register_forward_hook(lambda m, a, o: seen.append(_output_tensor(o).float()))
+    stop = _stop_after(layers[max(writer.start - 1, 0)])
+    delta = torch.zeros(0)
+    shift = lambda mod, a, out: out + delta.to(out.device, out.dtype)  # noqa: E731
+    try:
+        with torch.no_grad():
+            _forward(model, *probe)
+            scale = max(1.0, float(seen[0].abs().mean()))
+            delta = torch.linspace(-scale, scale, seen[0].shape[-1])
+            h = writer.module.register_forward_hook(shift)
+            try:
+                _forward(model, *probe)
+            finally:
+                h.remove()
+    finally:
+        tap.remove()
+        stop.remove()
+    moved = seen[1] - seen[0]  # (1, S, d)
+    eps = torch.finfo(next(model.parameters()).dtype).eps
+    tol = 0.02 * scale + 8 * eps * float(seen[0].abs().max())
+    if not torch.allclose(moved, delta.to(moved.device).expand_as(moved), rtol=0, atol=tol):
+        where = "the input embedding" if writer.start == 0 else writer.name
+        raise UserError(f"the output of {where} is not added unchanged to the residual stream entering layer "
+                        f"{writer.start} (a norm or scale sits in between), so a bridge cannot be folded into it "
+                        "exactly; use --repair none for this model")
+
+
+# ---------------------------------------------------------------- the fit
+
+
+@dataclass
+class RunStats:
+    """float64 normal equations of one run, for the fit part (0) and the held-out part (1)."""
+
+    AtA: list[torch.Tensor]  # 2 x (d, d): sum m^T m
+    AtY: list[torch.Tensor]  # 2 x (d, d): sum m^T y,  y = x^e - x^s + m
+    YtY: list[float]  # 2 x sum ||y||^2
+    EtE: list[float]  # 2 x sum ||x^e - x^s||^2, the plain cut's error
+    tokens: list[int]
+    sample: list[torch.Tensor] = field(default_factory=list)  # (r, m, x^e) token rows, for the cosine fit
+
+
+@dataclass
+class Bridge:
+    start: int
+    end: int
+    writer: str  # module name in the source model
+    kind: str
+    T: torch.Tensor  # (d, d) float64
+    applied: bool
+    ridge: float
+    decision: str
+    heldout_mse_cut: float
+    heldout_mse_bridged: float
+    heldout_ppl_cut: float | None = None
+    heldout_ppl_bridged: float | None = None
+    bias: bool = False  # the writer has a bias, folded too
+    T_fit: torch.Tensor | None = field(default=None, repr=False)  # fitted without the held-out fifth, for the guard
+
+    def record(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("T", "T_fit")}
+
+
+def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tuple[int, int]],
+            writers: dict[int, Writer], *, batch_size: int = 8, max_length: int = 256, sample_tokens: int = 0,
+            progress: bool = True) -> dict[tuple[int, int], RunStats]:
+    """One forward pass of the dense model over ``texts`` (stopped after the deepest needed layer),
+    accumulating each run's normal equations on the device its layer runs on."""
+    layers = decoder_layers(model)
+    d = text_config(model).hidden_size
+    ids, skipped = tokenize(tok, texts, max_length)
+    if skipped:
+        log.warning("repair: skipped %d empty calibration text(s)", skipped)
+    part_of = [0 if (i + 1) % HELDOUT_EVERY else 1 for i in range(len(ids))]
+    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
+    dev = input_device(model)
+    stats: dict[tuple[int, int], RunStats] = {}
+    taps: dict[str, torch.Tensor] = {}  # what the hooks saw in this batch, (B, S, d)
+    hooks = []
+
+    def keep(key: str) -> Callable:
+        return lambda mod, args, out: taps.__setitem__(key, _output_tensor(out))
+
+    for s, e in runs:
+        if s == 0:  # the embedding output is x^0 itself, taken at layer 0's input
+            hooks.append(layers[0].register_forward_pre_hook(
+                lambda m, a, kw: taps.__setitem__("x0", a[0] if a else kw["hidden_states"]), with_kwargs=True))
+        else:
+            hooks.append(writers[s].module.register_forward_hook(keep(f"m{s}")))
+            hooks.append(layers[s - 1].register_forward_hook(keep(f"x{s}")))
+        hooks.append(layers[e - 1].register_forward_hook(keep(f"x{e}")))
+    hooks.append(_stop_after(layers[max(e for _, e in runs) - 1]))
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for part in (0, 1):
+            sub = [x for x, p in zip(ids, part_of) if p == part]
+            if not sub:
+                continue
+            for batch in tqdm(make_batches(sub, batch_size, pad, "right"), desc=f"repair fit ({'fit' if part == 0 else 'held-out'})",
+                              disable=not progress):
+                mask = batch.attention_mask.to(dev)
+                with torch.no_grad():
+                    _forward(model, batch.input_ids.to(dev), mask)
+                for s, e in runs:
+                    sel = mask.bool()
+                    xs = taps[f"x{s}"][sel.to(taps[f"x{s}"].device)].double()  # (N, d)
+                    xe = taps[f"x{e}"][sel.to(taps[f"x{e}"].device)].to(xs.device).double()
+                    m = xs if s == 0 else taps[f"m{s}"][sel.to(taps[f"m{s}"].device)].to(xs.device).double()
+                    y = xe - xs + m  # (N, d)
+                    st = stats.get((s, e))
+                    if st is None:
+                        z = lambda: torch.zeros((d, d), dtype=torch.float64, device=m.device)  # noqa: E731
+                        st = stats[(s, e)] = RunStats([z(), z()], [z(), z()], [0.0, 0.0], [0.0, 0.0], [0, 0])
+                    st.AtA[part] += m.T @ m
+                    st.AtY[part] += m.T @ y
+                    st.YtY[part] += float((y * y).sum())
+                    st.EtE[part] += float(((xe - xs) ** 2).sum())
+                    st.tokens[part] += m.shape[0]
+                    if sample_tokens and part == 0:
+                        keep_n = min(m.shape[0], max(1, sample_tokens * m.shape[0] // max(1, sum(map(len, ids)))))
+                        pick = torch.randperm(m.shape[0], generator=gen)[:keep_n].to(m.device)
+                        st.sample.append(torch.stack([(xs - m)[pick], m[pick], xe[pick]]).float().cpu())
+                taps.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _solve(AtA: torch.Tensor, AtY: torch.Tensor, alpha: float) -> torch.Tensor:
+    d = AtA.shape[0]
+    lam = alpha * float(AtA.diagonal().mean())
+    L, info = torch.linalg.cholesky_ex(AtA + lam * torch.eye(d, dtype=AtA.dtype, device=AtA.device))
+    if int(info) != 0:
+        return torch.linalg.lstsq(AtA + lam * torch.eye(d, dtype=AtA.dtype, device=AtA.device), AtY).solution
+    return torch.cholesky_solve(AtY, L)
+
+
+def _mse(T: torch.Tensor, AtA: torch.Tensor, AtY: torch.Tensor, YtY: float) -> float:
+    """sum ||y - m T||^2 from the normal equations: YtY - 2 tr(T^T AtY) + tr(T^T AtA T)."""
+    return YtY - 2 * float((T * AtY).sum()) + float((T * (AtA @ T)).sum())
+
+
+def fit_linear(st: RunStats, d: int) -> tuple[torch.Tensor, torch.Tensor, float, float, float]:
+    """(T on the fit part, T on all tokens, ridge alpha, held-out mse of the plain cut, of the bridge)."""
+    if st.tokens[0] < d:
+        raise UserError(f"the bridge has {d} x {d} unknowns but only {st.tokens[0]} calibration tokens to fit them; "
+                        f"give at least {d * HELDOUT_EVERY // (HELDOUT_EVERY - 1) + 1} tokens "
+                        "(raise --dataset_size or --max_length)")
+    has_heldout = st.tokens[1] > 0
+    best = None
+    for alpha in RIDGE_GRID:
+        T = _solve(st.AtA[0], st.AtY[0], alpha)
+        err = _mse(T, st.AtA[1], st.AtY[1], st.YtY[1]) if has_heldout else _mse(T, st.AtA[0], st.AtY[0], st.YtY[0])
+        if best is None or err < best[0]:
+            best = (err, alpha, T)
+    err, alpha, T_fit = best
+    T_all = _solve(st.AtA[0] + st.AtA[1], st.AtY[0] + st.AtY[1], alpha)
+    n = max(st.tokens[1], 1) if has_heldout else st.tokens[0]
+    cut = (st.EtE[1] if has_heldout else st.EtE[0]) / n
+    return T_fit, T_all, alpha, cut, err / n
+
+
+def fit_cosine(st: RunStats, T0: torch.Tensor, steps: int = 100, lr: float = 1e-4) -> torch.Tensor:
+    """ReplaceMe's variant: minimise mean(1 - cos(r + m T, x^e)) with Adam, from the linear fit."""
+    if not st.sample:
+        return T0
+    r, m, xe = torch.cat(st.sample, dim=1).to(T0.device)  # each (N, d)
+    T = T0.float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([T], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (1 - torch.nn.functional.cosine_similarity(r + m @ T, xe, dim=-1)).mean()
+        loss.backward()
+        opt.step()
+    return T.detach().double()
+
+
+# ---------------------------------------------------------------- applying a bridge
+
+
+@contextmanager
+def bridged(writers: Sequence[Writer], Ts: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Within the block, each writer's weights are folded with its T (in memory); restored on exit."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for w, T in zip(writers, Ts):
+                for key, p in w.params().items():
+                    saved.append((p, p.detach().clone()))
+                    p.copy_(fold_tensor(w.kind, key == "bias", p, T.to(p.device)).to(p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for p, old in saved:
+                p.copy_(old)
+
+
+@dataclass
+class RepairResult:
+    method: str
+    bridges: list[Bridge]
+    calibration: dict
+    seconds: float
+    writers: dict[int, Writer] = field(default_factory=dict, repr=False)  # by run start, in the fitted model
+
+    @property
+    def applied(self) -> list[Bridge]:
+        return [b for b in self.bridges if b.applied]
+
+    def in_memory(self) -> Any:
+        """A context in which the fitted model carries every applied bridge (combine with removed_layers)."""
+        return bridged([self.writers[b.start] for b in self.applied], [b.T for b in self.applied])
+
+    def record(self) -> dict:
+        return {"method": self.method, "calibration": self.calibration, "seconds": round(self.seconds, 3),
+                "bridges": [b.record() for b in self.bridges]}
+
+
+def fit_repair(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[int], *, method: str = "linear",
+               batch_size: int = 8, max_length: int = 256, guard: bool = True, cosine_steps: int = 100,
+               sample_tokens: int = 32768, calibration: dict | None = None, skip_unfoldable: bool = False,
+               progress: bool = True) -> RepairResult:
+    """Fit one bridge per contiguous run of ``removed`` on the dense ``model`` (nothing is written).
+
+    A bridge is kept only if the model without the layers but with the bridge has a lower loss on the
+    held-out fifth of the calibration text than the plain cut (``guard``). A run whose bridge cannot be
+    folded exactly raises UserError, or with ``skip_unfoldable`` is left plain and recorded so."""
+    meth = get_repair(method)
+    if method == "none":
+        return RepairResult("none", [], dict(calibration or {}), 0.0)
+    removed = sorted(set(removed))
+    if not removed:
+        raise UserError("the plan removes no layers, so there is nothing to repair")
+    t0 = time.perf_counter()
+    runs = ranges_runs(removed)
+    ids, _ = tokenize(tok, texts[:1], 16)
+    if not ids:
+        raise UserError("the calibration text is empty; give --dataset with real text")
+    dev = input_device(model)
+    probe = (torch.tensor(ids[:1], device=dev), torch.ones((1, len(ids[0])), dtype=torch.long, device=dev))
+    writers, refused = {}, {}
+    for s, _ in runs:
+        try:
+            writers[s] = find_writer(model, s, probe)
+        except UserError as err:
+            if not skip_unfoldable:
+                raise
+            refused[s] = str(err)
+    d = text_config(model).hidden_size
+    bridges = [Bridge(s, e, "", "", torch.eye(d, dtype=torch.float64), False, 0.0, f"not bridged: {refused[s]}",
+                      float("nan"), float("nan")) for s, e in runs if s in refused]
+    runs = [r for r in runs if r[0] not in refused]
+    if not runs:
+        for b in bridges:
+            log.warning("repair [%d, %d): %s", b.start, b.end, b.decision)
+        return RepairResult(method, bridges, dict(calibration or {}), time.perf_counter() - t0)
+    stats = collect(model, tok, texts, runs, writers, batch_size=batch_size, max_length=max_length,
+                    sample_tokens=sample_tokens if meth.stores_tokens else 0, progress=progress)
+    for s, e in runs:
+        st = stats[(s, e)]
+        T_fit, T_all, alpha, mse_cut, mse_br = fit_linear(st, d)
+        if method == "cosine":
+            T_fit = T_all = fit_cosine(st, T_all, steps=cosine_steps)
+            mse_br = _mse(T_fit, st.AtA[1], st.AtY[1], st.YtY[1]) / max(st.tokens[1], 1)
+        bridges.append(Bridge(s, e, writers[s].name, writers[s].kind, T_all.cpu(), True, alpha, "", mse_cut, mse_br,
+                              bias="bias" in writers[s].params(), T_fit=T_fit.cpu()))
+    fitted = [b for b in bridges if b.start in writers]
+    if guard:
+        _guard(model, tok, texts, removed, fitted, [writers[b.start] for b in fitted], max_length, batch_size)
+    else:
+        for b in fitted:
+            b.decision = "applied (no guard)"
+    bridges.sort(key=lambda b: b.start)
+    for b in bridges:
+        log.info("repair [%d, %d) via %s: %s", b.start, b.end, b.writer, b.decision)
+    cal = {**(calibration or {}), "tokens_fit": sum(stats[r].tokens[0] for r in runs) // len(runs),
+           "tokens_heldout": sum(stats[r].tokens[1] for r in runs) // len(runs), "max_length": max_length}
+    return RepairResult(method, bridges, cal, time.perf_counter() - t0, writers)
+
+
+def _guard(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[int], bridges: list[Bridge],
+           writers: list[Writer], max_length: int, batch_size: int) -> None:
+    """Keep each bridge only if it lowers held-out calibration loss (bridges fitted without that text)."""
+    held = [t for i, t in enumerate(t for t in texts if t.strip()) if (i + 1) % HELDOUT_EVERY == 0]
+    if not held:
+        for b in bridges:
+            b.decision = "applied (no held-out calibration text to guard with)"
+        return
+    ppl = lambda: perplexity(model, tok, held, max_length=max_length, stride=max_length,  # noqa: E731
+                             batch_size=batch_size).perplexity
+    with removed_layers(model, removed):
+        cut = ppl()
+        with bridged(writers, [b.T_fit for b in bridges]):
+            both = ppl()
+    for b in bridges:
+        b.heldout_ppl_cut, b.heldout_ppl_bridged = cut, both
+    if both < cut:
+        for b in bridges:
+            b.decision = f"applied: held-out calibration perplexity {cut:.3f} plain -> {both:.3f} bridged"
+        return
+    # the bridges together hurt: keep each one only if it helps on its own
+    for b, w in zip(bridges, writers):
+        with removed_layers(model, removed), bridged([w], [b.T_fit]):
+            alone = ppl() if len(bridges) > 1 else both
+        b.heldout_ppl_bridged = alone
+        b.applied = alone < cut
+        b.decision = (f"{'applied' if b.applied else 'NOT applied'}: held-out calibration perplexity "
+                      f"{cut:.3f} plain -> {alone:.3f} bridged")
+
+
+
+
+def describe(result: RepairResult) -> str:
+    if result.method == "none":
+        return "no repair"
+    parts = [f"[{b.start}, {b.end}) {'bridged' if b.applied else 'left plain'}" for b in result.bridges]
+    return f"{result.method}: " + "; ".join(parts)

@@ -1,0 +1,94 @@
+"""The record of a repair: repair.safetensors (each bridge's T and how it was fitted), the fold's
+arithmetic, and the check that a checkpoint's patched tensors equal source x recorded T.
+What verify and the model card need; nothing here fits anything."""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from compute_block_similarity.atomic import atomic_path
+from compute_block_similarity.errors import UserError
+
+from .checkpoint import REPAIR_FILE, output_key, tensor_index
+
+
+def fold_tensor(kind: str, is_bias: bool, w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """float64 fold of one source tensor: bias b T, Linear T^T W, Conv1D / embedding W T."""
+    w, T = w.double(), T.double()
+    if is_bias or kind != "linear":
+        return w @ T
+    return T.T @ w
+
+
+def patched_tensors(result: Any, kept: Sequence[int]) -> dict[str, tuple[str, int]]:
+    """{output tensor name: (source tensor name, index of its bridge)} for every applied bridge."""
+    out = {}
+    for i, b in enumerate(result.bridges):
+        if not b.applied:
+            continue
+        params = ["weight"] + (["bias"] if b.bias else [])
+        for p in params:
+            out[output_key(f"{b.writer}.{p}", kept)] = (f"{b.writer}.{p}", i)
+    return out
+
+
+def save_repair(result: Any, path: Path, kept: Sequence[int]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"bridge.{b.start}_{b.end}": b.T.double().contiguous() for b in result.bridges}
+    if not tensors:
+        tensors = {"empty": torch.zeros(0)}
+    meta = {"format": "pt", "repair": json.dumps({**result.record(), "kept": list(kept),
+                                                  "patched": {k: v[0] for k, v in patched_tensors(result, kept).items()}})}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
+
+
+def load_repair(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the recorded facts, {"bridge.S_E": T}) from a repair.safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        info = json.loads(meta["repair"])
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+        raise UserError(f"{path} is not a repair file written by slice_with_mergekit ({e}); run `repair` again") from None
+    return info, tensors
+
+
+def check_repaired(out: Path, src: Path, kept: Sequence[int]) -> tuple[set[str], list[str]]:
+    """(names of the patched tensors, those that do not equal source x recorded T to float tolerance)."""
+    path = out / REPAIR_FILE
+    if not path.exists():
+        return set(), []
+    info, tensors = load_repair(path)
+    bridges = {f"{b['start']}_{b['end']}": b for b in info["bridges"]}
+    bad = []
+    with ExitStack() as stack:
+        out_of, src_of = tensor_index(out, stack), tensor_index(src, stack)
+        for okey, skey in info["patched"].items():
+            if not _matches_fold(okey, skey, bridges, tensors, out_of, src_of):
+                bad.append(okey)
+    return set(info["patched"]), bad
+
+
+def _matches_fold(okey: str, skey: str, bridges: dict, tensors: dict, out_of: dict, src_of: dict) -> bool:
+    """Does the output tensor equal the source tensor folded with its recorded T, to float tolerance?"""
+    b = next(b for b in bridges.values() if skey.startswith(b["writer"] + "."))
+    if okey not in out_of or skey not in src_of:
+        return False
+    got = out_of[okey].get_tensor(okey)
+    want = fold_tensor(b["kind"], skey.endswith(".bias"), src_of[skey].get_tensor(skey),
+                       tensors[f"bridge.{b['start']}_{b['end']}"])
+    eps = torch.finfo(got.dtype).eps
+    return torch.allclose(got.double(), want, rtol=4 * eps, atol=4 * eps * float(want.abs().max()))
