@@ -61,10 +61,11 @@ def _defaults(group: type[BaseModel], defaults: BaseModel | dict | None) -> dict
 
 def add_flags(parser: argparse.ArgumentParser | Any, group: type[BaseModel], prefix: str = "",
               skip: Iterable[str] = (), title: str | None = None, defaults: BaseModel | dict | None = None,
-              only: Iterable[str] | None = None) -> None:
+              only: Iterable[str] | None = None, helps: dict[str, str] | None = None) -> None:
     """Add one flag per field of ``group`` (named ``--{prefix}{field}``) to ``parser``; a field that holds
     another group adds that group's flags (its own prefix, skip and title from its ``"flags"`` extra).
-    ``defaults`` (an instance or a dict) replaces the fields' declared defaults; ``only`` keeps those fields."""
+    ``defaults`` (an instance or a dict) replaces the fields' declared defaults, ``helps`` their help for
+    this command; ``only`` keeps those fields."""
     skip, dflt = set(skip), _defaults(group, defaults)
     target = None
     for name, f in group.model_fields.items():
@@ -74,12 +75,13 @@ def add_flags(parser: argparse.ArgumentParser | Any, group: type[BaseModel], pre
         sub = group_of(f.annotation)
         if sub is not None:
             nest = _nested(f)
-            add_flags(parser, sub, prefix + nest.get("prefix", ""), nest.get("skip", ()), nest.get("title"), default)
+            add_flags(parser, sub, prefix + nest.get("prefix", ""), nest.get("skip", ()), nest.get("title"), default,
+                      helps=nest.get("helps"))
             continue
         target = target or parser.add_argument_group(title or (group.__doc__ or group.__name__).strip().splitlines()[0])
         more = f.json_schema_extra or {}
         flags = [f"--{prefix}{name}", *more.get("aliases", [])]
-        help_ = (f.description or "").replace("%", "%%")
+        help_ = ((helps or {}).get(name) or f.description or "").replace("%", "%%")
         if f.annotation is bool:
             action = argparse.BooleanOptionalAction if default else "store_true"
             target.add_argument(*flags, dest=prefix + name, action=action, default=default, help=help_)

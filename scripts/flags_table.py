@@ -1,5 +1,5 @@
-"""Print the README's flag table from the parsers (tests/test_flags_doc.py checks the README against
-them); `python scripts/flags_table.py --write` replaces the table in README.md."""
+"""Print the flag table of docs/flags.md from the parsers (tests/test_flags_doc.py checks the page against
+them); `python scripts/flags_table.py --write` replaces the table in docs/flags.md."""
 
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ def main() -> None:
     if "--write" not in sys.argv:
         print(table)
         return
-    readme = (ROOT / "README.md").read_text()
-    new = re.sub(r"\| flag \| commands \| default \| meaning \|\n(\|.*\|\n)+", table + "\n", readme, count=1)
-    (ROOT / "README.md").write_text(new)
+    page = ROOT / "docs" / "flags.md"
+    new = re.sub(r"\| flag \| commands \| default \| meaning \|\n(\|.*\|\n)+", table + "\n", page.read_text(), count=1)
+    page.write_text(new)
 
 
 if __name__ == "__main__":

@@ -162,20 +162,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def data_args(p: argparse.ArgumentParser, split: str = "train", batching: bool = False, **defaults: object) -> None:
+def data_args(p: argparse.ArgumentParser, split: str = "train", batching: bool = False,
+              helps: dict[str, str] | None = None, **defaults: object) -> None:
     """The data flags of DataOptions (with its batching flags if ``batching``), reading ``split`` by default."""
     skip = {"streaming"} | (set() if batching else {"batch_size", "max_length"})
-    add_flags(p, DataOptions, skip=skip, title="Data", defaults={"dataset_subset": split, **defaults})
+    add_flags(p, DataOptions, skip=skip, title="Data", defaults={"dataset_subset": split, **defaults}, helps=helps)
 
 
-def model_args(p: argparse.ArgumentParser, *names: str, **defaults: object) -> None:
+def model_args(p: argparse.ArgumentParser, *names: str, helps: dict[str, str] | None = None, **defaults: object) -> None:
     """The named flags of ModelOptions (how the command loads a model)."""
-    add_flags(p, ModelOptions, only=names, title="Model loading", defaults=defaults)
+    add_flags(p, ModelOptions, only=names, title="Model loading", defaults=defaults, helps=helps)
 
 
 def repair_args(p: argparse.ArgumentParser, default: str) -> None:
     add_flags(p, RepairOptions, defaults={"repair": default})
-    data_args(p, batching=True, dataset_size=256, max_length=256)
+    data_args(p, batching=True, dataset_size=256, max_length=256,
+              helps={"max_length": "calibration tokens per text for the repair fit"})
 
 
 def checkpoint_args(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -225,11 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = parsers["materialize"]
     m.add_argument("plan", help="sliced.yml (positional, as mergekit-yaml takes it)")
     m.add_argument("out", metavar="output", help="output folder (positional, as mergekit-yaml takes it)")
-    model_args(m, "device", "trust_remote_code", device="cpu")
+    model_args(m, "device", "trust_remote_code", device="cpu", helps={"device": "device MergeKit computes on"})
     repair_args(m, default="none")
     f = parsers["repair"]
     checkpoint_args(f, "pruned checkpoint folder, from mergekit-yaml or materialize (patched in place)")
-    model_args(f, "dtype", "device", "trust_remote_code")
+    model_args(f, "dtype", "device", "trust_remote_code",
+               helps={"dtype": "dtype the source runs in for the fit (sums are float64)"})
     repair_args(f, default="linear")
     checkpoint_args(parsers["verify"], "pruned checkpoint folder")
     u = parsers["push"]
@@ -245,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the card and list what would be uploaded, upload nothing")
     e = parsers["evaluate"]
     e.add_argument("model", help="checkpoint folder or Hub id")
-    data_args(e, split="test", batching=True, max_length=512, batch_size=4)
+    data_args(e, split="test", batching=True, max_length=512, batch_size=4, helps={"max_length": "tokens per window"})
     e.add_argument("--stride", type=int, default=256, help="new tokens scored per window")
     model_args(e, "dtype", "device", "trust_remote_code")
     e.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. 'arc_easy,hellaswag' (needs lm-eval)")

@@ -69,11 +69,15 @@ class PruneArgs(BaseModel):
     model: str = Field(description="checkpoint folder or Hub id")
     load: ModelOptions = Field(default_factory=ModelOptions, json_schema_extra={"flags": {
         "skip": ["model_path", "device_map", "gguf_file", "load_in_4bit"], "title": "Model loading (every stage)"}})
+    # the calibration data feeds the scan, the selection, the repair and healing; max_length is also the eval window
     data: DataOptions = Field(default_factory=lambda: DataOptions(dataset_size=256, max_length=256),
-                              json_schema_extra={"flags": {"skip": ["streaming"], "title": "Calibration data (scan, "
-                                                 "selection, repair, healing) and the evaluation window"}})
+                              json_schema_extra={"flags": {"skip": ["streaming"], "title": "Calibration data", "helps": {
+                                  "dataset_size": "calibration texts for the scan, selection and repair",
+                                  "dataset_subset": "calibration split (scan, selection, repair, healing)",
+                                  "max_length": "tokens per text (calibration) and evaluation window"}}})
     scan: ScanOptions = Field(default_factory=ScanOptions, json_schema_extra={"flags": {
-        "skip": [k for k in ScanOptions.model_fields if k not in SCAN_FLAGS], "title": "The scan"}})
+        "skip": [k for k in ScanOptions.model_fields if k not in SCAN_FLAGS], "title": "The scan",
+        "helps": {"metric": "the scan metric that ranks the blocks"}}})
     choice: SelectOptions = Field(default_factory=SelectOptions)
     fix: RepairOptions = Field(default_factory=RepairOptions, json_schema_extra={"flags": {
         "title": "Repair: each cut is bridged before evaluation and healing, and the candidates are scored after it"}})

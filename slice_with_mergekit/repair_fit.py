@@ -72,7 +72,8 @@ def get_repair(name: str) -> RepairMethod:
 
 
 def repairs_help() -> str:
-    return "the bridge over each cut, fitted without training: " + "; ".join(f"{m.name}: {m.help}" for m in REPAIRS.values())
+    return (f"the bridge over each cut, fitted without training, one of: {', '.join(REPAIRS)} ("
+            + "; ".join(f"{m.name}: {m.help}" for m in REPAIRS.values()) + ")")
 
 
 class RepairOptions(BaseModel):

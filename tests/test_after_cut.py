@@ -171,6 +171,10 @@ def test_prune_pipeline_reruns_only_changed_stages(tiny_models, tmp_path, caplog
     with caplog.at_level("INFO"):
         assert slice_main(args[:3] + ["1,2", *args[4:], "--select", "deepest"]) == 0
     assert "stage scan: inputs unchanged" in caplog.text and "stage plan-n1: running" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):  # another precision is another scan (it once reused the float32 one)
+        assert slice_main(args[:3] + ["1,2", *args[4:], "--select", "deepest", "--dtype", "float32"]) == 0
+    assert "stage scan: running" in caplog.text and "stage materialize-n1: running" in caplog.text
 
 
 def test_evaluate_cli_writes_eval_json(tiny_models, tmp_path, capsys):
