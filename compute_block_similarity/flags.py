@@ -114,7 +114,7 @@ def _build(group: type[G], values: dict, prefix: str) -> G:
     try:
         return group(**values)
     except ValidationError as e:
-        raise UserError(describe(e, group, prefix)) from None
+        raise UserError(flag_error(e, group, prefix)) from None
 
 
 def from_args(group: type[G], args: argparse.Namespace, prefix: str = "", defaults: BaseModel | dict | None = None,
@@ -130,7 +130,7 @@ def one_of(flag: str, registry: Iterable[str], value: str) -> str:
     return value
 
 
-def describe(e: ValidationError, group: type[BaseModel], prefix: str = "") -> str:
+def flag_error(e: ValidationError, group: type[BaseModel], prefix: str = "") -> str:
     """One line naming the flag: "--batch_size must be >= 1, got 0"."""
     err = e.errors()[0]
     loc = str(err["loc"][0]) if err["loc"] else ""

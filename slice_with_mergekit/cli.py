@@ -39,7 +39,7 @@ from .pipeline import PruneArgs, prune
 from .plan import plan, write_config, write_selection
 from .push import push
 from .repair import repair_checkpoint
-from .repair_fit import RepairOptions, describe
+from .repair_fit import RepairOptions, summary
 from .select import SelectOptions
 from .verify import verify
 
@@ -87,7 +87,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
                             calibration=cal, trust_remote_code=args.trust_remote_code)
     for b in res.bridges:
         print(f"  [{b.start}, {b.end}) -> {b.writer}: {b.decision}")
-    print(f"repair {describe(res)}; recorded in {args.model.rstrip('/')}/repair.safetensors")
+    print(f"repair {summary(res)}; recorded in {args.model.rstrip('/')}/repair.safetensors")
     return 0
 
 

@@ -498,7 +498,7 @@ def _guard(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[i
 
 
 
-def describe(result: RepairResult) -> str:
+def summary(result: RepairResult) -> str:
     if result.method == "none":
         return "no repair"
     parts = [f"[{b.start}, {b.end}) {'bridged' if b.applied else 'left plain'}" for b in result.bridges]
