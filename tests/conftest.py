@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from mergekit.config import MergeConfiguration
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -110,3 +113,36 @@ def smollm2_dir() -> str:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+MERGEKIT_YAML = str(Path(sys.executable).with_name("mergekit-yaml"))
+
+
+@pytest.fixture(scope="session")
+def scans(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """Every tiny model scanned once (n = 2), for the plan, materialize, verify and push tests."""
+    from compute_block_similarity.cli import main as scan_main
+
+    root = tmp_path_factory.mktemp("scans")
+    data = write_jsonl(root / "d.jsonl", [{"text": t} for t in TEXTS])
+    out = {}
+    for arch, path in tiny_models.items():
+        assert scan_main(["--model_path", str(path), "--dataset", str(data), "--layers_to_skip", "2",
+                          "--output_dir", str(root / arch), "--no_progress"]) == 0
+        out[arch] = root / arch / "block_distances.json"
+    return out
+
+
+def make_plan(scan: Path, tmp_path: Path, *args: str) -> Path:
+    from slice_with_mergekit.cli import main as slice_main
+
+    out = tmp_path / "sliced.yml"
+    pick = [] if "--select" in args else ["--select", "angle"]  # the scan's best, no model loaded
+    assert slice_main(["--scan", str(scan), "-o", str(out), *pick, *args]) == 0
+    return out
+
+
+def ranges(plan: Path) -> list[list[int]]:
+    cfg = MergeConfiguration.model_validate(yaml.safe_load(plan.read_text()))
+    assert cfg.merge_method == "passthrough"
+    return [list(s.sources[0].layer_range) for s in cfg.slices]

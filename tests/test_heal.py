@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TEXTS, load
+
 from slice_with_mergekit.evaluate import perplexity
 
 CFG = dict(steps=6, eval_every=2, seq_len=32, lr=3e-3, warmup=1, batch_size=2, max_length=64, loss="lm")

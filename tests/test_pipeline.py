@@ -3,8 +3,11 @@ change a stage's result changes its fingerprint."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from slice_with_mergekit.cli import main as slice_main
 from slice_with_mergekit.pipeline import PruneArgs, fingerprints
 
 CHANGES = {  # group -> field -> another valid value
@@ -43,3 +46,45 @@ def test_every_field_of_the_groups_is_covered():
     for group, values in CHANGES.items():
         fields = set(type(getattr(a, group)).model_fields) - skip.get(group, set())
         assert fields == set(values), (group, fields ^ set(values))
+
+
+def test_prune_pipeline_reruns_only_changed_stages(tiny_models, tmp_path, caplog):
+    args = ["prune", str(tiny_models["qwen3"]), "--layers_to_skip", "1,2", "--dataset_size", "24", "--eval_size", "6",
+            "--max_length", "64", "--work_dir", str(tmp_path / "w")]
+    assert slice_main(args) == 0
+    w = tmp_path / "w"
+    for f in ("report.md", "heatmap.png", "perplexity_vs_layers.png", "n1/model/config.json", "n2/verify.txt",
+              "n2/model/eval.json", "scan/block_distances.json"):
+        assert (w / f).exists(), f
+    report = (w / "report.md").read_text()
+    assert "| 1 |" in report and "| 2 |" in report
+    ev = json.loads((w / "n2/model/eval.json").read_text())
+    assert ev["cut"]["perplexity"] > 0 and ev["source"]["perplexity"] > 0
+    assert ev["repaired"]["method"] == "linear" and (w / "n2/model/repair.safetensors").exists()
+    assert "| perplexity dense | cut | repaired |" in report
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert slice_main(args) == 0
+    assert caplog.text.count("inputs unchanged, skipped") == 12 and "stage scan: running" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert slice_main(args[:3] + ["1,2", *args[4:], "--select", "deepest"]) == 0
+    assert "stage scan: inputs unchanged" in caplog.text and "stage plan-n1: running" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):  # another precision is another scan (it once reused the float32 one)
+        assert slice_main(args[:3] + ["1,2", *args[4:], "--select", "deepest", "--dtype", "float32"]) == 0
+    assert "stage scan: running" in caplog.text and "stage materialize-n1: running" in caplog.text
+
+
+def test_prune_budget_mode_and_target_layers(tiny_models, tmp_path):
+    base = ["prune", str(tiny_models["qwen3"]), "--dataset_size", "24", "--eval_size", "6", "--max_length", "64",
+            "--repair", "none"]
+    assert slice_main([*base, "--max_ppl_ratio", "1e6", "--max_layers", "3", "--work_dir", str(tmp_path / "b")]) == 0
+    budget = json.loads((tmp_path / "b" / "budget.json").read_text())
+    assert budget["n"] == 3 and [r["n"] for r in budget["curve"]] == [1, 2, 3]
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "How many layers can go" in report and "**3 of 8 layers**" in report
+    assert json.loads((tmp_path / "b" / "n3" / "model" / "config.json").read_text())["num_hidden_layers"] == 5
+    assert slice_main([*base, "--target_layers", "6", "--work_dir", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "n2" / "model" / "config.json").exists()
+    assert slice_main([*base, "--target_layers", "6", "--max_ppl_ratio", "1.5", "--work_dir", str(tmp_path / "x")]) == 2

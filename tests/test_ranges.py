@@ -1,6 +1,11 @@
 import pytest
 
-from compute_block_similarity.ranges import format_inclusive, format_layers, kept_ranges, parse_layers
+from compute_block_similarity.ranges import (
+    format_inclusive,
+    format_layers,
+    kept_ranges,
+    parse_layers,
+)
 
 
 def test_kept_ranges_half_open():

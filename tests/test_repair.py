@@ -7,18 +7,18 @@ import json
 
 import pytest
 import torch
+from conftest import TEXTS, build_tiny, load
 
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.ranges import parse_layers
+from compute_block_similarity.ranges import runs as contiguous_runs
+from slice_with_mergekit.checkpoint import REPAIR_FILE
 from slice_with_mergekit.cli import main as slice_main
 from slice_with_mergekit.inmemory import removed_layers
 from slice_with_mergekit.plan import build_config, write_config
-from compute_block_similarity.ranges import runs as contiguous_runs
-from slice_with_mergekit.checkpoint import REPAIR_FILE
 from slice_with_mergekit.repair import apply_to_checkpoint
 from slice_with_mergekit.repair_fit import RunStats, _mse, fit_linear, fit_repair
 from slice_with_mergekit.verify import verify
-from conftest import TEXTS, build_tiny, load
 
 CALIB = TEXTS * 6  # ~2.4k byte tokens: enough for d = 32
 

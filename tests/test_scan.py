@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import TEXTS, load
 
 from compute_block_similarity import METRICS, scan_model
 from compute_block_similarity.model import decoder_layers
-from conftest import TEXTS, load
 
 
 def reference_states(model, tok, text: str) -> torch.Tensor:

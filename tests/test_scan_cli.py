@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TEXTS, write_jsonl
 
 from compute_block_similarity.cli import main
-from conftest import TEXTS, write_jsonl
 
 
 def run_cli(*args: str) -> int:

@@ -3,14 +3,27 @@ scoring on growing shares of the calibration windows."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
 import pytest
+from conftest import TEXTS, load
 
 from compute_block_similarity.scanfile import ScanFile
-from slice_with_mergekit.select import Race, Scorer, exhaustive, pick_candidates, race, select_race
-from conftest import TEXTS, load
+from slice_with_mergekit.cli import main as slice_main
+from slice_with_mergekit.inmemory import removed_layers
+from slice_with_mergekit.select import (
+    Race,
+    Scorer,
+    exhaustive,
+    pick_candidates,
+    race,
+    select_deepest,
+    select_iterative,
+    select_ppl,
+    select_race,
+)
 
 
 def scan_of(L: int, n: int, primary: list[float], **others: list[float]) -> ScanFile:
@@ -154,3 +167,153 @@ def test_confidence_names_the_rival_beaten_least_clearly():
     assert c.confidence["runner_up"] == min(z, key=z.get) == 2  # smaller gap-to-noise, though 1 is further behind
     assert c.confidence["z"] == pytest.approx(z[2])
     assert c.candidates[1]["nll_minus_chosen"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_select_strategies(tiny_llama):
+    model, tok = load(tiny_llama)
+    score = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+    L, n = 6, 2
+    ref = exhaustive(L, n, score)
+    scan = ScanFile(model="m", num_layers=L, distances={2: [0.5, 0.1, 0.3, 0.2, 0.4]})
+    fresh = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+    c = select_ppl(scan, n, fresh, top_k=3)
+    assert [x["start"] for x in c.candidates] == [1, 3, 2] and c.passes == 3
+    assert select_ppl(scan, n, fresh, top_k=4).passes == 1  # cached: only the new candidate costs a pass
+    best = min((1, 3, 2), key=lambda s: ref[s])
+    assert c.removed == [best, best + 1] and c.perplexity == pytest.approx(ref[best])
+    assert select_deepest(scan, n).removed == [3, 4]  # the deepest but the last
+    it = select_iterative(scan, 1, score)
+    singles = {i: score([i]) for i in range(1, L - 1)}
+    assert it.removed == [min(singles, key=singles.get)] and it.passes == L - 2
+
+
+def test_select_refine_ends_at_a_local_minimum_no_worse_than_ppl(tiny_models):
+    from slice_with_mergekit.select import select_refine
+
+    model, tok = load(tiny_models["qwen3"])  # 8 layers
+    L = 8
+    for n in (1, 2, 3):
+        score = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+        ref = exhaustive(L, n, score)
+        worst_first = sorted(ref, key=ref.get, reverse=True)  # a scan that ranks the blocks backwards
+        dist = [0.0] * (L - n + 1)
+        for rank, st in enumerate(worst_first):
+            dist[st] = rank
+        scan = ScanFile(model="m", num_layers=L, distances={n: dist})
+        fresh = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+        c = select_refine(scan, n, fresh, top_k=1)
+        s = c.removed[0]
+        assert c.perplexity == pytest.approx(ref[s])
+        assert all(ref[s] <= ref[t] for t in (s - 1, s + 1) if t in ref)  # no neighbour is better
+        assert ref[s] <= ref[worst_first[0]]
+        assert c.passes == len(c.candidates) == fresh.passes
+
+
+def test_strategy_registry_declares_cost_and_drives_the_cli():
+    from slice_with_mergekit.cli import build_parser
+    from slice_with_mergekit.select import STRATEGIES, choose
+
+    assert {"angle", "ppl", "refine", "iterative", "deepest"} <= set(STRATEGIES)
+    assert all(s.cost and s.help for s in STRATEGIES.values())
+    for cmd in (["plan"], ["prune", "m"]):
+        action = next(a for a in build_parser()._subparsers._group_actions[0].choices[cmd[0]]._actions
+                      if a.dest == "select")
+        assert list(action.choices) == list(STRATEGIES)
+    with pytest.raises(ValueError, match="--select 'nope'"):
+        choose("nope", ScanFile(model="m", num_layers=4, distances={}), 1, None)
+
+
+def test_select_ppl_cli_writes_details(tiny_llama, tmp_path):
+    from conftest import write_jsonl
+
+    from compute_block_similarity.cli import main as scan_main
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    assert scan_main(["--model_path", str(tiny_llama), "--dataset", str(data), "--layers_to_skip", "2",
+                      "--output_dir", str(tmp_path / "scan"), "--no_progress"]) == 0
+    out = tmp_path / "sliced.yml"
+    assert slice_main(["--scan", str(tmp_path / "scan" / "block_distances.json"), "-o", str(out),
+                       "--select", "ppl", "--top_k", "3"]) == 0
+    sel = json.loads(out.with_suffix(".select.json").read_text())
+    assert sel["strategy"] == "ppl" and len(sel["candidates"]) == 3
+    assert sel["perplexity"] == min(c["perplexity"] for c in sel["candidates"])
+
+
+def test_budget_search_never_returns_an_n_over_budget(tiny_models):
+    from slice_with_mergekit.select import budget_search
+
+    model, tok = load(tiny_models["qwen3"])  # 8 layers
+    L = 8
+    dist = {n: [float((s * 7 + n) % 5) for s in range(L - n + 1)] for n in range(1, L)}
+    scan = ScanFile(model="m", num_layers=L, distances=dist)
+    probe = budget_search(scan, Scorer(model, tok, TEXTS, max_length=64, stride=64), 1e9)
+    ratios = [r["ratio"] for r in probe.curve]
+    assert probe.n == len(probe.curve) == L - 2 and all(r["within"] for r in probe.curve)
+    for budget in sorted({(a + b) / 2 for a, b in zip(sorted(ratios), sorted(ratios)[1:])} | {1.0 + 1e-9}):
+        if budget <= 1:
+            continue
+        fresh = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+        b = budget_search(scan, fresh, budget)
+        assert all(r["ratio"] <= budget for r in b.curve[: b.n])  # every n up to the answer fits
+        assert b.n == len(b.curve) or b.curve[b.n]["ratio"] > budget  # the next one does not
+        if b.n:  # the ratio is the model's: an independent scorer agrees
+            ref = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+            assert ref(b.removed) / ref([]) == pytest.approx(b.curve[b.n - 1]["ratio"], rel=1e-6)
+    with pytest.raises(ValueError, match="--max_ppl_ratio"):
+        budget_search(scan, Scorer(model, tok, TEXTS, max_length=64, stride=64), 0.9)
+
+
+FLOAT32_EPS = 2.0**-23
+
+
+def paired_reference(per_a: list, per_b: list) -> tuple[float, float]:
+    """Mean per-token NLL difference of two cuts and its ratio-estimator standard error, in float64
+    from each window's (nll sum, tokens) as scored one window at a time."""
+    diffs = [x[0] - y[0] for x, y in zip(per_a, per_b)]
+    toks = [x[1] for x in per_a]
+    T, k = sum(toks), len(diffs)
+    mean = sum(diffs) / T
+    return mean, math.sqrt(k / (k - 1) * sum((x - t * mean) ** 2 for x, t in zip(diffs, toks)) / T**2)
+
+
+def paired_tolerance(per_a: list, per_b: list, ulps: float = 8) -> tuple[float, float]:
+    """Absolute tolerances on (difference, SE) that follow from float32: each window's NLL sum is off
+    by at most ``ulps`` float32 roundings of its magnitude (batched and padded vs one window alone),
+    so a window's difference is off by delta_i = ulps * eps * (|A_i| + |B_i|); the difference of means by
+    sum(delta_i) / T and the SE by sqrt(k / (k - 1)) * ||delta|| / T. Never relative to the small difference."""
+    delta = [ulps * FLOAT32_EPS * (abs(x[0]) + abs(y[0])) for x, y in zip(per_a, per_b)]
+    T, k = sum(x[1] for x in per_a), len(delta)
+    return sum(delta) / T, math.sqrt(k / (k - 1)) * math.sqrt(sum(e * e for e in delta)) / T
+
+
+def test_paired_standard_error_against_a_window_by_window_reference(tiny_models):
+    from slice_with_mergekit.evaluate import perplexity as ppl_of
+
+    model, tok = load(tiny_models["qwen3"])
+    score = Scorer(model, tok, TEXTS, max_length=16, stride=16)
+    a, b = [2, 3], [5, 6]
+    pa, pb = score(a), score(b)
+    d, se = score.paired(a, b)
+    assert d == pytest.approx(math.log(pa) - math.log(pb), rel=1e-9)  # the same float64 sums: the log ratio
+    per = {}
+    for cut in (a, b):  # every window alone, as its own perplexity call
+        with removed_layers(model, cut):
+            per[tuple(cut)] = [ppl_of(model, tok, [], max_length=16, stride=16, _windows=[w]) for w in score.wins]
+    pa_w = [(x.nll_sum, x.tokens_scored) for x in per[tuple(a)]]
+    pb_w = [(x.nll_sum, x.tokens_scored) for x in per[tuple(b)]]
+    assert len(pa_w) > 5
+    tol_d, tol_se = paired_tolerance(pa_w, pb_w)
+    mean, ref_se = paired_reference(pa_w, pb_w)
+    assert abs(d - mean) <= tol_d and abs(se - ref_se) <= tol_se, (d - mean, tol_d, se - ref_se, tol_se)
+    # The check can fail: each of these wrong references is outside the tolerance.
+    k = len(pa_w)
+    wrong = {
+        "k windows instead of k - 1": (mean, ref_se * math.sqrt((k - 1) / k)),
+        "a window counted twice": paired_reference(pa_w + pa_w[:1], pb_w + pb_w[:1]),
+        "a window left out": paired_reference(pa_w[1:], pb_w[1:]),
+        "unpaired (independent) SE": (mean, math.hypot(*(paired_reference(w, [(0.0, t) for _, t in w])[1]
+                                                         for w in (pa_w, pb_w)))),
+        "windows mismatched": paired_reference(pa_w, pb_w[1:] + pb_w[:1]),
+    }
+    for why, (m, s) in wrong.items():
+        assert abs(d - m) > tol_d or abs(se - s) > tol_se, why
