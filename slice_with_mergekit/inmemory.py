@@ -39,7 +39,7 @@ def removed_layers(model: nn.Module, removed: Sequence[int]) -> Iterator[nn.Modu
     cfg = text_config(model)
     parent, attr = _parent_of(model, layers)
     saved = {k: getattr(cfg, k) for k in cfg.to_dict() if hasattr(cfg, k)}
-    fixed, _ = slice_per_layer_fields(cfg.to_dict(), kept, L)
+    fixed, _ = slice_per_layer_fields(cfg.to_dict(), kept, L, warn=False)  # materialize warns, once
     try:
         setattr(parent, attr, nn.ModuleList([layers[i] for i in kept]))
         for new, old in enumerate(kept):

@@ -14,7 +14,7 @@ from compute_block_similarity.model import load_model
 
 from .checkpoint import REPAIR_FILE, lineage, tensor_files, tensor_index
 from .repair_fit import RepairResult, fit_repair
-from .repair_record import fold_tensor, patched_tensors, save_repair
+from .repair_record import folded, patched_tensors, save_repair
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ def apply_to_checkpoint(out: Path, src: Path, result: RepairResult, kept: Sequen
                 if skey not in src_of:
                     raise UserError(f"the source checkpoint {src} has no {skey}; is the plan's source the right model?")
                 b = result.bridges[i]
-                folded = fold_tensor(b.kind, skey.endswith(".bias"), src_of[skey].get_tensor(skey), b.T)
-                tensors[k] = folded.to(tensors[k].dtype).contiguous()
+                new = folded(b, skey, src_of[skey].get_tensor(skey), b.T, b.gain)
+                tensors[k] = new.to(tensors[k].dtype).contiguous()
                 done.append(k)
             with atomic_path(f) as tmp:
                 save_file(tensors, tmp, metadata=meta or {"format": "pt"})

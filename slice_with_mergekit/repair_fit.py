@@ -42,11 +42,12 @@ from compute_block_similarity.ranges import runs as ranges_runs
 
 from .evaluate import perplexity
 from .inmemory import removed_layers
-from .repair_record import fold_tensor
+from .repair_record import fold_tensor, norm_weight
 
 log = logging.getLogger(__name__)
 
 HELDOUT_EVERY = 5  # every 5th calibration text chooses the ridge and guards the bridge
+NORM_SAMPLE_TOKENS = 16384  # calibration tokens kept to refit a post-norm gain (d unknowns)
 RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # lam = alpha * mean(diag(M^T M))
 
 
@@ -130,12 +131,31 @@ class Writer:
     name: str  # module name; its weight is "<name>.weight" in the source's state dict
     module: nn.Module = field(repr=False)
     kind: str  # "linear" | "conv1d" | "embedding"
+    norm: "PostNorm | None" = None  # post-norm layers (Gemma-2/3, OLMo-2): x^s = h + g * rms_norm(m)
 
     def params(self) -> dict[str, nn.Parameter]:
         out = {"weight": self.module.weight}
         if self.kind != "embedding" and getattr(self.module, "bias", None) is not None:
             out["bias"] = self.module.bias
         return out
+
+
+@dataclass
+class PostNorm:
+    """An RMS norm between the writer and the residual stream: N(m) = (offset + w) * m / rms(m).
+    ``offset`` is 1 for Gemma's ``1 + w`` convention, 0 for OLMo-2's ``w``."""
+
+    name: str
+    module: nn.Module = field(repr=False)
+    offset: float
+    eps: float
+
+    def gain(self) -> torch.Tensor:  # (d,) float64
+        return self.module.weight.detach().double() + self.offset
+
+    def apply(self, m: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """gain * m / rms(m), in float64; m (N, d)."""
+        return gain * m * torch.rsqrt((m * m).mean(-1, keepdim=True) + self.eps)
 
 
 def find_writer(model: nn.Module, start: int, probe: tuple[torch.Tensor, torch.Tensor]) -> Writer:
@@ -169,8 +189,73 @@ def find_writer(model: nn.Module, start: int, probe: tuple[torch.Tensor, torch.T
                             f"{type(model).__name__} cannot take a linear bridge (use --repair none)")
         mod = wide[-1]
         writer = Writer(start, names[mod], mod, "conv1d" if _is_conv1d(mod) else "linear")
-    _check_additive(model, writer, probe)
+    try:
+        _check_additive(model, writer, probe)
+    except UserError as err:
+        if start == 0 or (norm := _post_norm(model, writer, probe, names)) is None:
+            raise err from None
+        writer.norm = norm
     return writer
+
+
+def _post_norm(model: nn.Module, writer: Writer, probe: tuple[torch.Tensor, torch.Tensor],
+               names: dict) -> PostNorm | None:
+    """The RMS norm that takes the writer's output straight into the residual stream, found by running
+    the model and checked: moving m by delta must move x^start by exactly N(m + delta) - N(m). None if the
+    layer ends in something else (a gate, a scale after the norm)."""
+    layer = decoder_layers(model)[writer.start - 1]
+    seen: dict[str, Any] = {}
+    taps = [writer.module.register_forward_hook(lambda m, a, o: seen.__setitem__("m", _output_tensor(o)))]
+
+    def takes_m(mod: nn.Module, args: tuple, out: Any) -> None:
+        if args and "m" in seen and args[0] is seen["m"]:
+            seen.setdefault("norm", mod)
+
+    taps += [mod.register_forward_hook(takes_m) for mod in layer.modules()
+             if mod is not writer.module and getattr(mod, "weight", None) is not None and mod.weight.dim() == 1]
+    taps.append(_stop_after(layer))
+    try:
+        with torch.no_grad():
+            _forward(model, *probe)
+    finally:
+        for t in taps:
+            t.remove()
+    norm = seen.get("norm")
+    if norm is None:
+        return None
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+    x = torch.randn(4, norm.weight.shape[0], generator=torch.Generator().manual_seed(0)).to(norm.weight)
+    with torch.no_grad():
+        eff = (norm(x).double() / (x.double() * torch.rsqrt((x.double() ** 2).mean(-1, keepdim=True) + eps))).mean(0)
+    w = norm.weight.detach().double()
+    offset = next((o for o in (0.0, 1.0) if torch.allclose(eff, w + o, rtol=1e-3, atol=1e-3)), None)
+    if offset is None:
+        return None
+    pn = PostNorm(names[norm], norm, offset, eps)
+    return pn if _moves_through_norm(model, writer, pn, probe) else None
+
+
+def _moves_through_norm(model: nn.Module, writer: Writer, pn: PostNorm, probe: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """x^start(m + delta) - x^start(m) == N(m + delta) - N(m): the layer's output is h + N(m), h free of m."""
+    layer = decoder_layers(model)[writer.start - 1]
+    ms, xs = [], []
+    delta: torch.Tensor | None = None
+    hooks = [writer.module.register_forward_hook(lambda mod, a, o: None if delta is None else o + delta.to(o.device, o.dtype)),
+             writer.module.register_forward_hook(lambda mod, a, o: ms.append(_output_tensor(o).double())),
+             layer.register_forward_hook(lambda mod, a, o: xs.append(_output_tensor(o).double())),
+             _stop_after(layer)]
+    try:
+        with torch.no_grad():
+            _forward(model, *probe)
+            delta = torch.linspace(-1.0, 1.0, ms[0].shape[-1]) * float(ms[0].abs().mean())
+            _forward(model, *probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    g = pn.gain().to(ms[0].device)
+    want = pn.apply(ms[1], g) - pn.apply(ms[0], g)  # (1, S, d)
+    moved = xs[1] - xs[0]
+    return bool(torch.allclose(moved, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6))
 
 
 def _output_tensor_width(mod: nn.Module) -> int:
@@ -225,6 +310,7 @@ class RunStats:
     EtE: list[float]  # 2 x sum ||x^e - x^s||^2, the plain cut's error
     tokens: list[int]
     sample: list[torch.Tensor] = field(default_factory=list)  # (r, m, x^e) token rows, for the cosine fit
+    norm_sample: list[torch.Tensor] = field(default_factory=list)  # (m, x^e - h) float64 rows, for a post-norm gain
 
 
 @dataclass
@@ -243,9 +329,13 @@ class Bridge:
     heldout_ppl_bridged: float | None = None
     bias: bool = False  # the writer has a bias, folded too
     T_fit: torch.Tensor | None = field(default=None, repr=False)  # fitted without the held-out fifth, for the guard
+    norm: str = ""  # post-norm layers: the norm after the writer, whose gain is refitted too
+    norm_offset: float = 0.0  # its weight is gain - offset (1 for Gemma's 1 + w)
+    gain: torch.Tensor | None = field(default=None, repr=False)  # (d,) float64
+    gain_fit: torch.Tensor | None = field(default=None, repr=False)
 
     def record(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("T", "T_fit")}
+        return {k: v for k, v in asdict(self).items() if k not in ("T", "T_fit", "gain", "gain_fit")}
 
 
 def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tuple[int, int]],
@@ -275,6 +365,8 @@ def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tup
         else:
             hooks.append(writers[s].module.register_forward_hook(keep(f"m{s}")))
             hooks.append(layers[s - 1].register_forward_hook(keep(f"x{s}")))
+            if writers[s].norm is not None:  # N(m), to take h = x^s - N(m)
+                hooks.append(writers[s].norm.module.register_forward_hook(keep(f"n{s}")))
         hooks.append(layers[e - 1].register_forward_hook(keep(f"x{e}")))
     hooks.append(_stop_after(layers[max(e for _, e in runs) - 1]))
     gen = torch.Generator().manual_seed(0)
@@ -293,7 +385,13 @@ def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tup
                     xs = taps[f"x{s}"][sel.to(taps[f"x{s}"].device)].double()  # (N, d)
                     xe = taps[f"x{e}"][sel.to(taps[f"x{e}"].device)].to(xs.device).double()
                     m = xs if s == 0 else taps[f"m{s}"][sel.to(taps[f"m{s}"].device)].to(xs.device).double()
-                    y = xe - xs + m  # (N, d)
+                    pn = writers[s].norm if s else None
+                    if pn is None:
+                        y = xe - xs + m  # (N, d)
+                    else:  # x^s = h + g * rms_norm(m): fit m T to the direction of (x^e - h) / g, at m's scale
+                        r = xe - xs + taps[f"n{s}"][sel.to(taps[f"n{s}"].device)].to(xs.device).double()  # x^e - h
+                        u = r / pn.gain().to(r.device)
+                        y = u * (m.pow(2).mean(-1, keepdim=True) / u.pow(2).mean(-1, keepdim=True).clamp_min(1e-30)).sqrt()
                     st = stats.get((s, e))
                     if st is None:
                         z = lambda: torch.zeros((d, d), dtype=torch.float64, device=m.device)  # noqa: E731
@@ -303,10 +401,14 @@ def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tup
                     st.YtY[part] += float((y * y).sum())
                     st.EtE[part] += float(((xe - xs) ** 2).sum())
                     st.tokens[part] += m.shape[0]
-                    if sample_tokens and part == 0:
-                        keep_n = min(m.shape[0], max(1, sample_tokens * m.shape[0] // max(1, sum(map(len, ids)))))
+                    want = NORM_SAMPLE_TOKENS if pn is not None else sample_tokens
+                    if want and part == 0:
+                        keep_n = min(m.shape[0], max(1, want * m.shape[0] // max(1, sum(map(len, ids)))))
                         pick = torch.randperm(m.shape[0], generator=gen)[:keep_n].to(m.device)
-                        st.sample.append(torch.stack([(xs - m)[pick], m[pick], xe[pick]]).float().cpu())
+                        if pn is not None:  # (m, x^e - h) rows: the gain is refitted on them once T is known
+                            st.norm_sample.append(torch.stack([m[pick], r[pick]]).cpu())
+                        else:
+                            st.sample.append(torch.stack([(xs - m)[pick], m[pick], xe[pick]]).float().cpu())
                 taps.clear()
     finally:
         for h in hooks:
@@ -366,16 +468,30 @@ def fit_cosine(st: RunStats, T0: torch.Tensor, steps: int = 100, lr: float = 1e-
 # ---------------------------------------------------------------- applying a bridge
 
 
+def fit_gain(st: RunStats, T: torch.Tensor, pn: PostNorm) -> torch.Tensor:
+    """The post-norm gain, per channel, by least squares once T is fixed: g_j = sum n_j r_j / sum n_j^2
+    with n = rms_norm(m T) and r = x^e - h, over the sampled calibration tokens."""
+    m, r = torch.cat(st.norm_sample, dim=1).to(T.device)  # each (N, d) float64
+    n = pn.apply(m @ T.double(), torch.ones((), dtype=torch.float64, device=T.device))  # (N, d)
+    return ((n * r).sum(0) / (n * n).sum(0).clamp_min(1e-30)).cpu()
+
+
 @contextmanager
-def bridged(writers: Sequence[Writer], Ts: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Within the block, each writer's weights are folded with its T (in memory); restored on exit."""
+def bridged(writers: Sequence[Writer], Ts: Sequence[torch.Tensor],
+            gains: Sequence[torch.Tensor | None] | None = None) -> Iterator[None]:
+    """Within the block, each writer's weights are folded with its T and a post-norm's weight set to
+    its refitted gain (in memory); restored on exit."""
     saved = []
     try:
         with torch.no_grad():
-            for w, T in zip(writers, Ts):
+            for w, T, g in zip(writers, Ts, gains or [None] * len(writers)):
                 for key, p in w.params().items():
                     saved.append((p, p.detach().clone()))
                     p.copy_(fold_tensor(w.kind, key == "bias", p, T.to(p.device)).to(p.dtype))
+                if w.norm is not None and g is not None:
+                    p = w.norm.module.weight
+                    saved.append((p, p.detach().clone()))
+                    p.copy_(norm_weight(g, w.norm.offset).to(p.device, p.dtype))
         yield
     finally:
         with torch.no_grad():
@@ -397,7 +513,8 @@ class RepairResult:
 
     def in_memory(self) -> Any:
         """A context in which the fitted model carries every applied bridge (combine with removed_layers)."""
-        return bridged([self.writers[b.start] for b in self.applied], [b.T for b in self.applied])
+        return bridged([self.writers[b.start] for b in self.applied], [b.T for b in self.applied],
+                       [b.gain for b in self.applied])
 
     def record(self) -> dict:
         return {"method": self.method, "calibration": self.calibration, "seconds": round(self.seconds, 3),
@@ -442,16 +559,21 @@ def fit_repair(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequen
         for b in bridges:
             log.warning("repair [%d, %d): %s", b.start, b.end, b.decision)
         return RepairResult(method, bridges, dict(calibration or {}), time.perf_counter() - t0)
+    if method == "cosine" and any(writers[s].norm is not None for s, _ in runs):
+        raise UserError("--repair cosine cannot fit through the norm after a post-norm layer (Gemma-2/3, OLMo-2); "
+                        "use --repair linear")
     stats = collect(model, tok, texts, runs, writers, batch_size=batch_size, max_length=max_length,
                     sample_tokens=sample_tokens if meth.stores_tokens else 0, progress=progress)
     for s, e in runs:
-        st = stats[(s, e)]
+        st, pn = stats[(s, e)], writers[s].norm
         T_fit, T_all, alpha, mse_cut, mse_br = fit_linear(st, d)
         if method == "cosine":
             T_fit = T_all = fit_cosine(st, T_all, steps=cosine_steps)
             mse_br = _mse(T_fit, st.AtA[1], st.AtY[1], st.YtY[1]) / max(st.tokens[1], 1)
+        post = {} if pn is None else {"norm": pn.name, "norm_offset": pn.offset, "gain": fit_gain(st, T_all, pn),
+                                      "gain_fit": fit_gain(st, T_fit, pn)}
         bridges.append(Bridge(s, e, writers[s].name, writers[s].kind, T_all.cpu(), True, alpha, "", mse_cut, mse_br,
-                              bias="bias" in writers[s].params(), T_fit=T_fit.cpu()))
+                              bias="bias" in writers[s].params(), T_fit=T_fit.cpu(), **post))
     fitted = [b for b in bridges if b.start in writers]
     if guard:
         _guard(model, tok, texts, removed, fitted, [writers[b.start] for b in fitted], max_length, batch_size)
@@ -478,7 +600,7 @@ def _guard(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[i
                              batch_size=batch_size).perplexity
     with removed_layers(model, removed):
         cut = ppl()
-        with bridged(writers, [b.T_fit for b in bridges]):
+        with bridged(writers, [b.T_fit for b in bridges], [b.gain_fit for b in bridges]):
             both = ppl()
     for b in bridges:
         b.heldout_ppl_cut, b.heldout_ppl_bridged = cut, both
@@ -488,7 +610,7 @@ def _guard(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[i
         return
     # the bridges together hurt: keep each one only if it helps on its own
     for b, w in zip(bridges, writers):
-        with removed_layers(model, removed), bridged([w], [b.T_fit]):
+        with removed_layers(model, removed), bridged([w], [b.T_fit], [b.gain_fit]):
             alone = ppl() if len(bridges) > 1 else both
         b.heldout_ppl_bridged = alone
         b.applied = alone < cut

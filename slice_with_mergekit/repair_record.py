@@ -25,15 +25,32 @@ def fold_tensor(kind: str, is_bias: bool, w: torch.Tensor, T: torch.Tensor) -> t
     return T.T @ w
 
 
+def norm_weight(gain: torch.Tensor, offset: float) -> torch.Tensor:
+    """A post-norm's weight for a gain: Gemma's norm computes (1 + w) * x / rms(x), so w = gain - 1."""
+    return gain.double() - offset
+
+
+def _field(b: Any, key: str, default: Any = None) -> Any:
+    return b.get(key, default) if isinstance(b, dict) else getattr(b, key, default)
+
+
+def folded(b: Any, skey: str, source: torch.Tensor, T: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+    """What the patched tensor ``skey`` holds (float64): the writer's weight or bias folded with T, or a
+    post-norm's weight set to the refitted gain. ``b``: a Bridge or its record."""
+    if _field(b, "norm") and skey == f"{_field(b, 'norm')}.weight":
+        return norm_weight(gain, _field(b, "norm_offset", 0.0))
+    return fold_tensor(_field(b, "kind"), skey.endswith(".bias"), source, T)
+
+
 def patched_tensors(result: Any, kept: Sequence[int]) -> dict[str, tuple[str, int]]:
     """{output tensor name: (source tensor name, index of its bridge)} for every applied bridge."""
     out = {}
     for i, b in enumerate(result.bridges):
         if not b.applied:
             continue
-        params = ["weight"] + (["bias"] if b.bias else [])
-        for p in params:
-            out[output_key(f"{b.writer}.{p}", kept)] = (f"{b.writer}.{p}", i)
+        names = [f"{b.writer}.weight"] + ([f"{b.writer}.bias"] if b.bias else []) + ([f"{b.norm}.weight"] if b.norm else [])
+        for name in names:
+            out[output_key(name, kept)] = (name, i)
     return out
 
 
@@ -41,6 +58,8 @@ def save_repair(result: Any, path: Path, kept: Sequence[int]) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"bridge.{b.start}_{b.end}": b.T.double().contiguous() for b in result.bridges}
+    tensors.update({f"gain.{b.start}_{b.end}": b.gain.double().contiguous() for b in result.bridges
+                    if getattr(b, "gain", None) is not None})
     if not tensors:
         tensors = {"empty": torch.zeros(0)}
     meta = {"format": "pt", "repair": json.dumps({**result.record(), "kept": list(kept),
@@ -50,7 +69,7 @@ def save_repair(result: Any, path: Path, kept: Sequence[int]) -> None:
 
 
 def load_repair(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(the recorded facts, {"bridge.S_E": T}) from a repair.safetensors."""
+    """(the recorded facts, {"bridge.S_E": T, "gain.S_E": a post-norm's gain}) from a repair.safetensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -83,12 +102,13 @@ def check_repaired(out: Path, src: Path, kept: Sequence[int]) -> tuple[set[str],
 
 
 def _matches_fold(okey: str, skey: str, bridges: dict, tensors: dict, out_of: dict, src_of: dict) -> bool:
-    """Does the output tensor equal the source tensor folded with its recorded T, to float tolerance?"""
-    b = next(b for b in bridges.values() if skey.startswith(b["writer"] + "."))
+    """Does the output tensor equal the source tensor folded with its recorded T (or the recorded gain), to
+    float tolerance?"""
+    b = next(b for b in bridges.values() if skey.startswith(b["writer"] + ".") or skey == f"{b.get('norm')}.weight")
     if okey not in out_of or skey not in src_of:
         return False
     got = out_of[okey].get_tensor(okey)
-    want = fold_tensor(b["kind"], skey.endswith(".bias"), src_of[skey].get_tensor(skey),
-                       tensors[f"bridge.{b['start']}_{b['end']}"])
+    key = f"{b['start']}_{b['end']}"
+    want = folded(b, skey, src_of[skey].get_tensor(skey), tensors[f"bridge.{key}"], tensors.get(f"gain.{key}"))
     eps = torch.finfo(got.dtype).eps
     return torch.allclose(got.double(), want, rtol=4 * eps, atol=4 * eps * float(want.abs().max()))

@@ -31,13 +31,15 @@ def period(seq: Sequence[Any]) -> int | None:
     return None
 
 
-def slice_per_layer_fields(cfg: dict, kept: Sequence[int], num_layers: int) -> tuple[dict, list[str]]:
-    """Returns (new config dict, human-readable notes of what changed)."""
+def slice_per_layer_fields(cfg: dict, kept: Sequence[int], num_layers: int,
+                           warn: bool = True) -> tuple[dict, list[str]]:
+    """Returns (new config dict, human-readable notes of what changed). ``warn``: log a shifted
+    alternating pattern (the checkpoint's config does; the in-memory cut of every candidate does not)."""
     out, notes = dict(cfg), []
     pos = {src: i for i, src in enumerate(kept)}
     for key, value in cfg.items():
         if key in NESTED and isinstance(value, dict):
-            out[key], sub = slice_per_layer_fields(value, kept, num_layers)
+            out[key], sub = slice_per_layer_fields(value, kept, num_layers, warn)
             notes += [f"{key}.{n}" for n in sub]
         elif key in INDEX_LIST_FIELDS and isinstance(value, list):
             out[key] = [pos[i] for i in value if i in pos]
@@ -51,8 +53,9 @@ def slice_per_layer_fields(cfg: dict, kept: Sequence[int], num_layers: int) -> t
             notes.append(f"{key}: sliced to the {len(kept)} kept layers")
             p = period(value)
             if p and out[key] != [value[i % p] for i in range(len(kept))]:
-                log.warning("the cut shifts the alternating %s pattern (period %d): each kept layer keeps its "
-                            "own type, so the result no longer alternates every %d layers", key, p, p)
+                if warn:
+                    log.warning("the cut shifts the alternating %s pattern (period %d): each kept layer keeps its "
+                                "own type, so the result no longer alternates every %d layers", key, p, p)
                 notes.append(f"{key}: alternating pattern (period {p}) shifted by the cut")
     if "num_hidden_layers" in out and not any(k in NESTED for k in cfg):
         out["num_hidden_layers"] = len(kept)

@@ -66,6 +66,10 @@ def tiny_config(arch: str):
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                     max_position_embeddings=256, sliding_window=16, sliding_window_pattern=2,
                                     architectures=["Gemma3ForCausalLM"], **common)
+    if arch == "olmo2":  # post-norm layers with plain-w RMS norms (Gemma's are 1 + w)
+        return AutoConfig.for_model("olmo2", hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                    tie_word_embeddings=False, architectures=["Olmo2ForCausalLM"], **common)
     if arch == "gpt2":
         return AutoConfig.for_model("gpt2", n_embd=32, n_layer=5, n_head=4, n_positions=256, vocab_size=VOCAB,
                                     bos_token_id=0, eos_token_id=1, architectures=["GPT2LMHeadModel"])

@@ -103,3 +103,35 @@ def test_speed_measurement_fields(tiny_llama, tmp_path, capsys):
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["perplexity"]["speed"]["decode_tokens_per_s"] > 0
     assert "decode" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "gpt2"])
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, None])  # None: every scored position in one chunk
+def test_chunked_nll_equals_the_plain_log_softmax(tiny_models, arch, rows_per_chunk):
+    """Batched, padded, the LM head in chunks that split texts: each window's NLL equals the plain
+    full-logits log_softmax of that window alone (to float32 rounding of its magnitude)."""
+    from slice_with_mergekit.evaluate import tokenize_windows, vocab_of
+
+    model, tok = load(tiny_models[arch])
+    wins = tokenize_windows(tok, TEXTS * 2, 16, 8)
+    budget = 10**12 if rows_per_chunk is None else 8 * vocab_of(model) * rows_per_chunk
+    per: list = []
+    perplexity(model, tok, [], batch_size=3, _windows=wins, per_window=per, logits_bytes=budget)
+    assert len(per) == len(wins) > 10
+    with torch.no_grad():
+        for (w, ctx), (got, n) in zip(wins, per):
+            logp = torch.log_softmax(model(torch.tensor([w])).logits.float()[0, :-1], -1)  # (S-1, V)
+            ref = -logp[torch.arange(ctx - 1, len(w) - 1), torch.tensor(w[ctx:])].double()
+            assert n == len(w) - ctx == len(ref)
+            assert abs(got - float(ref.sum())) <= 64 * 2.0**-23 * float(ref.abs().sum()) + 1e-6, (got, float(ref.sum()))
+
+
+def test_chunked_nll_applies_the_final_soft_capping(tiny_models):
+    """Gemma-2's final_logit_softcapping is part of the model's logits: the chunked head applies it."""
+    model, tok = load(tiny_models["gemma3"])
+    model.config.final_logit_softcapping = 0.5  # strong enough to change every loss
+    ids = torch.tensor([tok(TEXTS[3])["input_ids"]])
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+    got = perplexity(model, tok, [TEXTS[3]], max_length=512, stride=512)
+    assert got.nll_sum == pytest.approx(float(ref), rel=1e-5)

@@ -69,9 +69,11 @@ def test_identity_block_gives_identity_bridge(tmp_path):
 
 
 @pytest.mark.parametrize("arch,remove", [("llama", "2-3"), ("llama", "1,3-4"), ("llama", "0-1"), ("gpt2", "2-3"),
-                                         ("qwen3", "3-5")])
+                                         ("qwen3", "3-5"), ("gemma3", "3-4"), ("gemma3", "2,5-6"), ("olmo2", "2-3")])
 def test_folded_checkpoint_equals_in_memory_bridge(tiny_models, tmp_path, arch, remove):
-    src = tiny_models[arch]
+    """The checkpoint computes exactly what the fitted in-memory bridge computes; on post-norm layers
+    (Gemma-3, OLMo-2) both the writer and the norm after it are patched."""
+    src = tiny_models[arch] if arch in tiny_models else build_tiny(arch, tmp_path / arch)
     plan = _plan(src, tmp_path, remove)
     assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 0
     model, tok = load(src)
@@ -80,7 +82,8 @@ def test_folded_checkpoint_equals_in_memory_bridge(tiny_models, tmp_path, arch, 
     assert len(res.bridges) == len(contiguous_runs(removed))
     kept = [i for i in range(model.config.get_text_config().num_hidden_layers) if i not in removed]
     patched = apply_to_checkpoint(tmp_path / "out", src, res, kept)
-    assert len(patched) == len(res.bridges) * (2 if arch == "gpt2" else 1)  # GPT-2's Conv1D has a bias
+    # GPT-2's Conv1D has a bias; a post-norm layer's norm weight is refitted with its writer
+    assert len(patched) == len(res.bridges) * (2 if arch in ("gpt2", "gemma3", "olmo2") else 1)
     out, _ = load(tmp_path / "out")
     ids = tok(TEXTS[3], return_tensors="pt").input_ids
     with torch.no_grad():
@@ -145,8 +148,21 @@ def test_materialize_with_repair_is_atomic_on_failure(tiny_models, tmp_path, cap
     assert not (tmp_path / "out" / REPAIR_FILE).exists()
 
 
+class GatedNorm(torch.nn.Module):
+    """A norm followed by a gate on its input: neither fold can absorb it."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.norm, self.weight = norm, norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * torch.sigmoid(x)
+
+
 def test_refusals(tiny_models):
-    model, tok = load(tiny_models["gemma3"])  # post_feedforward_layernorm sits between the MLP and the stream
+    model, tok = load(tiny_models["gemma3"])  # a gate after the post-MLP norm: not h + g * rms_norm(m)
+    layer = model.model.layers[2]
+    layer.post_feedforward_layernorm = GatedNorm(layer.post_feedforward_layernorm)
     with pytest.raises(UserError, match="not added unchanged"):
         fit_repair(model, tok, CALIB, [3, 4], progress=False)
     model, tok = load(tiny_models["llama"])
@@ -156,9 +172,53 @@ def test_refusals(tiny_models):
         fit_repair(model, tok, CALIB, [], progress=False)
 
 
-def test_guard_keeps_a_bridge_only_if_it_lowers_heldout_loss(tiny_llama):
-    model, tok = load(tiny_llama)
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_guard_keeps_a_bridge_only_if_it_lowers_heldout_loss(tiny_models, arch):
+    model, tok = load(tiny_models[arch])
     res = fit_repair(model, tok, CALIB, [2, 3], progress=False)
     (b,) = res.bridges
     assert b.heldout_ppl_cut is not None and b.heldout_ppl_bridged is not None
     assert b.applied == (b.heldout_ppl_bridged < b.heldout_ppl_cut)
+
+
+@pytest.mark.parametrize("arch,zero", [("gemma3", (3, 4)), ("olmo2", (2, 3))])
+def test_post_norm_bridge_recovers_an_exactly_representable_block(tmp_path, arch, zero):
+    """Layers whose writers are zeroed add N(0) = 0 to the stream: the bridge through the norm is T = I
+    with the source's own gain, and the bridged cut computes the dense model."""
+    model, tok = load(build_tiny(arch, tmp_path / arch, seed=3))
+    with torch.no_grad():
+        for i in zero:
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    res = fit_repair(model, tok, CALIB, list(zero), guard=False, progress=False)
+    (b,) = res.bridges
+    pn = res.writers[zero[0]].norm
+    assert pn is not None and b.norm == f"model.layers.{zero[0] - 1}.post_feedforward_layernorm"
+    assert pn.offset == (1.0 if arch == "gemma3" else 0.0)  # Gemma's (1 + w), OLMo-2's w
+    torch.testing.assert_close(b.T, torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-3)
+    torch.testing.assert_close(b.gain, pn.gain().cpu(), rtol=1e-3, atol=1e-3)
+    ids = tok(TEXTS[3], return_tensors="pt").input_ids
+    with torch.no_grad():
+        dense = model(ids).logits
+        with removed_layers(model, list(zero)), res.in_memory():
+            bridged = model(ids).logits
+    torch.testing.assert_close(bridged, dense, rtol=1e-3, atol=1e-3)
+
+
+def test_verify_fails_when_a_post_norm_weight_is_altered(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_models["gemma3"]
+    plan = _plan(src, tmp_path, "3-4")
+    assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 0
+    model, tok = load(src)
+    res = fit_repair(model, tok, CALIB, [3, 4], guard=False, progress=False)
+    keys = apply_to_checkpoint(tmp_path / "out", src, res, [0, 1, 2, 5, 6, 7])
+    assert sorted(keys) == ["model.layers.2.mlp.down_proj.weight", "model.layers.2.post_feedforward_layernorm.weight"]
+    assert verify(str(tmp_path / "out"), str(plan)).ok
+    f = tmp_path / "out" / "model.safetensors"
+    t = load_file(f)
+    t["model.layers.2.post_feedforward_layernorm.weight"][0] += 1e-3
+    save_file(t, f, metadata={"format": "pt"})
+    rep = verify(str(tmp_path / "out"), str(plan))
+    assert not rep.ok and any(n == "repair bridges" and not ok for n, ok, _ in rep.checks)
