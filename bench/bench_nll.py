@@ -17,6 +17,7 @@ import sys
 import time
 
 MODES = ("bare", "head", "chunked", "plain")
+LOGITS_BYTES = 256 * 2**20  # slice_with_mergekit.evaluate.LOGITS_BYTES
 
 
 def model_path(name: str) -> str:
@@ -37,9 +38,10 @@ def run_mode(args: argparse.Namespace) -> dict:
     model, tok = load_model(model_path(args.model), dtype="float32", device="cpu")
     wins = tokenize_windows(tok, load_texts(size=args.texts), args.max_length, args.max_length)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    batches = []
-    for k in range(0, len(wins), args.batch_size):
-        rows = wins[k : k + args.batch_size]
+    batches = []  # as perplexity() batches them: longest first
+    ordered = sorted(wins, key=lambda w: -len(w[0]))
+    for k in range(0, len(ordered), args.batch_size):
+        rows = ordered[k : k + args.batch_size]
         width = max(len(w) for w, _ in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -59,7 +61,7 @@ def run_mode(args: argparse.Namespace) -> dict:
             for a in range(0, n, 32):
                 head(h[a : a + 32])
         elif args.mode == "chunked":
-            perplexity(model, tok, [], batch_size=args.batch_size, _windows=wins)
+            perplexity(model, tok, [], batch_size=args.batch_size, _windows=wins, logits_bytes=args.logits_bytes)
         else:  # the full (B, S, V) logits and a log_softmax copy of them
             for ids, mask in batches:
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
@@ -81,6 +83,7 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=32, help="calibration texts (train split of the embedded set)")
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--logits_bytes", type=int, default=LOGITS_BYTES, help="the chunked NLL's float32 logits budget")
     p.add_argument("--repeat", type=int, default=2, help="timed passes per mode (the best is kept)")
     p.add_argument("--mode", choices=MODES, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

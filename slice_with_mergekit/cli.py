@@ -52,8 +52,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     choices: list = []
     config = plan(args.scan, layers_to_skip=args.layers_to_skip, start=args.start, remove=args.remove,
                   model=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                  select=args.select, top_k=args.top_k, select_texts=args.select_texts, repair=args.repair,
-                  choice_out=choices)
+                  choice=from_args(SelectOptions, args), repair=args.repair, choice_out=choices)
     write_config(config, args.output)
     if choices:
         log.info("wrote the selection details to %s", write_selection(args.output, choices[0]))
@@ -117,7 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     res = perplexity(model, tok, texts, max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
-                     progress=True)
+                     progress=True, logits_bytes=args.logits_bytes)
     extra = {"dataset": args.dataset, "split": args.dataset_subset}
     if args.speed:
         import dataclasses
@@ -250,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="checkpoint folder or Hub id")
     data_args(e, split="test", batching=True, max_length=512, batch_size=4, helps={"max_length": "tokens per window"})
     e.add_argument("--stride", type=int, default=256, help="new tokens scored per window")
+    add_flags(e, SelectOptions, only=["logits_bytes"], title="Scoring")
     model_args(e, "dtype", "device", "trust_remote_code")
     e.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. 'arc_easy,hellaswag' (needs lm-eval)")
     e.add_argument("--output", "--into", dest="into", default=None,

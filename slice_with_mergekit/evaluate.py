@@ -70,7 +70,7 @@ def tokenize_windows(tok: Any, texts: Sequence[str], max_length: int, stride: in
     return out
 
 
-LOGITS_BYTES = 64 * 2**20  # float32 logits (and their exp) held at once by the chunked NLL (--logits_bytes)
+LOGITS_BYTES = 256 * 2**20  # float32 logits (and their exp) held at once by the chunked NLL (--logits_bytes)
 
 
 def lm_head_of(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:

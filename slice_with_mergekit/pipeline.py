@@ -133,7 +133,8 @@ def scan_stage(a: PruneArgs, scan_dir: Path) -> None:
 
 def eval_stage(a: PruneArgs, texts: list[str], model: str, out: Path) -> None:
     m, tok = load_model(model, dtype=a.load.dtype, device=a.load.device, trust_remote_code=a.load.trust_remote_code)
-    p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True)
+    p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True,
+                   logits_bytes=a.choice.logits_bytes)
     write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
 
 
@@ -141,15 +142,15 @@ def eval_cut_stage(a: PruneArgs, texts: list[str], plan_path: Path, out: Path) -
     """Perplexity of the plain cut, computed in memory from the source (equal to its checkpoint's)."""
     m, tok = load_model(a.model, dtype=a.load.dtype, device=a.load.device, trust_remote_code=a.load.trust_remote_code)
     with removed_layers(m, lineage(plan_path, a.model).removed):
-        p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True)
+        p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True,
+                   logits_bytes=a.choice.logits_bytes)
     write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
 
 
 def plan_stage(a: PruneArgs, scan_json: Path, n: int, plan_path: Path, removed: list[int] | None = None) -> None:
     fixed = {"remove": format_inclusive(removed)} if removed else {"layers_to_skip": n}
     choices: list = []
-    write_config(plan(str(scan_json), select=a.choice.select, top_k=a.choice.top_k, select_texts=a.choice.select_texts,
-                      model=a.model, repair=a.repair, trust_remote_code=a.load.trust_remote_code, choice_out=choices,
+    write_config(plan(str(scan_json), choice=a.choice, model=a.model, repair=a.repair, trust_remote_code=a.load.trust_remote_code, choice_out=choices,
                       **fixed), plan_path)
     if choices:
         write_selection(plan_path, choices[0])
@@ -157,7 +158,7 @@ def plan_stage(a: PruneArgs, scan_json: Path, n: int, plan_path: Path, removed: 
 
 def budget_stage(a: PruneArgs, scan_json: Path, out: Path) -> None:
     scan = scanfile.load(scan_json)
-    score = calibration_scorer(scan, a.model, a.choice.select_texts, a.load.trust_remote_code, a.repair)
+    score = calibration_scorer(scan, a.model, a.choice, a.load.trust_remote_code, a.repair)
     b = budget_search(scan, score, a.max_ppl_ratio, a.choice.select, a.choice.top_k, a.max_layers)
     write_text(out, json.dumps({**asdict(b), "passes": score.passes}, indent=1) + "\n")
 

@@ -99,32 +99,32 @@ def source_dtype(cfg: Any) -> str | None:
     return str(dt).replace("torch.", "") if dt is not None else None
 
 
-def calibration_scorer(scan: ScanFile, model: str, num_texts: int | None = None, trust_remote_code: bool = False,
-                       repair: str = "none"):
-    """A perplexity scorer on the scan's own calibration text (its dataset provenance)."""
-
-
+def calibration_scorer(scan: ScanFile, model: str, choice: SelectOptions | None = None,
+                       trust_remote_code: bool = False, repair: str = "none") -> Scorer:
+    """A perplexity scorer on the scan's own calibration text (its dataset provenance): ``choice.select_texts``
+    of its texts, the LM head in chunks of ``choice.logits_bytes``."""
+    choice = choice or SelectOptions()
     ds = scan.dataset
-    texts = load_texts(ds.name or BUILTIN_DATASET, ds.column or "text", ds.split or "train", num_texts or ds.size,
-                       ds.config)
+    texts = load_texts(ds.name or BUILTIN_DATASET, ds.column or "text", ds.split or "train",
+                       choice.select_texts or ds.size, ds.config)
     m, tok = load_model(model, trust_remote_code=trust_remote_code, gguf_file=getattr(scan, "gguf_file", None))
     ml = min(int(ds.max_length or 256), 1024)
-    return Scorer(m, tok, texts, max_length=ml, stride=ml, repair=repair)
+    return Scorer(m, tok, texts, max_length=ml, stride=ml, repair=repair, logits_bytes=choice.logits_bytes)
 
 
 def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None = None, remove: str | None = None,
          model: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
-         select: str | None = None, top_k: int | None = None, select_texts: int | None = None, repair: str = "none",
+         choice: SelectOptions | None = None, repair: str = "none",
          choice_out: list | None = None) -> MergeConfiguration:
     """Everything MergeKit leaves unchecked, checked; then the config.
 
-    ``select`` (a strategy of select.STRATEGIES; default: SelectOptions') picks the block of
+    ``choice.select`` (a strategy of select.STRATEGIES) picks the block of
     ``layers_to_skip`` when no explicit --start/--remove is given. With ``repair``, candidates are
     scored after that repair (the plan itself stays the plain cut).
     """
 
-    opts = SelectOptions(**{k: v for k, v in dict(select=select, top_k=top_k).items() if v is not None})
-    select, top_k = opts.select, opts.top_k
+    choice = choice or SelectOptions()
+    select, top_k = choice.select, choice.top_k
     scan = scanfile.load(scan_path)
     removed = layers_to_remove(scan, layers_to_skip=layers_to_skip, start=start, remove=remove)
     scanned = scan.model
@@ -139,7 +139,7 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
     check_architecture(cfg, src)
     if select != "angle" and start is None and remove is None:
         choice = choose(select, scan, len(removed),
-                        lambda: calibration_scorer(scan, src, select_texts, trust_remote_code, repair), top_k)
+                        lambda: calibration_scorer(scan, src, choice, trust_remote_code, repair), top_k)
         removed = choice.removed
         if choice_out is not None:
             choice_out.append(choice)

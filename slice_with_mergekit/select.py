@@ -23,7 +23,7 @@ from compute_block_similarity.flags import one_of
 from compute_block_similarity.ranges import format_layers
 from compute_block_similarity.scanfile import ScanFile
 
-from .evaluate import perplexity, tokenize_windows
+from .evaluate import LOGITS_BYTES, perplexity, tokenize_windows
 from .inmemory import removed_layers
 from .repair_fit import fit_repair
 
@@ -70,14 +70,14 @@ class Scorer:
     new ones. ``passes`` counts the forward tokens run, in units of one pass over every window."""
 
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
-                 batch_size: int = 8, repair: str = "none", seed: int = 0):
+                 batch_size: int = 8, repair: str = "none", seed: int = 0, logits_bytes: int = LOGITS_BYTES):
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.wins = tokenize_windows(tok, texts, max_length, stride)
         self.order = list(range(len(self.wins)))
         random.Random(seed).shuffle(self.order)  # growing shares: representative, nested
         self.total_tokens = sum(len(w[0]) for w in self.wins)
         self.kw = dict(max_length=max_length, stride=stride)
-        self.repair = repair
+        self.repair, self.logits_bytes = repair, logits_bytes
         self.tokens_run = 0
         self.windows: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # cut -> window -> (nll sum, tokens)
         self.bridges: dict[tuple[int, ...], Any] = {}
@@ -105,6 +105,7 @@ class Scorer:
             per: list = []
             with removed_layers(self.model, key), bridge:
                 perplexity(self.model, self.tok, [], batch_size=self.batch_size, _windows=[self.wins[i] for i in todo],
+                           logits_bytes=self.logits_bytes,
                            per_window=per, **self.kw)
             have.update(zip(todo, per))
             self.tokens_run += sum(len(self.wins[i][0]) for i in todo)
@@ -387,6 +388,8 @@ class SelectOptions(BaseModel):
                        "of the calibration text; ppl and refine each on all of it (one pass each)")
     select_texts: int | None = Field(None, ge=1, description="calibration texts that score the candidates "
                                      "(default: all the scan's)")
+    logits_bytes: int = Field(LOGITS_BYTES, ge=1, description="float32 logits the scoring holds at once (the LM head "
+                              "runs in chunks of positions; bounds the memory whatever the vocabulary)")
 
     @field_validator("select")
     @classmethod

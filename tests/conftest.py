@@ -114,6 +114,14 @@ def smollm2_dir() -> str:
     return default_model_dir()
 
 
+@pytest.fixture(scope="session")
+def gemma3_dir() -> str:
+    """Gemma-3-270M, converted once from the GGUF its registry packages ship (scripts/bootstrap.sh installs them)."""
+    from compute_block_similarity.model import gemma3_model_dir
+
+    return gemma3_model_dir()
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
