@@ -24,6 +24,7 @@ Data path, top to bottom:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -152,6 +153,11 @@ class PostNorm:
 
     def gain(self) -> torch.Tensor:  # (d,) float64
         return self.module.weight.detach().double() + self.offset
+
+    @staticmethod
+    def live(g: torch.Tensor) -> torch.Tensor:
+        """Channels whose gain is not (numerically) zero; Gemma-3-270M has dead ones."""
+        return g.abs() > 1e-6 * g.abs().max()
 
     def apply(self, m: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         """gain * m / rms(m), in float64; m (N, d)."""
@@ -390,8 +396,11 @@ def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tup
                         y = xe - xs + m  # (N, d)
                     else:  # x^s = h + g * rms_norm(m): fit m T to the direction of (x^e - h) / g, at m's scale
                         r = xe - xs + taps[f"n{s}"][sel.to(taps[f"n{s}"].device)].to(xs.device).double()  # x^e - h
-                        u = r / pn.gain().to(r.device)
-                        y = u * (m.pow(2).mean(-1, keepdim=True) / u.pow(2).mean(-1, keepdim=True).clamp_min(1e-30)).sqrt()
+                        g = pn.gain().to(r.device)  # (d,)
+                        live = pn.live(g)  # a channel with gain 0 is dead: it keeps m's own content
+                        u = torch.where(live, r / torch.where(live, g, 1.0), 0.0)
+                        k = ((m * m * live).sum(-1, keepdim=True) / (u * u).sum(-1, keepdim=True).clamp_min(1e-30)).sqrt()
+                        y = torch.where(live, u * k, m)  # the live channels at m's own scale
                     st = stats.get((s, e))
                     if st is None:
                         z = lambda: torch.zeros((d, d), dtype=torch.float64, device=m.device)  # noqa: E731
@@ -473,7 +482,9 @@ def fit_gain(st: RunStats, T: torch.Tensor, pn: PostNorm) -> torch.Tensor:
     with n = rms_norm(m T) and r = x^e - h, over the sampled calibration tokens."""
     m, r = torch.cat(st.norm_sample, dim=1).to(T.device)  # each (N, d) float64
     n = pn.apply(m @ T.double(), torch.ones((), dtype=torch.float64, device=T.device))  # (N, d)
-    return ((n * r).sum(0) / (n * n).sum(0).clamp_min(1e-30)).cpu()
+    nn_, g0 = (n * n).sum(0), pn.gain().to(T.device)
+    fit = nn_ > 1e-12 * nn_.max()  # a channel m T leaves empty keeps its gain (dead channels stay dead)
+    return torch.where(fit & pn.live(g0), (n * r).sum(0) / torch.where(fit, nn_, 1.0), g0).cpu()
 
 
 @contextmanager
@@ -572,9 +583,11 @@ def fit_repair(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequen
             mse_br = _mse(T_fit, st.AtA[1], st.AtY[1], st.YtY[1]) / max(st.tokens[1], 1)
         post = {} if pn is None else {"norm": pn.name, "norm_offset": pn.offset, "gain": fit_gain(st, T_all, pn),
                                       "gain_fit": fit_gain(st, T_fit, pn)}
-        bridges.append(Bridge(s, e, writers[s].name, writers[s].kind, T_all.cpu(), True, alpha, "", mse_cut, mse_br,
-                              bias="bias" in writers[s].params(), T_fit=T_fit.cpu(), **post))
-    fitted = [b for b in bridges if b.start in writers]
+        finite = all(bool(torch.isfinite(x).all()) for x in (T_fit, T_all, *(post.get(k, T_all) for k in ("gain", "gain_fit"))))
+        bridges.append(Bridge(s, e, writers[s].name, writers[s].kind, T_all.cpu(), finite, alpha,
+                              "" if finite else "not bridged: the fit is not finite (degenerate calibration activations)",
+                              mse_cut, mse_br, bias="bias" in writers[s].params(), T_fit=T_fit.cpu(), **post))
+    fitted = [b for b in bridges if b.start in writers and b.applied]
     if guard:
         _guard(model, tok, texts, removed, fitted, [writers[b.start] for b in fitted], max_length, batch_size)
     else:
@@ -596,14 +609,20 @@ def _guard(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[i
         for b in bridges:
             b.decision = "applied (no held-out calibration text to guard with)"
         return
-    ppl = lambda: perplexity(model, tok, held, max_length=max_length, stride=max_length,  # noqa: E731
-                             batch_size=batch_size).perplexity
+
+    def ppl() -> float:
+        try:
+            return perplexity(model, tok, held, max_length=max_length, stride=max_length, batch_size=batch_size).perplexity
+        except UserError:  # non-finite log-probabilities: a bridge that overflows is refused like one that hurts
+            return math.inf
+
     with removed_layers(model, removed):
         cut = ppl()
         with bridged(writers, [b.T_fit for b in bridges], [b.gain_fit for b in bridges]):
             both = ppl()
+    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (never inf in a record)
     for b in bridges:
-        b.heldout_ppl_cut, b.heldout_ppl_bridged = cut, both
+        b.heldout_ppl_cut, b.heldout_ppl_bridged = finite(cut), finite(both)
     if both < cut:
         for b in bridges:
             b.decision = f"applied: held-out calibration perplexity {cut:.3f} plain -> {both:.3f} bridged"
@@ -612,7 +631,7 @@ def _guard(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[i
     for b, w in zip(bridges, writers):
         with removed_layers(model, removed), bridged([w], [b.T_fit], [b.gain_fit]):
             alone = ppl() if len(bridges) > 1 else both
-        b.heldout_ppl_bridged = alone
+        b.heldout_ppl_bridged = finite(alone)
         b.applied = alone < cut
         b.decision = (f"{'applied' if b.applied else 'NOT applied'}: held-out calibration perplexity "
                       f"{cut:.3f} plain -> {alone:.3f} bridged")

@@ -181,21 +181,26 @@ def test_guard_keeps_a_bridge_only_if_it_lowers_heldout_loss(tiny_models, arch):
     assert b.applied == (b.heldout_ppl_bridged < b.heldout_ppl_cut)
 
 
-@pytest.mark.parametrize("arch,zero", [("gemma3", (3, 4)), ("olmo2", (2, 3))])
-def test_post_norm_bridge_recovers_an_exactly_representable_block(tmp_path, arch, zero):
+@pytest.mark.parametrize("arch,zero,dead", [("gemma3", (3, 4), 0), ("olmo2", (2, 3), 0), ("gemma3", (3, 4), 4)])
+def test_post_norm_bridge_recovers_an_exactly_representable_block(tmp_path, arch, zero, dead):
     """Layers whose writers are zeroed add N(0) = 0 to the stream: the bridge through the norm is T = I
-    with the source's own gain, and the bridged cut computes the dense model."""
+    with the source's own gain, and the bridged cut computes the dense model. ``dead`` channels of the
+    norm have gain 0 (Gemma-3-270M has such): they set no direction, and stay dead."""
     model, tok = load(build_tiny(arch, tmp_path / arch, seed=3))
     with torch.no_grad():
         for i in zero:
             model.model.layers[i].self_attn.o_proj.weight.zero_()
             model.model.layers[i].mlp.down_proj.weight.zero_()
+        model.model.layers[zero[0] - 1].post_feedforward_layernorm.weight[:dead] = -1.0  # Gemma: 1 + w = 0
     res = fit_repair(model, tok, CALIB, list(zero), guard=False, progress=False)
     (b,) = res.bridges
     pn = res.writers[zero[0]].norm
+    assert b.applied and torch.isfinite(b.T).all() and torch.isfinite(b.gain).all()
+    assert (b.gain[:dead] == 0).all()
     assert pn is not None and b.norm == f"model.layers.{zero[0] - 1}.post_feedforward_layernorm"
     assert pn.offset == (1.0 if arch == "gemma3" else 0.0)  # Gemma's (1 + w), OLMo-2's w
-    torch.testing.assert_close(b.T, torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-3)
+    live = slice(dead, None)  # a dead channel's row of T is free: nothing downstream sees it
+    torch.testing.assert_close(b.T[:, live], torch.eye(32, dtype=torch.float64)[:, live], rtol=0, atol=1e-3)
     torch.testing.assert_close(b.gain, pn.gain().cpu(), rtol=1e-3, atol=1e-3)
     ids = tok(TEXTS[3], return_tensors="pt").input_ids
     with torch.no_grad():
