@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from compute_block_similarity.atomic import write_text
 from compute_block_similarity.errors import UserError
-from compute_block_similarity.model import input_device, text_config
+from compute_block_similarity.model import decoder_layers, input_device, text_config
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,28 @@ def vocab_of(model: Any) -> int:
     return int(inner.get_output_embeddings().weight.shape[0])
 
 
+def head_share(model: Any) -> float:
+    """The share of next-token positions at which the LM head costs what the decoder costs per token
+    (1 when the head is the cheaper: small vocabularies); matmul FLOPs ~ parameters."""
+    head = vocab_of(model) * text_config(model).hidden_size
+    body = sum(p.numel() for p in decoder_layers(model).parameters())
+    return min(1.0, body / head)
+
+
+def sample_scored(wins: list[tuple[list[int], int]], share: float) -> list[tuple]:
+    """Each window scored at ``share`` of its scored positions, evenly spaced (its last always in):
+    (ids, context, positions) triples; windows unchanged when share >= 1."""
+    if share >= 1:
+        return wins
+    out = []
+    for w, ctx in wins:
+        n = len(w) - ctx
+        k = max(1, math.ceil(share * n))
+        picks = sorted({ctx + (n - 1) - int(i * n / k) for i in range(k)})
+        out.append((w, ctx, picks))
+    return out
+
+
 def chunk_rows(vocab: int, logits_bytes: int) -> int:
     """Positions per LM-head chunk: float32 logits and the exp inside logsumexp, 8 bytes per entry."""
     return max(1, logits_bytes // (8 * vocab))
@@ -141,10 +163,13 @@ def perplexity(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
         score = torch.zeros_like(ids, dtype=torch.bool)  # positions whose token is predicted
-        for b, (w, ctx) in enumerate(rows):
+        for b, (w, ctx, *picks) in enumerate(rows):  # a window may name the positions it scores
             ids[b, : len(w)] = torch.tensor(w)
             mask[b, : len(w)] = 1
-            score[b, ctx : len(w)] = True
+            if picks:
+                score[b, picks[0]] = True
+            else:
+                score[b, ctx : len(w)] = True
         sums, counts = window_nll(model, ids.to(dev), mask.to(dev), score, logits_bytes)  # (B,), (B,)
         nll += float(sums.sum())
         count += int(counts.sum())

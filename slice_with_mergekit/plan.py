@@ -109,7 +109,8 @@ def calibration_scorer(scan: ScanFile, model: str, choice: SelectOptions | None 
                        choice.select_texts or ds.size, ds.config)
     m, tok = load_model(model, trust_remote_code=trust_remote_code, gguf_file=getattr(scan, "gguf_file", None))
     ml = min(int(ds.max_length or 256), 1024)
-    return Scorer(m, tok, texts, max_length=ml, stride=ml, repair=repair, logits_bytes=choice.logits_bytes)
+    return Scorer(m, tok, texts, max_length=ml, stride=ml, repair=repair, logits_bytes=choice.logits_bytes,
+                  score_share=choice.score_share)
 
 
 def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None = None, remove: str | None = None,

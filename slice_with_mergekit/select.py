@@ -23,7 +23,7 @@ from compute_block_similarity.flags import one_of
 from compute_block_similarity.ranges import format_layers
 from compute_block_similarity.scanfile import ScanFile
 
-from .evaluate import LOGITS_BYTES, perplexity, tokenize_windows
+from .evaluate import LOGITS_BYTES, head_share, perplexity, sample_scored, tokenize_windows
 from .inmemory import removed_layers
 from .repair_fit import fit_repair
 
@@ -65,14 +65,20 @@ class Scorer:
     each candidate's bridge fitted on the first quarter of the same calibration text (the chosen
     cut's final bridge is fitted on all of it).
 
+    With a large vocabulary the LM head costs more than the decoder; then each window is scored at
+    ``score_share`` of its next-token positions (default: the share at which the head costs what the
+    decoder costs; all of them for small vocabularies), and every loss and paired SE is over those.
+
     Losses are kept per window, so a candidate can be scored on a share of the windows first
     (``share``: the first windows of a fixed shuffled order) and on more later, paying only for the
     new ones. ``passes`` counts the forward tokens run, in units of one pass over every window."""
 
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
-                 batch_size: int = 8, repair: str = "none", seed: int = 0, logits_bytes: int = LOGITS_BYTES):
+                 batch_size: int = 8, repair: str = "none", seed: int = 0, logits_bytes: int = LOGITS_BYTES,
+                 score_share: float | None = None):
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
-        self.wins = tokenize_windows(tok, texts, max_length, stride)
+        self.score_share = head_share(model) if score_share is None else score_share
+        self.wins = sample_scored(tokenize_windows(tok, texts, max_length, stride), self.score_share)
         self.order = list(range(len(self.wins)))
         random.Random(seed).shuffle(self.order)  # growing shares: representative, nested
         self.total_tokens = sum(len(w[0]) for w in self.wins)
@@ -388,6 +394,10 @@ class SelectOptions(BaseModel):
                        "of the calibration text; ppl and refine each on all of it (one pass each)")
     select_texts: int | None = Field(None, ge=1, description="calibration texts that score the candidates "
                                      "(default: all the scan's)")
+    score_share: float | None = Field(None, gt=0, le=1, description="share of each calibration window's next-token "
+                                      "positions a candidate is scored on (default: all, unless the LM head costs more "
+                                      "than the decoder per token, as with Gemma's 262k vocabulary: then the share at "
+                                      "which it costs as much)")
     logits_bytes: int = Field(LOGITS_BYTES, ge=1, description="float32 logits the scoring holds at once (the LM head "
                               "runs in chunks of positions; bounds the memory whatever the vocabulary)")
 

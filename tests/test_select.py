@@ -8,6 +8,7 @@ import math
 import random
 
 import pytest
+import torch
 from conftest import TEXTS, load
 
 from compute_block_similarity.scanfile import ScanFile
@@ -317,3 +318,26 @@ def test_paired_standard_error_against_a_window_by_window_reference(tiny_models)
     }
     for why, (m, s) in wrong.items():
         assert abs(d - m) > tol_d or abs(se - s) > tol_se, why
+
+
+def test_scorer_on_a_share_of_positions_scores_exactly_those(tiny_models):
+    """With score_share, each window is scored at that share of its next-token positions (evenly spaced,
+    its last one in); the loss equals a plain log_softmax over exactly those positions, cut in memory."""
+    model, tok = load(tiny_models["qwen3"])
+    full = Scorer(model, tok, TEXTS, max_length=16, stride=16)
+    half = Scorer(model, tok, TEXTS, max_length=16, stride=16, score_share=0.5)
+    assert full.score_share == 1.0  # a tiny vocabulary: the LM head is cheaper than the decoder, all positions
+    cut = [2, 3]
+    got = half.score_on(cut, range(half.num_windows))
+    nll, n = 0.0, 0
+    with torch.no_grad(), removed_layers(model, cut):
+        for (w, ctx, picks), (w2, ctx2) in zip(half.wins, full.wins):
+            assert (w, ctx) == (w2, ctx2) and picks[-1] == len(w) - 1
+            assert len(picks) == math.ceil(0.5 * (len(w) - ctx)) and all(ctx <= p < len(w) for p in picks)
+            logp = torch.log_softmax(model(torch.tensor([w])).logits.float()[0], -1)  # (S, V)
+            nll -= sum(float(logp[p - 1, w[p]]) for p in picks)
+            n += len(picks)
+    assert got == pytest.approx(nll / n, rel=1e-5)
+    half.score_on([5, 6], range(half.num_windows))
+    d, se = half.paired(cut, [5, 6])
+    assert d == pytest.approx(got - half.score_on([5, 6], range(half.num_windows)), rel=1e-9) and se > 0
