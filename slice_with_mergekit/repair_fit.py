@@ -329,8 +329,8 @@ class Bridge:
     applied: bool
     ridge: float
     decision: str
-    heldout_mse_cut: float
-    heldout_mse_bridged: float
+    heldout_mse_cut: float | None  # None: not fitted
+    heldout_mse_bridged: float | None
     heldout_ppl_cut: float | None = None
     heldout_ppl_bridged: float | None = None
     bias: bool = False  # the writer has a bias, folded too
@@ -375,7 +375,7 @@ def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tup
                 hooks.append(writers[s].norm.module.register_forward_hook(keep(f"n{s}")))
         hooks.append(layers[e - 1].register_forward_hook(keep(f"x{e}")))
     hooks.append(_stop_after(layers[max(e for _, e in runs) - 1]))
-    gen = torch.Generator().manual_seed(0)
+    gens = {r: torch.Generator().manual_seed(1000 * r[0] + r[1]) for r in runs}  # a run's sample: its own, shared pass or not
     try:
         for part in (0, 1):
             sub = [x for x, p in zip(ids, part_of) if p == part]
@@ -413,7 +413,7 @@ def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tup
                     want = NORM_SAMPLE_TOKENS if pn is not None else sample_tokens
                     if want and part == 0:
                         keep_n = min(m.shape[0], max(1, want * m.shape[0] // max(1, sum(map(len, ids)))))
-                        pick = torch.randperm(m.shape[0], generator=gen)[:keep_n].to(m.device)
+                        pick = torch.randperm(m.shape[0], generator=gens[(s, e)])[:keep_n].to(m.device)
                         if pn is not None:  # (m, x^e - h) rows: the gain is refitted on them once T is known
                             st.norm_sample.append(torch.stack([m[pick], r[pick]]).cpu())
                         else:
@@ -532,6 +532,9 @@ class RepairResult:
                 "bridges": [b.record() for b in self.bridges]}
 
 
+STATS_BYTES = 2 * 2**30  # float64 d x d sums collected in one shared pass (fit_repairs)
+
+
 def fit_repair(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[int], *, method: str = "linear",
                batch_size: int = 8, max_length: int = 256, guard: bool = True, cosine_steps: int = 100,
                sample_tokens: int = 32768, calibration: dict | None = None, skip_unfoldable: bool = False,
@@ -541,40 +544,76 @@ def fit_repair(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequen
     A bridge is kept only if the model without the layers but with the bridge has a lower loss on the
     held-out fifth of the calibration text than the plain cut (``guard``). A run whose bridge cannot be
     folded exactly raises UserError, or with ``skip_unfoldable`` is left plain and recorded so."""
-    meth = get_repair(method)
-    if method == "none":
-        return RepairResult("none", [], dict(calibration or {}), 0.0)
     removed = sorted(set(removed))
-    if not removed:
+    return fit_repairs(model, tok, texts, [removed], method=method, batch_size=batch_size, max_length=max_length,
+                       guard=guard, cosine_steps=cosine_steps, sample_tokens=sample_tokens, calibration=calibration,
+                       skip_unfoldable=skip_unfoldable, progress=progress)[tuple(removed)]
+
+
+def fit_repairs(model: nn.Module, tok: Any, texts: Sequence[str], cuts: Sequence[Sequence[int]], *,
+                method: str = "linear", batch_size: int = 8, max_length: int = 256, guard: bool = True,
+                cosine_steps: int = 100, sample_tokens: int = 32768, calibration: dict | None = None,
+                skip_unfoldable: bool = False, progress: bool = True,
+                stats_bytes: int = STATS_BYTES) -> dict[tuple[int, ...], RepairResult]:
+    """fit_repair for every cut in ``cuts`` (each: the removed layers), their bridges' normal equations
+    collected in shared forward passes: as many runs per pass as fit in ``stats_bytes``. Returns
+    {cut (sorted tuple): its RepairResult}; each result equals fit_repair's for that cut alone."""
+    meth = get_repair(method)
+    keys = [tuple(sorted(set(c))) for c in cuts]
+    if method == "none":
+        return {k: RepairResult("none", [], dict(calibration or {}), 0.0) for k in keys}
+    if not all(keys):
         raise UserError("the plan removes no layers, so there is nothing to repair")
     t0 = time.perf_counter()
-    runs = ranges_runs(removed)
     ids, _ = tokenize(tok, texts[:1], 16)
     if not ids:
         raise UserError("the calibration text is empty; give --dataset with real text")
     dev = input_device(model)
     probe = (torch.tensor(ids[:1], device=dev), torch.ones((1, len(ids[0])), dtype=torch.long, device=dev))
-    writers, refused = {}, {}
-    for s, _ in runs:
+    writers: dict[int, Writer] = {}
+    refused: dict[int, str] = {}
+    for s in sorted({s for k in keys for s, _ in ranges_runs(k)}):
         try:
             writers[s] = find_writer(model, s, probe)
         except UserError as err:
             if not skip_unfoldable:
                 raise
             refused[s] = str(err)
+    runs = sorted({r for k in keys for r in ranges_runs(k) if r[0] in writers})
+    if method == "cosine" and any(writers[s].norm is not None for s, _ in runs):
+        raise UserError("--repair cosine cannot fit through the norm after a post-norm layer (Gemma-2/3, OLMo-2); "
+                        "use --repair linear")
     d = text_config(model).hidden_size
+    per_pass = max(1, stats_bytes // (4 * d * d * 8))  # AtA and AtY for the fit and held-out parts
+    stats: dict[tuple[int, int], RunStats] = {}
+    for k in range(0, len(runs), per_pass):
+        stats.update(collect(model, tok, texts, runs[k : k + per_pass], writers, batch_size=batch_size,
+                             max_length=max_length, sample_tokens=sample_tokens if meth.stores_tokens else 0,
+                             progress=progress))
+    shared = time.perf_counter() - t0
+    out = {}
+    for key in keys:
+        t1 = time.perf_counter()
+        out[key] = _bridge_cut(model, tok, texts, key, writers, refused, stats, method=method, guard=guard,
+                               cosine_steps=cosine_steps, calibration=calibration, max_length=max_length,
+                               batch_size=batch_size)
+        out[key].seconds = shared + time.perf_counter() - t1
+    return out
+
+
+def _bridge_cut(model: nn.Module, tok: Any, texts: Sequence[str], removed: tuple[int, ...], writers: dict[int, Writer],
+                refused: dict[int, str], stats: dict[tuple[int, int], RunStats], *, method: str, guard: bool,
+                cosine_steps: int, calibration: dict | None, max_length: int, batch_size: int) -> RepairResult:
+    """One cut's bridges from the collected statistics: fit, refit the post-norm gains, guard."""
+    d = text_config(model).hidden_size
+    runs = ranges_runs(removed)
     bridges = [Bridge(s, e, "", "", torch.eye(d, dtype=torch.float64), False, 0.0, f"not bridged: {refused[s]}",
-                      float("nan"), float("nan")) for s, e in runs if s in refused]
+                      None, None) for s, e in runs if s in refused]
     runs = [r for r in runs if r[0] not in refused]
     if not runs:
         for b in bridges:
             log.warning("repair [%d, %d): %s", b.start, b.end, b.decision)
-        return RepairResult(method, bridges, dict(calibration or {}), time.perf_counter() - t0)
-    if method == "cosine" and any(writers[s].norm is not None for s, _ in runs):
-        raise UserError("--repair cosine cannot fit through the norm after a post-norm layer (Gemma-2/3, OLMo-2); "
-                        "use --repair linear")
-    stats = collect(model, tok, texts, runs, writers, batch_size=batch_size, max_length=max_length,
-                    sample_tokens=sample_tokens if meth.stores_tokens else 0, progress=progress)
+        return RepairResult(method, bridges, dict(calibration or {}), 0.0)
     for s, e in runs:
         st, pn = stats[(s, e)], writers[s].norm
         T_fit, T_all, alpha, mse_cut, mse_br = fit_linear(st, d)
@@ -598,7 +637,7 @@ def fit_repair(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequen
         log.info("repair [%d, %d) via %s: %s", b.start, b.end, b.writer, b.decision)
     cal = {**(calibration or {}), "tokens_fit": sum(stats[r].tokens[0] for r in runs) // len(runs),
            "tokens_heldout": sum(stats[r].tokens[1] for r in runs) // len(runs), "max_length": max_length}
-    return RepairResult(method, bridges, cal, time.perf_counter() - t0, writers)
+    return RepairResult(method, bridges, cal, 0.0, {s: writers[s] for s, _ in runs})
 
 
 def _guard(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[int], bridges: list[Bridge],

@@ -25,7 +25,7 @@ from compute_block_similarity.scanfile import ScanFile
 
 from .evaluate import LOGITS_BYTES, head_share, perplexity, sample_scored, tokenize_windows
 from .inmemory import removed_layers
-from .repair_fit import fit_repair
+from .repair_fit import fit_repairs
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +145,29 @@ class Scorer:
         var = k / (k - 1) * sum((di - ti * diff) ** 2 for di, ti in zip(d, t)) / T**2
         return diff, math.sqrt(var)
 
-    def _bridge(self, removed: tuple[int, ...]) -> Any:
+    def bridge_texts(self) -> Sequence[str]:
+        """What the candidates' bridges are fitted on: a quarter of the calibration text (at least 64 texts)."""
+        return self.texts[: max(64, len(self.texts) // 4)]
 
+    def prepare(self, cuts: Sequence[Sequence[int]]) -> None:
+        """Fit the bridges of every cut not yet bridged, their statistics collected in one shared pass
+        over the bridge texts (counted once), instead of a pass per cut."""
+        if self.repair == "none":
+            return
+        todo = [c for c in dict.fromkeys(tuple(sorted(c)) for c in cuts if c) if c not in self.bridges]
+        if not todo:
+            return
+        texts = self.bridge_texts()
+        with quiet("slice_with_mergekit.repair_fit"):  # a log line per candidate's bridge is noise
+            self.bridges.update(fit_repairs(self.model, self.tok, texts, todo, method=self.repair,
+                                            batch_size=self.batch_size, max_length=self.kw["max_length"],
+                                            skip_unfoldable=True, progress=False))
+        self.tokens_run += self.total_tokens * len(texts) / len(self.texts)
+
+    def _bridge(self, removed: tuple[int, ...]) -> Any:
         if self.repair == "none" or not removed:
             return nullcontext()
-        if removed not in self.bridges:  # once per cut, on a quarter of the calibration text (at least 64 texts)
-            texts = self.texts[: max(64, len(self.texts) // 4)]
-            with quiet("slice_with_mergekit.repair"):  # a log line per candidate's bridge is noise
-                self.bridges[removed] = fit_repair(self.model, self.tok, texts, removed, method=self.repair,
-                                                   batch_size=self.batch_size, max_length=self.kw["max_length"],
-                                                   skip_unfoldable=True, progress=False)
-            self.tokens_run += self.total_tokens * len(texts) / len(self.texts)
+        self.prepare([removed])  # a cut no one prepared: its own pass
         return self.bridges[removed].in_memory()
 
 
@@ -187,6 +199,7 @@ def select_deepest(scan: ScanFile, n: int, score: "Scorer | None" = None, top_k:
 def top_k_by_loss(scan: ScanFile, n: int, score: Scorer, top_k: int) -> list[dict]:
     """The scan's top-k blocks, each scored by real calibration perplexity."""
     cands = []
+    score.prepare([range(s, s + n) for s in scan.ranking(n)[:top_k]])
     for s in scan.ranking(n)[:top_k]:
         p = score(list(range(s, s + n)))
         cands.append({"start": s, "removed": format_layers(range(s, s + n)), "perplexity": p,
@@ -290,6 +303,7 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tupl
     candidates clearly behind the leader (``z`` paired SEs) are dropped and at most half (at least
     two) survive. Ends early when one is left, else when the survivors have seen every window.
     Returns (winner, {cut: the round it was dropped in, None for the winner})."""
+    score.prepare(cuts)  # every candidate's bridge from one shared pass
     W = score.num_windows
     m = min(W, max(cfg.min_windows, math.ceil(W * cfg.first_share)))
     dropped: dict[tuple[int, ...], int | None] = dict.fromkeys(cuts)  # None: still in the race
@@ -369,6 +383,7 @@ def select_iterative(scan: ScanFile, n: int, score: Scorer, top_k: int = 0) -> C
 
 def exhaustive(num_layers: int, n: int, score: Scorer) -> dict[int, float]:
     """The reference: every contiguous block by real perplexity (L - n + 1 passes)."""
+    score.prepare([range(s, s + n) for s in range(num_layers - n + 1)])
     return {s: score(list(range(s, s + n))) for s in range(num_layers - n + 1)}
 
 

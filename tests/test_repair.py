@@ -17,7 +17,7 @@ from slice_with_mergekit.cli import main as slice_main
 from slice_with_mergekit.inmemory import removed_layers
 from slice_with_mergekit.plan import build_config, write_config
 from slice_with_mergekit.repair import apply_to_checkpoint
-from slice_with_mergekit.repair_fit import RunStats, _mse, fit_linear, fit_repair
+from slice_with_mergekit.repair_fit import RunStats, _mse, fit_linear, fit_repair, fit_repairs
 from slice_with_mergekit.verify import verify
 
 CALIB = TEXTS * 6  # ~2.4k byte tokens: enough for d = 32
@@ -227,3 +227,23 @@ def test_verify_fails_when_a_post_norm_weight_is_altered(tiny_models, tmp_path):
     save_file(t, f, metadata={"format": "pt"})
     rep = verify(str(tmp_path / "out"), str(plan))
     assert not rep.ok and any(n == "repair bridges" and not ok for n, ok, _ in rep.checks)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_one_shared_pass_gives_each_cut_its_own_bridges(tiny_models, arch):
+    """fit_repairs collects every cut's statistics in shared passes (here also split over several passes
+    by a small stats budget); each cut's bridges and guard decisions equal fit_repair's for it alone."""
+    model, tok = load(tiny_models[arch])
+    cuts = [[2, 3], [3, 4], [5], [1, 2, 3], [3, 4]]
+    for budget in (2**40, 4 * 32 * 32 * 8 * 2):  # one pass; two runs per pass
+        shared = fit_repairs(model, tok, CALIB, cuts, progress=False, stats_bytes=budget)
+        assert set(shared) == {tuple(c) for c in cuts}
+        for c in cuts:
+            alone = fit_repair(model, tok, CALIB, c, progress=False)
+            got = shared[tuple(c)]
+            assert [(b.start, b.end, b.applied, b.decision) for b in got.bridges] == \
+                   [(b.start, b.end, b.applied, b.decision) for b in alone.bridges]
+            for a, b in zip(alone.bridges, got.bridges):
+                torch.testing.assert_close(b.T, a.T, rtol=1e-9, atol=1e-12)
+                if a.gain is not None:
+                    torch.testing.assert_close(b.gain, a.gain, rtol=1e-9, atol=1e-12)

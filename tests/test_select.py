@@ -153,6 +153,13 @@ def test_repair_aware_scoring_scores_the_bridged_cut(tiny_models):
     assert got == pytest.approx(ref, rel=1e-5)
     plain = Scorer(model, tok, texts, max_length=64, stride=64)(cut)
     assert fit.applied and got < plain  # the bridge was applied, and it is what was scored
+    # a race's candidates are bridged from one shared pass over the bridge texts, counted once
+    sc = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")
+    cuts = [(1, 2), (2, 3), (3, 4), (5, 6)]
+    sc.prepare(cuts)
+    assert set(sc.bridges) == set(cuts)
+    assert sc.passes == pytest.approx(len(sc.bridge_texts()) / len(texts))
+    assert math.exp(sc.score_on(cut, range(sc.num_windows))) == pytest.approx(ref, rel=1e-5)
 
 
 def test_confidence_names_the_rival_beaten_least_clearly():
