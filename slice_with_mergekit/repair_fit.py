@@ -41,7 +41,7 @@ from compute_block_similarity.flags import one_of
 from compute_block_similarity.model import decoder_layers, input_device, text_config
 from compute_block_similarity.ranges import runs as ranges_runs
 
-from .evaluate import perplexity
+from .evaluate import head_share, perplexity, sample_scored, tokenize_windows
 from .inmemory import removed_layers
 from .repair_record import fold_tensor, norm_weight
 
@@ -649,9 +649,12 @@ def _guard(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[i
             b.decision = "applied (no held-out calibration text to guard with)"
         return
 
+    # scored as selection scores: at the share of positions where a large vocabulary's LM head costs what the decoder does
+    wins = sample_scored(tokenize_windows(tok, held, max_length, max_length), head_share(model))
+
     def ppl() -> float:
         try:
-            return perplexity(model, tok, held, max_length=max_length, stride=max_length, batch_size=batch_size).perplexity
+            return perplexity(model, tok, [], batch_size=batch_size, _windows=wins).perplexity
         except UserError:  # non-finite log-probabilities: a bridge that overflows is refused like one that hurts
             return math.inf
 
