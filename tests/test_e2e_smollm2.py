@@ -103,3 +103,29 @@ def test_sampled_all_token_metrics_agree_with_full(smollm2_dir):
         for n in range(1, 30):
             for a, b, se in zip(sampled.scores(n, name), full.scores(n, name), full.stderrs(n, name)):
                 assert abs(a - b) <= se, (name, n)
+
+
+def test_chunked_nll_equals_the_plain_log_softmax_on_smollm2(smollm2_dir):
+    """The NLL every stage uses (the decoder, then the LM head on the scored positions in chunks that split
+    windows) equals the full logits' log_softmax of the same padded batch on the real 49k-vocabulary model.
+    (Batched against alone differs by the decoder's own float32 rounding over 30 layers; that is not the NLL's.)"""
+    import torch
+
+    from compute_block_similarity.data import load_texts
+    from compute_block_similarity.model import load_model
+    from slice_with_mergekit.evaluate import tokenize_windows, vocab_of, window_nll
+
+    model, tok = load_model(smollm2_dir, device="cpu")
+    wins = tokenize_windows(tok, load_texts(size=6), 96, 64)[:4]
+    width = max(len(w) for w, _ in wins)
+    ids = torch.zeros((len(wins), width), dtype=torch.long)
+    mask, score = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    for b, (w, ctx) in enumerate(wins):
+        ids[b, : len(w)], mask[b, : len(w)], score[b, ctx : len(w)] = torch.tensor(w), 1, True
+    with torch.no_grad():
+        sums, counts = window_nll(model, ids, mask, score, logits_bytes=8 * vocab_of(model) * 7)  # 7 rows a chunk
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float()[:, :-1], -1)
+    tok_nll = -logp.gather(-1, ids[:, 1:, None])[..., 0].double() * score[:, 1:]  # (B, S-1)
+    ref = tok_nll.sum(1)
+    assert counts.tolist() == score[:, 1:].sum(1).tolist()
+    assert torch.all((sums - ref).abs() <= 64 * 2.0**-23 * tok_nll.abs().sum(1)), (sums - ref)
