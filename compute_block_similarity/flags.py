@@ -53,7 +53,7 @@ def _nested(f: Any) -> dict:
     return dict((f.json_schema_extra or {}).get("flags", {}))
 
 
-def _defaults(group: type[BaseModel], defaults: BaseModel | dict | None) -> dict:
+def _defaults(defaults: BaseModel | dict | None) -> dict:
     if isinstance(defaults, BaseModel):
         return dict(defaults)
     return dict(defaults or {})
@@ -66,7 +66,7 @@ def add_flags(parser: argparse.ArgumentParser | Any, group: type[BaseModel], pre
     another group adds that group's flags (its own prefix, skip and title from its ``"flags"`` extra).
     ``defaults`` (an instance or a dict) replaces the fields' declared defaults, ``helps`` their help for
     this command; ``only`` keeps those fields."""
-    skip, dflt = set(skip), _defaults(group, defaults)
+    skip, dflt = set(skip), _defaults(defaults)
     target = None
     for name, f in group.model_fields.items():
         if name in skip or (only is not None and name not in set(only)):
@@ -96,7 +96,7 @@ def values_from(group: type[BaseModel], args: argparse.Namespace, prefix: str = 
                 defaults: BaseModel | dict | None = None, skip: Iterable[str] = ()) -> dict:
     """The field values of ``group`` from parsed flags (nested groups built too); fields without a
     flag (or in ``skip``) keep ``defaults``' value, else their declared default."""
-    dflt, out, skip = _defaults(group, defaults), {}, set(skip)
+    dflt, out, skip = _defaults(defaults), {}, set(skip)
     for name, f in group.model_fields.items():
         sub = group_of(f.annotation)
         if sub is not None:

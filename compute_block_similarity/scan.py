@@ -222,7 +222,6 @@ class Checkpoint:
         return Accumulator.from_state_dict(state["acc"]), int(state["done"])
 
     def save(self, rank: int, fingerprint: str, acc: Accumulator, done: int) -> None:
-
         with atomic_path(self.rank_path(rank)) as tmp:
             torch.save({"fingerprint": fingerprint, "done": done, "acc": acc.state_dict()}, tmp)
 

@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from compute_block_similarity.data import load_calibration, load_texts
@@ -47,7 +48,6 @@ log = logging.getLogger("slice_with_mergekit")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-
     check_output_file(args.output, "--output")
     choices: list = []
     config = plan(args.scan, layers_to_skip=args.layers_to_skip, start=args.start, remove=args.remove,
@@ -61,13 +61,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def repair_inputs(args: argparse.Namespace) -> tuple[list[str], dict]:
-
     return load_calibration(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size,
                             args.dataset_config)
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-
     check_output_dir(args.out, "out")
     check_output_dir(os.path.dirname(os.path.abspath(args.out)), "out")  # the finished folder is renamed into place
     texts, cal = repair_inputs(args) if args.repair != "none" else ([], {})
@@ -78,7 +76,6 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-
     check_output_dir(args.model, "model")
     texts, cal = repair_inputs(args)
     res = repair_checkpoint(args.model, args.plan, texts, method=args.repair, source=args.source, dtype=args.dtype,
@@ -91,16 +88,12 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-
     report = verify(args.model, args.plan, source=args.source)
     print(report.render())
     return 0 if report.ok else 1
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-
     files = push(args.model, args.repo_id, plan_path=args.plan, scan_path=args.scan, private=args.private,
                  revision=args.revision, dry_run=args.dry_run, base_model=args.base_model)
     for f in files:
@@ -109,10 +102,6 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import os
-
-
-
     texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     res = perplexity(model, tok, texts, max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
@@ -120,7 +109,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     extra = {"dataset": args.dataset, "split": args.dataset_subset}
     if args.speed:
         import dataclasses
-
 
         sp = measure_speed(model, tok, texts, prompt_tokens=args.speed_prompt_tokens,
                            new_tokens=args.speed_new_tokens, repeats=args.speed_repeats)
@@ -140,8 +128,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
-
-
     cfg = from_args(HealConfig, args)
     train = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
     held = load_texts(args.dataset, args.dataset_column, args.eval_subset, args.eval_size, args.dataset_config)
@@ -153,8 +139,6 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-
-
     a = from_args(PruneArgs, args)
     check_output_dir(a.work_dir, "--work_dir")
     print(f"report: {prune(a)}")

@@ -73,10 +73,15 @@ def tokenize_windows(tok: Any, texts: Sequence[str], max_length: int, stride: in
 LOGITS_BYTES = 256 * 2**20  # float32 logits (and their exp) held at once by the chunked NLL (--logits_bytes)
 
 
+def _unwrapped(model: Any) -> Any:
+    """The transformers model under a peft wrapper (healing scores a PeftModel)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def lm_head_of(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden states (N, d) -> float32 logits (N, V), as the model's own forward computes them
     (the output embedding, then Gemma-2's final soft-capping where the config has it)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _unwrapped(model)
     head = inner.get_output_embeddings()
     cap = getattr(text_config(inner), "final_logit_softcapping", None)
 
@@ -89,13 +94,11 @@ def lm_head_of(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def backbone_of(model: Any) -> Any:
     """The decoder without the LM head (its output is the final-normed hidden state)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.get_decoder()
+    return _unwrapped(model).get_decoder()
 
 
 def vocab_of(model: Any) -> int:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return int(inner.get_output_embeddings().weight.shape[0])
+    return int(_unwrapped(model).get_output_embeddings().weight.shape[0])
 
 
 def head_share(model: Any) -> float:

@@ -279,7 +279,6 @@ def plot_ppl(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, ax = plt.subplots(figsize=(6, 4))
     ns = [0] + [r["n"] for r in rows]
     ax.plot(ns, [rows[0]["source"]] + [r["cut"] for r in rows], "o-", label="cut")
@@ -339,8 +338,6 @@ def candidate_lines(work: Path, rows: list[dict], scan: ScanFile) -> list[str]:
 
 
 def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile, budget: dict | None = None) -> None:
-
-
     with atomic_path(work / "heatmap.png") as tmp:  # the scan's heatmap with the chosen cuts boxed
         plot_triangle(scan.distances, scan.num_layers, scan.metric, Path(a.model).name,
                       {n: scan.best_start(n) for n in scan.distances}, str(tmp),

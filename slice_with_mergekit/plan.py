@@ -153,14 +153,12 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
 
 
 def write_config(config: MergeConfiguration, path: str | os.PathLike) -> None:
-
     write_text(path, config.to_yaml() + "\n")
 
 
 def write_selection(plan_path: str | os.PathLike, choice: Any) -> Path:
     """The selection's evidence beside the plan: sliced.yml -> sliced.select.json (every candidate scored)."""
     import dataclasses
-
 
     sel = Path(plan_path).with_suffix(".select.json")
     write_text(sel, json.dumps(dataclasses.asdict(choice), indent=1) + "\n")

@@ -120,6 +120,16 @@ def _stop_after(layer: nn.Module) -> Any:
     return layer.register_forward_hook(hook)
 
 
+def _probe(model: nn.Module, probe: tuple[torch.Tensor, torch.Tensor], hooks: list) -> None:
+    """One no-grad forward of ``probe`` with ``hooks`` in place; they are removed after."""
+    try:
+        with torch.no_grad():
+            _forward(model, *probe)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _output_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -182,13 +192,7 @@ def find_writer(model: nn.Module, start: int, probe: tuple[torch.Tensor, torch.T
         order: list[nn.Module] = []
         hooks = [m.register_forward_hook(lambda mod, a, o: order.append(mod))
                  for m in layers[start - 1].modules() if _linear_like(m)]
-        hooks.append(_stop_after(layers[start - 1]))
-        try:
-            with torch.no_grad():
-                _forward(model, *probe)
-        finally:
-            for h in hooks:
-                h.remove()
+        _probe(model, probe, hooks + [_stop_after(layers[start - 1])])
         wide = [m for m in order if _output_tensor_width(m) == d]
         if not wide:
             raise UserError(f"layer {start - 1} has no linear projection into the {d}-wide residual stream; "
@@ -219,13 +223,7 @@ def _post_norm(model: nn.Module, writer: Writer, probe: tuple[torch.Tensor, torc
 
     taps += [mod.register_forward_hook(takes_m) for mod in layer.modules()
              if mod is not writer.module and getattr(mod, "weight", None) is not None and mod.weight.dim() == 1]
-    taps.append(_stop_after(layer))
-    try:
-        with torch.no_grad():
-            _forward(model, *probe)
-    finally:
-        for t in taps:
-            t.remove()
+    _probe(model, probe, taps + [_stop_after(layer)])
     norm = seen.get("norm")
     if norm is None:
         return None
