@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
+from huggingface_hub import EvalResult, ModelCardData
 
 from compute_block_similarity.errors import UserError, looks_local
 from compute_block_similarity.ranges import format_layers, format_ranges
 from compute_block_similarity.scanfile import ScanFile
 
+from .benchmarks import retained
 from .checkpoint import (
     REPAIR_FILE,
     kept_ranges_of,
@@ -54,11 +55,14 @@ def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id
     removed = sorted(set(range(L)) - set(kept))
     ranges = kept_ranges_of(config)
     hub = hub_base_model(base, base_model)
-    meta = {**({"base_model": hub} if hub else {}), "library_name": "transformers",
-            "tags": ["mergekit", "pruned", "depth-pruning"]}
+    name = repo_id.split('/')[-1] if repo_id else out.name
+    ev = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}
+    results = eval_results(ev)
+    meta = ModelCardData(base_model=hub, library_name="transformers", tags=["mergekit", "pruned", "depth-pruning"],
+                         model_name=name if results else None, eval_results=results or None)
     shown = hub or Path(base).name
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {repo_id.split('/')[-1] if repo_id else out.name}", "",
+    lines = ["---", meta.to_yaml().strip(), "---", "",
+             f"# {name}", "",
              f"A depth-pruned copy of `{shown}`: {len(removed)} of {L} decoder layers removed with a MergeKit passthrough merge.",
              "Layers are 0-based; ranges are half-open `[start, end)` as in MergeKit's `layer_range`.", "",
              f"- **Removed layers:** {format_layers(removed)} (the layer list: {removed})",
@@ -84,16 +88,88 @@ def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id
                   f"{cal.get('dataset')} (split {cal.get('split')}, {cal.get('tokens_fit')} tokens) and folded into the "
                   "output projection of the layer before the cut (ReplaceMe). `repair.safetensors` holds T.", ""]
         lines += [f"- [{b['start']}, {b['end']}) via `{b['writer']}`: {b['decision']}" for b in info["bridges"]]
-    ev = out / "eval.json"
-    if ev.exists():
-        data = json.loads(ev.read_text())
-        stages = [k for k in ("source", "cut", "repaired", "healed") if isinstance(data.get(k), dict)]
+    if ev:
+        stages = [k for k in ("source", "cut", "repaired", "healed") if isinstance(ev.get(k), dict)]
         lines += ["", "## Evaluation", ""]
         if stages:
             lines += ["| " + " | ".join(("dense" if k == "source" else k) for k in stages) + " |",
                       "|" + "---|" * len(stages),
-                      "| " + " | ".join(f"{data[k]['perplexity']:.2f}" for k in stages) + " |", "",
+                      "| " + " | ".join(f"{ev[k]['perplexity']:.2f}" for k in stages) + " |", "",
                       "Held-out perplexity (lower is better).", ""]
-        lines += ["```json", json.dumps(data, indent=1), "```"]
+        lines += benchmark_lines(ev)
+    lines += ledger_lines(ev.get("heal") or heal_ledger(out))
+    if ev:
+        lines += ["", "```json", json.dumps(ev, indent=1), "```"]
     lines += ["", "## sliced.yml", "", "```yaml", Path(plan_path).read_text().strip(), "```", ""]
     return "\n".join(lines)
+
+
+def own_key(ev: dict) -> str | None:
+    """The entry of eval.json that describes this checkpoint: what prune marks, else the evaluate
+    command's most processed result."""
+    if ev.get("checkpoint") in ev:
+        return ev["checkpoint"]
+    named = [k for k, v in ev.items() if isinstance(v, dict) and "perplexity" in v and k not in ("source", "dense")]
+    order = ("healed", "repaired", "pruned", "cut")
+    return next((k for k in order if k in named), named[0] if named else None)
+
+
+def tasks_of(ev: dict, key: str | None) -> dict | None:
+    """The lm-eval record of entry ``key``: prune keeps them under "lm_eval", evaluate beside the perplexity."""
+    if key is None:
+        return None
+    return (ev.get("lm_eval") or {}).get(key) or (ev.get(key) or {}).get("lm_eval")
+
+
+def eval_results(ev: dict) -> list[EvalResult]:
+    """The card's ``model-index``: this checkpoint's held-out perplexity and lm-eval scores."""
+    key = own_key(ev)
+    if key is None:
+        return []
+    own, ds = ev[key], ev.get("dataset") or {"name": ev[key].get("dataset"), "split": ev[key].get("split")}
+    out = [EvalResult(task_type="text-generation", dataset_type=str(ds.get("name") or "held-out text"),
+                      dataset_name=f"{ds.get('name')} (held-out split {ds.get('split')})",
+                      dataset_split=ds.get("split"), metric_type="perplexity", metric_value=float(own["perplexity"]),
+                      metric_name="held-out perplexity")]
+    rec = tasks_of(ev, key) or {}
+    for task, t in rec.get("tasks", {}).items():
+        for metric, value in t["metrics"].items():
+            out.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
+                                  metric_type=metric, metric_value=value,
+                                  metric_name=f"{metric} ({t['num_fewshot']}-shot)",
+                                  source_name=f"lm-evaluation-harness {rec.get('lm_eval_version')}"))
+    return out
+
+
+def benchmark_lines(ev: dict) -> list[str]:
+    rec, dense = tasks_of(ev, own_key(ev)), tasks_of(ev, "source")
+    if not rec or not rec.get("tasks"):
+        return []
+    kept = retained(dense, rec) if dense else {}
+    lines = ["", f"Benchmarks (lm-evaluation-harness {rec['lm_eval_version']}"
+             + (f", limit {rec['limit']:g}" if rec.get("limit") else "") + "):", "",
+             "| task | metric | shots | this model | dense | retained % |", "|---|---|---|---|---|---|"]
+    for task, t in rec["tasks"].items():
+        m = t["headline"]
+        d = (dense or {}).get("tasks", {}).get(task, {}).get("metrics", {}).get(m)
+        lines.append(f"| {task} | {m} | {t['num_fewshot']} | {t['metrics'][m]:.4f} | "
+                     f"{'-' if d is None else f'{d:.4f}'} | {f'{kept[task]:.1f}' if task in kept else '-'} |")
+    if "average" in kept:
+        lines.append(f"| average | | | | | {kept['average']:.1f} |")
+    return lines
+
+
+def heal_ledger(out: Path) -> dict | None:
+    """The ledger the heal command wrote beside its merged model."""
+    path = out / "heal.json"
+    return json.loads(path.read_text()).get("ledger") if path.exists() else None
+
+
+def ledger_lines(g: dict | None) -> list[str]:
+    if not g:
+        return []
+    return ["", "## Healing", "",
+            f"{g['method']}, `{g['loss']}` loss: {g['optimizer_steps']} optimizer steps, {g['training_tokens']:,} training "
+            f"tokens, {g['wall_s']:.0f} s on {g['world_size']} x {g['device']} ({g['precision']}). Data: {g['data']}; "
+            f"the best step picked by perplexity on {g['held_out_texts']} held-out texts: "
+            + ", ".join(f"step {h['step']}: {h['perplexity']:.2f}" for h in g["history"]) + "."]

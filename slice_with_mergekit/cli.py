@@ -33,7 +33,8 @@ from compute_block_similarity.flags import add_flags, from_args
 from compute_block_similarity.model import load_model
 from compute_block_similarity.options import DataOptions, ModelOptions
 
-from .evaluate import measure_speed, perplexity, run_lm_eval, write_eval
+from .benchmarks import TaskOptions, run_tasks, task_manager
+from .evaluate import measure_speed, perplexity, write_eval
 from .heal import HealConfig, heal
 from .materialize import materialize
 from .pipeline import PruneArgs, prune
@@ -102,6 +103,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    bench = from_args(TaskOptions, args)
+    tm = task_manager(bench) if bench.tasks else None  # task names checked before the model loads
     texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     res = perplexity(model, tok, texts, max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
@@ -117,8 +120,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"(medians of {sp.repeats}; {sp.prompt_tokens}-token prompt, {sp.new_tokens} new tokens, {sp.device}); "
               f"weights {sp.weights_mib:,.0f} MiB, KV cache {sp.kv_cache_mib:,.1f} MiB"
               + (f", peak {sp.peak_mib:,.0f} MiB" if sp.peak_mib else ""))
-    if args.tasks:
-        extra["lm_eval"] = run_lm_eval(args.model, args.tasks, device=str(model.device))
+    if bench.tasks:
+        extra["lm_eval"] = run_tasks(model, tok, bench, tm)
+        for name, t in extra["lm_eval"]["tasks"].items():
+            print(f"{name}: {t['headline']} {t['metrics'][t['headline']]:.4f} ({t['num_fewshot']}-shot, "
+                  f"{t['samples']} documents)")
     print(f"perplexity {res.perplexity:.4f} over {res.tokens_scored} tokens ({res.num_texts} texts, "
           f"max_length {res.max_length}, stride {res.stride})")
     into = args.into or (args.model if os.path.isdir(args.model) else None)
@@ -132,7 +138,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
     train = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
     held = load_texts(args.dataset, args.dataset_column, args.eval_subset, args.eval_size, args.dataset_config)
     out = args.output or args.model.rstrip("/") + "-healed"
-    summary = heal(args.model, train, held, out, cfg, teacher=args.teacher, resume=args.resume)
+    summary = heal(args.model, train, held, out, cfg, teacher=args.teacher, resume=args.resume,
+                   data=f"{args.dataset} (split {args.dataset_subset})")
     print(f"perplexity before healing {summary['after_cut']:.3f} -> after healing {summary['after_heal']:.3f} "
           f"(best step {summary['best_step']}); merged model in {out}")
     return 0
@@ -235,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=256, help="new tokens scored per window")
     add_flags(e, SelectOptions, only=["logits_bytes"], title="Scoring")
     model_args(e, "dtype", "device", "trust_remote_code")
-    e.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. 'arc_easy,hellaswag' (needs lm-eval)")
+    add_flags(e, TaskOptions)
     e.add_argument("--output", "--into", dest="into", default=None,
                    help="folder whose eval.json gets the result (default: MODEL if local)")
     e.add_argument("--name", default="perplexity", help="key of this result in eval.json (e.g. source, pruned)")

@@ -288,14 +288,3 @@ def measure_speed(model: Any, tok: Any, texts: Sequence[str], *, batch_size: int
     return Speed(statistics.median(prefill), statistics.median(decode), weights / 2**20, cache_bytes / 2**20,
                  torch.cuda.max_memory_allocated() / 2**20 if cuda else None, batch_size, prompt_tokens, new_tokens,
                  repeats, str(dev), str(next(model.parameters()).dtype).replace("torch.", ""))
-
-
-def run_lm_eval(model_path: str, tasks: str, batch_size: int = 8, device: str = "cpu") -> dict:
-    """lm-evaluation-harness scores, where it is installed."""
-    try:
-        import lm_eval
-    except ImportError:
-        raise UserError("--tasks needs lm-evaluation-harness: pip install lm-eval") from None
-    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path}", tasks=tasks.split(","),
-                                  batch_size=batch_size, device=device)
-    return {t: {k: v for k, v in r.items() if isinstance(v, (int, float))} for t, r in res["results"].items()}

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -285,11 +286,12 @@ def training_arguments(cfg: HealConfig, work: Path, progress: bool) -> Any:
 
 def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str], output: str,
          cfg: HealConfig | None = None, *, teacher: str | None = None, resume: bool = False,
-         progress: bool = True, callbacks: Sequence[Any] = ()) -> dict:
+         progress: bool = True, callbacks: Sequence[Any] = (), data: str = "given texts") -> dict:
     """Heal ``checkpoint``; write the best model (merged, a normal checkpoint) to ``output``.
 
     Checkpoints and the Trainer's state go to ``output + '.work'``; ``resume`` continues from its
-    last checkpoint. Returns the summary also written to ``output/heal.json``."""
+    last checkpoint. ``data`` names the training text for the ledger. Returns the summary also
+    written to ``output/heal.json``, with the ledger of what healing spent."""
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -336,21 +338,39 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
     else:
         p0 = json.loads(started.read_text())["after_cut"]
         log.info("resuming healing from %s", last)
+    t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
+    wall = time.perf_counter() - t0
 
     history = [{"step": 0, "perplexity": p0}] + [
         {"step": h["step"], "perplexity": h["eval_perplexity"]} for h in trainer.state.log_history
         if "eval_perplexity" in h and h["step"] > 0]
     best = min(history, key=lambda h: h["perplexity"])
+    per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum * trainer.args.world_size
     summary = {"after_cut": p0, "after_heal": best["perplexity"], "best_step": best["step"], "history": history,
-               "teacher": teacher_path, "config": cfg.model_dump(),
-               "tokens_per_step": cfg.seq_len * cfg.batch_size * cfg.grad_accum * trainer.args.world_size}
+               "teacher": teacher_path, "config": cfg.model_dump(), "tokens_per_step": per_step,
+               "ledger": ledger(trainer, cfg, history, wall, last, per_step,
+                                f"{data}: {len(train_texts)} texts packed into {len(train)} blocks of {cfg.seq_len} tokens",
+                                len(eval_texts))}
     if trainer.is_world_process_zero():
         write_output(trainer.model, checkpoint, output, summary, healed=best["step"] > 0)
     trainer.accelerator.wait_for_everyone()
     log.info("healed: held-out perplexity %.3f before -> %.3f after healing (step %d); model in %s",
              p0, best["perplexity"], best["step"], output)
     return summary
+
+
+def ledger(trainer: Any, cfg: HealConfig, history: list[dict], wall: float, resumed: str | None, per_step: int,
+           data: str, held_out_texts: int) -> dict:
+    """What a healing run spent, as anyone comparing recovery methods asks first."""
+    args = trainer.args
+    steps = trainer.state.global_step
+    return {"optimizer_steps": steps, "training_tokens": steps * per_step, "tokens_per_step": per_step,
+            "wall_s": wall, "resumed_from": resumed, "device": str(args.device).split(":")[0],
+            "world_size": args.world_size, "precision": "bf16 autocast" if args.bf16 else _dtype(cfg),
+            "method": f"full training of layers {cfg.train_layers}" if cfg.train_layers else
+            f"LoRA rank {cfg.rank}" + (" (4-bit base)" if cfg.load_in_4bit else ""), "loss": cfg.loss,
+            "data": data, "held_out_texts": held_out_texts, "history": history}
 
 
 def write_output(model: Any, checkpoint: str, output: str, summary: dict, healed: bool) -> None:

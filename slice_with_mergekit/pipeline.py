@@ -21,6 +21,7 @@ from compute_block_similarity import scanfile
 from compute_block_similarity.atomic import atomic_path, write_text
 from compute_block_similarity.data import load_calibration, load_texts
 from compute_block_similarity.errors import UserError
+from compute_block_similarity.flags import one_of
 from compute_block_similarity.job import run_scan
 from compute_block_similarity.model import load_model
 from compute_block_similarity.options import DataOptions, ModelOptions, ScanOptions
@@ -32,6 +33,8 @@ from compute_block_similarity.ranges import (
 from compute_block_similarity.report import plot_triangle
 from compute_block_similarity.scanfile import ScanFile
 
+from .benchmarks import TaskOptions, retained, run_tasks, task_manager
+from .card import model_card
 from .checkpoint import kept_ranges_of, lineage, read_plan
 from .evaluate import perplexity
 from .heal import HealConfig, heal
@@ -57,6 +60,30 @@ def stage(work: Path, name: str, inputs: dict, outputs: list[Path], fn: Callable
     write_text(stamp, json.dumps({"fingerprint": fp, "inputs": inputs}, default=str, indent=1))
     return fp
 
+
+OURS = "ours"
+
+
+def _deepest(scan: ScanFile, n: int) -> list[int]:
+    L = scan.num_layers
+    if n > L - 1:
+        raise UserError(f"baseline deepest: cannot remove {n} of {L} layers and keep the last one")
+    return list(range(L - 1 - n, L - 1))
+
+
+def _angle(scan: ScanFile, n: int) -> list[int]:
+    if ANGLE not in (scan.metric, *scan.all_metrics):
+        raise UserError(f"baseline angle needs the scan's {ANGLE} scores; rerun the scan with --metrics all")
+    start = scan.ranking(n, ANGLE)[0]
+    return list(range(start, start + n))
+
+
+ANGLE = "angular_last_token"
+# the baselines --baselines builds beside our choice, each (what it removes, how it is computed)
+BASELINES: dict[str, tuple[str, Callable[[ScanFile, int], list[int]]]] = {
+    "deepest": ("the n layers just before the last one (Gromov et al. 2024; arXiv 2411.15558)", _deepest),
+    "angle": ("the block of least last-token angular distance in the scan (Gromov et al. 2024)", _angle),
+}
 
 SCAN_FLAGS = ["metric"]  # of ScanOptions, the ones prune takes; the rest keep the scan's defaults
 
@@ -94,6 +121,10 @@ class PruneArgs(BaseModel):
     target_layers: int | None = Field(None, ge=1, description="keep this many decoder layers (instead of "
                                       "--layers_to_skip)")
     max_layers: int | None = Field(None, ge=1, description="budget mode: remove at most this many layers")
+    bench: TaskOptions = Field(default_factory=TaskOptions, json_schema_extra={"flags": {
+        "title": "Benchmarks (lm-eval): the dense model and every cut, repaired and healed model, with retained %"}})
+    baselines: list[str] = Field([], description="also build, repair, heal and evaluate these cuts exactly like "
+                                 "ours, side by side in report.md: " + "; ".join(f"{k}: {v[0]}" for k, v in BASELINES.items()))
 
     @model_validator(mode="after")
     def _check(self) -> "PruneArgs":
@@ -101,6 +132,8 @@ class PruneArgs(BaseModel):
             raise ValueError("--max_ppl_ratio and --target_layers are exclusive: give a budget or a layer count")
         if any(n < 1 for n in self.layers_to_skip):
             raise ValueError(f"--layers_to_skip {self.layers_to_skip}: block sizes must be >= 1")
+        for b in self.baselines:
+            one_of("--baselines", BASELINES, b)
         if self.data.max_length < 2:
             raise ValueError(f"--max_length must be >= 2 to score anything, got {self.data.max_length}")
         return self
@@ -123,7 +156,16 @@ def fingerprints(a: PruneArgs) -> dict[str, dict]:
                         "trust_remote_code": a.load.trust_remote_code},
         "eval": evaluation,
         "heal": {"heal": heal_config(a).model_dump(), "data": a.data.model_dump()},
+        "tasks": {"bench": a.bench.model_dump(), "load": a.load.model_dump()},
     }
+
+
+def folder_fingerprint(folder: str | None) -> list:
+    """(path, size, mtime) of every file under --include_path: an edited task YAML or data file reruns the tasks."""
+    if not folder:
+        return []
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in Path(folder).rglob("*") if p.is_file())
 
 
 def scan_stage(a: PruneArgs, scan_dir: Path) -> None:
@@ -136,6 +178,14 @@ def eval_stage(a: PruneArgs, texts: list[str], model: str, out: Path) -> None:
     p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True,
                    logits_bytes=a.choice.logits_bytes)
     write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
+
+
+def tasks_stage(a: PruneArgs, model: str, removed: list[int], out: Path) -> None:
+    """lm-eval --tasks on ``model`` (without the ``removed`` layers, cut in memory, when given)."""
+    m, tok = load_model(model, dtype=a.load.dtype, device=a.load.device, trust_remote_code=a.load.trust_remote_code)
+    with removed_layers(m, removed):
+        rec = run_tasks(m, tok, a.bench)
+    write_text(out, json.dumps(rec, indent=1) + "\n")
 
 
 def eval_cut_stage(a: PruneArgs, texts: list[str], plan_path: Path, out: Path) -> None:
@@ -219,12 +269,71 @@ def heal_stage(a: PruneArgs, model_dir: Path, model_fp: str, eval_texts: list[st
         shutil.rmtree(work)  # a run for another model or recipe: start over; the same one resumes
     work.mkdir(parents=True, exist_ok=True)
     write_text(marker, inputs)
-    heal(str(model_dir), train, eval_texts, str(hdir), cfg, resume=True, progress=True)
+    heal(str(model_dir), train, eval_texts, str(hdir), cfg, resume=True, progress=True,
+         data=f"{d.dataset} (split {d.dataset_subset})")
+
+
+def variant_stages(a: PruneArgs, work: Path, ctx: dict, n: int, name: str, fixed: list[int] | None) -> dict:
+    """One pruned model (ours, or a baseline under the same protocol): plan -> materialize (+ bridge)
+    -> verify -> perplexity (cut, repaired) -> heal -> benchmarks; its row of the report."""
+    d = work / (f"n{n}" if name == OURS else f"n{n}-{name}")
+    plan_path, model_dir, pr_eval, hdir, cut_eval = d / "sliced.yml", d / "model", d / "pruned_eval.json", \
+        d / "healed", d / "cut_eval.json"
+    scan_json, scan_fp, fps, eval_in, eval_texts = (ctx[k] for k in ("scan_json", "scan_fp", "fps", "eval_in", "eval_texts"))
+    tag = f"n{n}" if name == OURS else f"n{n}-{name}"
+    plan_fp = stage(work, f"plan-{tag}", {"scan": scan_fp, "n": n, "removed": fixed, **fps["select"]},
+                    [plan_path], plan_stage, a, scan_json, n, plan_path, fixed)
+    mat_fp = stage(work, f"materialize-{tag}", {"plan": plan_fp, **fps["materialize"]}, [model_dir / "config.json"],
+                   materialize_stage, a, plan_path, model_dir)
+    stage(work, f"verify-{tag}", {"model": mat_fp}, [d / "verify.txt"], verify_stage, plan_path, model_dir,
+          d / "verify.txt")
+    stage(work, f"eval-{tag}", {**eval_in, "model": mat_fp}, [pr_eval], eval_stage, a, eval_texts, str(model_dir),
+          pr_eval)
+    repaired = a.repair != "none"
+    if repaired:
+        stage(work, f"eval-cut-{tag}", {**eval_in, "plan": plan_fp}, [cut_eval], eval_cut_stage, a, eval_texts,
+              plan_path, cut_eval)
+    ranges = kept_ranges_of(read_plan(plan_path))
+    removed = ctx["scan"].removed(ranges)
+    healed = ledger = None
+    if a.heal:
+        stage(work, f"heal-{tag}", {**eval_in, **fps["heal"], "model": mat_fp}, [hdir / "heal.json"], heal_stage,
+              a, model_dir, mat_fp, eval_texts, hdir)
+        hj = json.loads((hdir / "heal.json").read_text())
+        healed, ledger = hj["after_heal"], hj.get("ledger")
+    # benchmarks of each form of this model: the plain cut (in memory when a bridge follows), the checkpoint, healed
+    tasks: dict[str, dict] = {}
+    if a.bench.tasks:
+        forms = [("cut", a.model, removed, {"plan": plan_fp})] if repaired else []
+        forms.append(("repaired" if repaired else "cut", str(model_dir), [], {"model": mat_fp}))
+        if a.heal:
+            forms.append(("healed", str(hdir), [], {"model": mat_fp, "heal": fps["heal"]}))
+        for form, path, cut, key in forms:
+            out = d / f"tasks_{form}.json"
+            stage(work, f"tasks-{form}-{tag}", {**ctx["tasks_in"], **key}, [out], tasks_stage, a, path, cut, out)
+            tasks[form] = json.loads(out.read_text())
+    pr = json.loads(pr_eval.read_text())
+    cut = json.loads(cut_eval.read_text()) if repaired else pr
+    ev = {"dataset": {"name": a.data.dataset, "split": a.eval_subset, "texts": a.eval_size},
+          "source": {"perplexity": ctx["src_ppl"]}, "cut": cut, **({"repaired": {**pr, "method": a.repair}} if repaired else {}),
+          **({"healed": {"perplexity": healed}, "heal": ledger} if healed else {}),
+          "checkpoint": "repaired" if repaired else "cut",
+          **({"lm_eval": {"source": ctx["src_tasks"], **tasks}} if tasks else {})}
+    write_text(model_dir / "eval.json", json.dumps(ev, indent=1) + "\n")
+    write_text(model_dir / "README.md", model_card(model_dir, plan_path, ctx["scan"]))
+    if healed:
+        write_text(hdir / "eval.json", json.dumps({**ev, "checkpoint": "healed"}, indent=1) + "\n")
+        write_text(hdir / "README.md", model_card(hdir, plan_path, ctx["scan"]))
+    return {"n": n, "name": name, "removed": removed, "ranges": ranges, "source": ctx["src_ppl"],
+            "cut": cut["perplexity"], "repaired": pr["perplexity"] if repaired else None, "pruned": pr["perplexity"],
+            "healed": healed, "ledger": ledger, "tokens": pr["tokens_scored"], "tasks": tasks,
+            "dir": d.name}
 
 
 def prune(a: PruneArgs) -> Path:
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    tm = task_manager(a.bench) if a.bench.tasks else None  # task names checked before any stage runs
     fps = fingerprints(a)
     scan_json = work / "scan" / "block_distances.json"
     scan_fp = stage(work, "scan", fps["scan"], [scan_json], scan_stage, a, work / "scan")
@@ -234,42 +343,27 @@ def prune(a: PruneArgs) -> Path:
     eval_in = {**fps["eval"], "texts": hashlib.sha256("\x00".join(eval_texts).encode()).hexdigest()}
     src_eval = work / "source_eval.json"
     stage(work, "eval-source", eval_in, [src_eval], eval_stage, a, eval_texts, a.model, src_eval)
-    src_ppl = json.loads(src_eval.read_text())["perplexity"]
+    ctx = {"scan": scan, "scan_json": scan_json, "scan_fp": scan_fp, "fps": fps, "eval_in": eval_in,
+           "eval_texts": eval_texts, "src_ppl": json.loads(src_eval.read_text())["perplexity"], "src_tasks": None}
+    if tm is not None:
+        ctx["tasks_in"] = {**fps["tasks"], "include": folder_fingerprint(a.bench.include_path)}
+        src_tasks = work / "source_tasks.json"
+        stage(work, "tasks-source", {**ctx["tasks_in"], "model": fps["eval"]["model"]}, [src_tasks], tasks_stage, a,
+              a.model, [], src_tasks)
+        ctx["src_tasks"] = json.loads(src_tasks.read_text())
     sizes, budget = sizes_to_cut(a, work, scan, scan_json, scan_fp)
     rows = []
     for n in sizes:
-        d = work / f"n{n}"
-        plan_path, model_dir, pr_eval, hdir = d / "sliced.yml", d / "model", d / "pruned_eval.json", d / "healed"
-        cut_eval = d / "cut_eval.json"
-        fixed = budget["curve"][n - 1]["removed"] if budget else None
-        plan_fp = stage(work, f"plan-n{n}", {"scan": scan_fp, "n": n, "removed": fixed, **fps["select"]},
-                        [plan_path], plan_stage, a, scan_json, n, plan_path, fixed)
-        mat_fp = stage(work, f"materialize-n{n}", {"plan": plan_fp, **fps["materialize"]}, [model_dir / "config.json"],
-                       materialize_stage, a, plan_path, model_dir)
-        stage(work, f"verify-n{n}", {"model": mat_fp}, [d / "verify.txt"], verify_stage, plan_path, model_dir,
-              d / "verify.txt")
-        stage(work, f"eval-n{n}", {**eval_in, "model": mat_fp}, [pr_eval], eval_stage, a, eval_texts, str(model_dir),
-              pr_eval)
-        if a.repair != "none":
-            stage(work, f"eval-cut-n{n}", {**eval_in, "plan": plan_fp}, [cut_eval], eval_cut_stage, a, eval_texts,
-                  plan_path, cut_eval)
-        healed = None
-        if a.heal:
-            stage(work, f"heal-n{n}", {**eval_in, **fps["heal"], "model": mat_fp}, [hdir / "heal.json"], heal_stage,
-                  a, model_dir, mat_fp, eval_texts, hdir)
-            healed = json.loads((hdir / "heal.json").read_text())["after_heal"]
-        ranges = kept_ranges_of(read_plan(plan_path))
-        removed = scan.removed(ranges)
-        pr = json.loads(pr_eval.read_text())
-        cut = json.loads(cut_eval.read_text()) if a.repair != "none" else pr
-        ev = {"source": {"perplexity": src_ppl}, "cut": cut,
-              **({"repaired": {**pr, "method": a.repair}} if a.repair != "none" else {}),
-              **({"healed": {"perplexity": healed}} if healed else {})}
-        write_text(model_dir / "eval.json", json.dumps(ev, indent=1) + "\n")
-        rows.append({"n": n, "removed": removed, "ranges": ranges, "source": src_ppl, "cut": cut["perplexity"],
-                     "repaired": pr["perplexity"] if a.repair != "none" else None, "pruned": pr["perplexity"],
-                     "healed": healed, "tokens": pr["tokens_scored"]})
-    write_report(work, a, rows, scan, budget)
+        ours = variant_stages(a, work, ctx, n, OURS, budget["curve"][n - 1]["removed"] if budget else None)
+        rows.append(ours)
+        for b in a.baselines:
+            layers = BASELINES[b][1](scan, n)
+            if layers == ours["removed"]:
+                log.info("baseline %s for n = %d removes %s, the same layers as our choice", b, n, format_layers(layers))
+                rows.append({**ours, "name": b, "same_as": OURS})
+                continue
+            rows.append(variant_stages(a, work, ctx, n, b, layers))
+    write_report(work, a, rows, scan, budget, ctx["src_tasks"])
     return work / "report.md"
 
 
@@ -337,12 +431,64 @@ def candidate_lines(work: Path, rows: list[dict], scan: ScanFile) -> list[str]:
     return lines
 
 
-def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile, budget: dict | None = None) -> None:
+def model_lines(rows: list[dict], src_tasks: dict | None) -> list[str]:
+    """One row per model (dense; each choice's cut / repaired / healed form): perplexity and every
+    task's headline score with its retained % of the dense model's."""
+    if not src_tasks:
+        return []
+    tasks = list(src_tasks["tasks"])
+    heads = [f"{t} ({src_tasks['tasks'][t]['headline']}, {src_tasks['tasks'][t]['num_fewshot']}-shot)" for t in tasks]
+    lines = ["", "## Models side by side: perplexity and benchmarks (lm-eval)", "",
+             f"lm-eval {src_tasks['lm_eval_version']}" + (f", --limit {src_tasks['limit']:g}" if src_tasks["limit"] else "")
+             + (f", tasks from `{src_tasks['include_path']}`" if src_tasks["include_path"] else "")
+             + ". Each cell: score (retained % of dense); retained % is pruned / dense for a higher-is-better metric, "
+             "dense / pruned for a lower-is-better one, so 100 % = as good as dense.", "",
+             "| model | layers removed | perplexity | " + " | ".join(heads) + " | retained % (average) |",
+             "|---" * (len(tasks) + 4) + "|"]
+
+    def row(label: str, layers: str, ppl: float | None, rec: dict) -> str:
+        kept = retained(src_tasks, rec)
+        cells = []
+        for t in tasks:
+            h = rec.get("tasks", {}).get(t)
+            cells.append("-" if not h else f"{h['metrics'][h['headline']]:.4f}" +
+                         (f" ({kept[t]:.1f} %)" if t in kept else ""))
+        avg = f"{kept['average']:.1f} %" if "average" in kept else "-"
+        return f"| {label} | {layers} | {f'{ppl:.2f}' if ppl else '-'} | " + " | ".join(cells) + f" | {avg} |"
+
+    lines.append(row("dense", "-", rows[0]["source"], src_tasks))
+    for r in rows:
+        if r.get("same_as"):
+            continue
+        for form in ("cut", "repaired", "healed"):
+            if form in r["tasks"]:
+                lines.append(row(f"{r['name']} n={r['n']}, {form}", format_layers(r["removed"]), r[form], r["tasks"][form]))
+    return lines
+
+
+def ledger_lines(rows: list[dict]) -> list[str]:
+    """What each healing run spent: tokens, steps, wall time, devices, precision, data."""
+    done = [r for r in rows if r.get("ledger") and not r.get("same_as")]
+    if not done:
+        return []
+    lines = ["", "## Healing ledger", "", "| model | optimizer steps | training tokens | wall time | devices | "
+             "precision | training data | held-out perplexity by step |", "|---|---|---|---|---|---|---|---|"]
+    for r in done:
+        g = r["ledger"]
+        curve = ", ".join(f"{h['step']}: {h['perplexity']:.2f}" for h in g["history"])
+        lines.append(f"| {r['name']} n={r['n']} | {g['optimizer_steps']} | {g['training_tokens']:,} | {g['wall_s']:.0f} s | "
+                     f"{g['world_size']} x {g['device']} | {g['precision']} | {g['data']} | {curve} |")
+    return lines
+
+
+def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile, budget: dict | None = None,
+                 src_tasks: dict | None = None) -> None:
+    ours = [r for r in rows if r["name"] == OURS]
     with atomic_path(work / "heatmap.png") as tmp:  # the scan's heatmap with the chosen cuts boxed
         plot_triangle(scan.distances, scan.num_layers, scan.metric, Path(a.model).name,
                       {n: scan.best_start(n) for n in scan.distances}, str(tmp),
-                      chosen={r["n"]: r["removed"] for r in rows})
-    plot_ppl(rows, work / "perplexity_vs_layers.png")
+                      chosen={r["n"]: r["removed"] for r in ours})
+    plot_ppl(ours, work / "perplexity_vs_layers.png")
     L = scan.num_layers
     lines = [f"# Depth-pruning report: `{a.model}`", "",
              f"{L} decoder layers. Scan: `{scan.metric}` on {scan.num_samples} texts ({scan.num_tokens} tokens) "
@@ -351,16 +497,21 @@ def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile, bud
              "Layers are 0-based; ranges are half-open `[start, end)` as in MergeKit's `layer_range`.", "",
              "Repair: `none` (the plain cut)." if a.repair == "none" else
              f"Repair: `{a.repair}` (a least-squares bridge folded into the layer before each cut; "
-             "see `n*/model/repair.safetensors`).", "",
-             "| n removed | layers removed | kept `layer_range`s | perplexity dense | cut | repaired | healed | checkpoint |",
-             "|---|---|---|---|---|---|---|---|"]
+             "see `n*/model/repair.safetensors`).", ""]
+    if a.baselines:
+        lines += ["Baselines, built and evaluated exactly like our choice: "
+                  + "; ".join(f"`{b}`: {BASELINES[b][0]}" for b in a.baselines) + ".", ""]
+    lines += ["| model | n removed | layers removed | kept `layer_range`s | perplexity dense | cut | repaired | healed | "
+              "checkpoint |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         healed = f"{r['healed']:.2f}" if r["healed"] else "-"
         repaired = f"{r['repaired']:.2f}" if r["repaired"] else "-"
-        lines.append(f"| {r['n']} | {format_layers(r['removed'])} | {format_ranges(r['ranges'])} | "
-                     f"{r['source']:.2f} | {r['cut']:.2f} | {repaired} | {healed} | "
-                     f"`n{r['n']}/{'healed' if r['healed'] else 'model'}` |")
-    lines += budget_lines(budget, scan) + candidate_lines(work, rows, scan)
+        where = (f"same as {r['same_as']}" if r.get("same_as") else
+                 f"`{r['dir']}/{'healed' if r['healed'] else 'model'}`")
+        lines.append(f"| {r['name']} | {r['n']} | {format_layers(r['removed'])} | {format_ranges(r['ranges'])} | "
+                     f"{r['source']:.2f} | {r['cut']:.2f} | {repaired} | {healed} | {where} |")
+    lines += model_lines(rows, src_tasks) + ledger_lines(rows)
+    lines += budget_lines(budget, scan) + candidate_lines(work, ours, scan)
     lines += ["", "![heatmap](heatmap.png)", "", "![perplexity](perplexity_vs_layers.png)", ""]
     write_text(work / "report.md", "\n".join(lines))
     log.info("report: %s", work / "report.md")

@@ -158,3 +158,43 @@ def ranges(plan: Path) -> list[list[int]]:
     cfg = MergeConfiguration.model_validate(yaml.safe_load(plan.read_text()))
     assert cfg.merge_method == "passthrough"
     return [list(s.sources[0].layer_range) for s in cfg.slices]
+
+
+# a local multiple-choice task and a local rolling-perplexity task for lm-eval (no Hub data)
+MC_DOCS = [
+    ("The sun rises in the", ["east", "west", "sea"], 0), ("Water freezes at zero degrees", ["Celsius", "Kelvin", "pounds"], 0),
+    ("A week has seven", ["days", "months", "meters"], 0), ("Cats often chase", ["mice", "clouds", "numbers"], 0),
+    ("The opposite of hot is", ["warm", "cold", "red"], 1), ("Bread is baked in an", ["ocean", "oven", "opera"], 1),
+    ("People read books in a", ["library", "volcano", "river"], 0), ("Two plus two equals", ["five", "four", "ten"], 1),
+    ("Fish live in", ["water", "sand", "fire"], 0), ("At night the sky is", ["bright", "dark", "loud"], 1),
+    ("We hear with our", ["ears", "knees", "teeth"], 0), ("Snow is usually", ["green", "white", "purple"], 1),
+]
+PPL_DOCS = ["The quick brown fox jumps over the lazy dog near the river bank.",
+            "Depth pruning removes whole decoder layers from a language model and keeps the rest.",
+            "A library lends books, and its readers bring them back a few weeks later."]
+
+
+def write_local_tasks(root: Path) -> Path:
+    """``local_mc`` (12 questions, 3 choices) and ``local_ppl`` (3 texts) as lm-eval task YAMLs in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    mc = write_jsonl(root / "mc.jsonl", [{"question": q, "choices": c, "label": y} for q, c, y in MC_DOCS])
+    ppl = write_jsonl(root / "ppl.jsonl", [{"text": t} for t in PPL_DOCS])
+    common = {"dataset_path": "json", "test_split": "test", "metadata": {"version": 1.0}}
+    tasks = {
+        "local_mc": {"dataset_kwargs": {"data_files": {"test": str(mc)}}, "output_type": "multiple_choice",
+                     "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}", "doc_to_target": "label",
+                     "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                                     {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]},
+        "local_ppl": {"dataset_kwargs": {"data_files": {"test": str(ppl)}}, "output_type": "loglikelihood_rolling",
+                      "doc_to_text": "", "doc_to_target": "{{text}}",
+                      "metric_list": [{"metric": "word_perplexity", "aggregation": "weighted_perplexity",
+                                       "higher_is_better": False}]},
+    }
+    for name, t in tasks.items():
+        (root / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **common, **t}, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="session")
+def local_tasks(tmp_path_factory) -> Path:
+    return write_local_tasks(tmp_path_factory.mktemp("lm_eval_tasks"))

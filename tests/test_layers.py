@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("scanner: CLI", ["compute_block_similarity.cli"]),
     ("scanner: entry points", ["compute_block_similarity.__main__", "compute_block_similarity.layer_similarity"]),
     ("checkpoint", ["slice_with_mergekit." + m for m in ("__init__", "checkpoint", "surgery")]),
-    ("model in memory, repair record", ["slice_with_mergekit." + m for m in ("inmemory", "evaluate", "repair_record")]),
+    ("model in memory, repair record", ["slice_with_mergekit." + m for m in ("inmemory", "evaluate", "benchmarks", "repair_record")]),
     ("repair fit", ["slice_with_mergekit.repair_fit"]),
     ("stages: choice, fold, checks, healing, card",
      ["slice_with_mergekit." + m for m in ("select", "repair", "verify", "heal", "card")]),

@@ -18,9 +18,10 @@ CHANGES = {  # group -> field -> another valid value
              "padding_side": "left"},
     "choice": {"select": "ppl", "top_k": 4, "select_texts": 32, "logits_bytes": 2**20, "score_share": 0.5},
     "fix": {"repair": "none"},
+    "bench": {"tasks": ["arc_easy"], "include_path": ".", "num_fewshot": 5, "limit": 10, "task_batch_size": 2},
 }
 FEEDS = {"scan": ["load", "data", "scan"], "select": ["load", "choice", "fix"], "materialize": ["fix", "data"],
-         "eval": ["load", "data"]}
+         "eval": ["load", "data"], "tasks": ["load", "bench"]}
 
 
 def changed(group: str, field: str) -> PruneArgs:
