@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from .data import load_texts
 from .errors import check_output_dir
-from .model import default_model_dir, load_model
+from .model import default_model_dir
 from .options import DataOptions, ModelOptions, ScanOptions, metric_names
 from .scan import Checkpoint, scan_model
 
@@ -39,9 +39,7 @@ def run_scan(mo: ModelOptions, do: DataOptions, so: ScanOptions) -> dict[str, st
     model_path = mo.model_path or default_model_dir()
     texts = load_texts(do.dataset, do.dataset_column, do.dataset_subset, do.dataset_size, do.dataset_config,
                        do.streaming)
-    model, tok = load_model(model_path, dtype=mo.dtype, device=device, device_map=mo.device_map,
-                            gguf_file=mo.gguf_file, load_in_4bit=mo.load_in_4bit,
-                            trust_remote_code=mo.trust_remote_code)
+    model, tok = mo.load(model_path, device=device)
     L = model.config.get_text_config().num_hidden_layers
     if so.layers_to_skip >= L:
         raise ValueError(f"--layers_to_skip {so.layers_to_skip} must be < the model's {L} layers")

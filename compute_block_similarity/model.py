@@ -105,17 +105,34 @@ def check_model_path(model_path: str) -> None:
         raise UserError(f"--model_path {model_path} does not exist; give a local checkpoint folder or a Hub model id")
 
 
+def parse_max_memory(spec: str | None) -> dict[int | str, str] | None:
+    """'0=20GiB,1=20GiB,cpu=64GiB' -> {0: '20GiB', 1: '20GiB', 'cpu': '64GiB'} (accelerate's max_memory)."""
+    if not spec:
+        return None
+    out: dict[int | str, str] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        dev, sep, size = part.partition("=")
+        dev, size = dev.strip(), size.strip()
+        if not sep or not size or not (dev.isdigit() or dev in ("cpu", "disk", "mps")):
+            raise ValueError(f"--max_memory {spec!r}: expected DEVICE=SIZE pairs such as '0=20GiB,1=20GiB,cpu=64GiB'")
+        out[int(dev) if dev.isdigit() else dev] = size
+    return out
+
+
 def load_model(
     model_path: str,
     *,
     dtype: str = "auto",
     device: str = "auto",
     device_map: str | None = None,
+    max_memory: str | None = None,
+    offload_folder: str | None = None,
     gguf_file: str | None = None,
     load_in_4bit: bool = False,
     trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer) in eval mode."""
+    """Load (model, tokenizer) in eval mode. With ``device_map`` (e.g. 'auto') accelerate places the
+    layers over the GPUs, the CPU and ``offload_folder`` on disk, within ``max_memory`` per device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_path(model_path)
@@ -133,6 +150,9 @@ def load_model(
         kw["device_map"] = device_map or {"": int(os.environ.get("LOCAL_RANK", 0))}
     elif device_map:
         kw["device_map"] = device_map
+    if device_map:
+        kw.update({k: v for k, v in (("max_memory", parse_max_memory(max_memory)),
+                                     ("offload_folder", offload_folder)) if v})
     try:
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code,
                                             **({"gguf_file": gguf_file} if gguf_file else {}))
@@ -147,6 +167,12 @@ def load_model(
                         "rebuild or re-download the checkpoint") from None
     if "device_map" not in kw:
         model.to(dev)
+    elif getattr(model, "hf_device_map", None):
+        where: dict[str, int] = {}
+        for d in model.hf_device_map.values():
+            where[str(d)] = where.get(str(d), 0) + 1
+        log.info("--device_map %s placed %s: %s", device_map, Path(model_path).name,
+                 ", ".join(f"{n} module(s) on {d}" for d, n in where.items()))
     model.eval()
     return model, tok
 

@@ -3,13 +3,14 @@ pydantic model; compute_block_similarity's CLI and `prune` are derived from them
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .data import BUILTIN_DATASET
 from .flags import one_of
 from .metrics import DEFAULT_METRIC, METRICS
+from .model import load_model, parse_max_memory
 
 GRAM_BYTES = 64 * 2**20  # float64 working set of one Gram chunk (--gram_bytes)
 TOKENS_PER_TEXT = 128  # all-token metrics: evenly spaced non-pad positions per text (0: every token)
@@ -23,10 +24,34 @@ class ModelOptions(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     device: str = Field("auto", description="auto, cpu or cuda")
-    device_map: str | None = Field(None, description="e.g. 'auto': shard a model too big for one device (accelerate)")
+    device_map: str | None = Field(None, description="e.g. 'auto': spread a model too big for one device over the "
+                                   "GPUs, the CPU and disk (accelerate)")
+    max_memory: str | None = Field(None, description="with --device_map: the most each device may hold, e.g. "
+                                   "'0=70GiB,1=70GiB,cpu=200GiB' (the rest goes to --offload_folder)")
+    offload_folder: str | None = Field(None, description="with --device_map: the folder for weights offloaded to disk")
     gguf_file: str | None = Field(None, description="GGUF file name inside --model_path")
     load_in_4bit: bool = Field(False, description="score a 4-bit NF4 model (needs CUDA and bitsandbytes)")
     trust_remote_code: bool = Field(False, description="allow model code from the Hub")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, v: str | None) -> str | None:
+        parse_max_memory(v)
+        return v
+
+    @model_validator(mode="after")
+    def _placement(self) -> "ModelOptions":
+        for flag in ("max_memory", "offload_folder"):
+            if getattr(self, flag) and not self.device_map:
+                raise ValueError(f"--{flag} places a sharded model: give --device_map auto with it")
+        return self
+
+    def load(self, model_path: str | None = None, **override: Any) -> tuple[Any, Any]:
+        """(model, tokenizer) as these options say; ``override`` replaces fields for this load."""
+        o = {**self.model_dump(), **override}
+        path = model_path or o.pop("model_path")
+        o.pop("model_path", None)
+        return load_model(path, **o)
 
 
 class DataOptions(BaseModel):

@@ -155,3 +155,8 @@ def retained(dense: dict, pruned: dict) -> dict[str, float]:
     if out:
         out["average"] = sum(out.values()) / len(out)
     return out
+
+
+def fmt(v: float) -> str:
+    """A score for a table: 4 decimals for accuracies and small perplexities, 4 significant digits beyond."""
+    return f"{v:.4f}" if abs(v) < 1000 else f"{v:.4g}"

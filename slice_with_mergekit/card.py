@@ -11,7 +11,7 @@ from compute_block_similarity.errors import UserError, looks_local
 from compute_block_similarity.ranges import format_layers, format_ranges
 from compute_block_similarity.scanfile import ScanFile
 
-from .benchmarks import retained
+from .benchmarks import fmt, retained
 from .checkpoint import (
     REPAIR_FILE,
     kept_ranges_of,
@@ -104,6 +104,9 @@ def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id
     return "\n".join(lines)
 
 
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+
+
 def own_key(ev: dict) -> str | None:
     """The entry of eval.json that describes this checkpoint: what prune marks, else the evaluate
     command's most processed result."""
@@ -137,7 +140,8 @@ def eval_results(ev: dict) -> list[EvalResult]:
             out.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
                                   metric_type=metric, metric_value=value,
                                   metric_name=f"{metric} ({t['num_fewshot']}-shot)",
-                                  source_name=f"lm-evaluation-harness {rec.get('lm_eval_version')}"))
+                                  source_name=f"lm-evaluation-harness {rec.get('lm_eval_version')}",
+                                  source_url=LM_EVAL_URL))
     return out
 
 
@@ -152,8 +156,8 @@ def benchmark_lines(ev: dict) -> list[str]:
     for task, t in rec["tasks"].items():
         m = t["headline"]
         d = (dense or {}).get("tasks", {}).get(task, {}).get("metrics", {}).get(m)
-        lines.append(f"| {task} | {m} | {t['num_fewshot']} | {t['metrics'][m]:.4f} | "
-                     f"{'-' if d is None else f'{d:.4f}'} | {f'{kept[task]:.1f}' if task in kept else '-'} |")
+        lines.append(f"| {task} | {m} | {t['num_fewshot']} | {fmt(t['metrics'][m])} | "
+                     f"{'-' if d is None else fmt(d)} | {f'{kept[task]:.1f}' if task in kept else '-'} |")
     if "average" in kept:
         lines.append(f"| average | | | | | {kept['average']:.1f} |")
     return lines

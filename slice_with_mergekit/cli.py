@@ -30,14 +30,13 @@ from compute_block_similarity.errors import (
     run_cli,
 )
 from compute_block_similarity.flags import add_flags, from_args
-from compute_block_similarity.model import load_model
 from compute_block_similarity.options import DataOptions, ModelOptions
 
 from .benchmarks import TaskOptions, run_tasks, task_manager
 from .evaluate import measure_speed, perplexity, write_eval
 from .heal import HealConfig, heal
 from .materialize import materialize
-from .pipeline import PruneArgs, prune
+from .pipeline import PLACEMENT, PruneArgs, prune
 from .plan import plan, write_config, write_selection
 from .push import push
 from .repair import repair_checkpoint
@@ -52,7 +51,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_output_file(args.output, "--output")
     choices: list = []
     config = plan(args.scan, layers_to_skip=args.layers_to_skip, start=args.start, remove=args.remove,
-                  model=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                  model=args.model, dtype=args.dtype, load=from_args(ModelOptions, args, dtype="auto"),
                   choice=from_args(SelectOptions, args), repair=args.repair, choice_out=choices)
     write_config(config, args.output)
     if choices:
@@ -72,16 +71,16 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     texts, cal = repair_inputs(args) if args.repair != "none" else ([], {})
     materialize(args.plan, args.out, device=args.device, trust_remote_code=args.trust_remote_code,
                 repair=args.repair, repair_texts=texts, repair_calibration=cal, max_length=args.max_length,
-                batch_size=args.batch_size)
+                batch_size=args.batch_size, load=from_args(ModelOptions, args))
     return 0
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
     check_output_dir(args.model, "model")
     texts, cal = repair_inputs(args)
-    res = repair_checkpoint(args.model, args.plan, texts, method=args.repair, source=args.source, dtype=args.dtype,
-                            device=args.device, batch_size=args.batch_size, max_length=args.max_length,
-                            calibration=cal, trust_remote_code=args.trust_remote_code)
+    res = repair_checkpoint(args.model, args.plan, texts, method=args.repair, source=args.source,
+                            load=from_args(ModelOptions, args), batch_size=args.batch_size, max_length=args.max_length,
+                            calibration=cal)
     for b in res.bridges:
         print(f"  [{b.start}, {b.end}) -> {b.writer}: {b.decision}")
     print(f"repair {summary(res)}; recorded in {args.model.rstrip('/')}/repair.safetensors")
@@ -89,7 +88,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = verify(args.model, args.plan, source=args.source)
+    report = verify(args.model, args.plan, source=args.source, load=from_args(ModelOptions, args))
     print(report.render())
     return 0 if report.ok else 1
 
@@ -106,7 +105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     bench = from_args(TaskOptions, args)
     tm = task_manager(bench) if bench.tasks else None  # task names checked before the model loads
     texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    model, tok = from_args(ModelOptions, args).load(args.model)
     res = perplexity(model, tok, texts, max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
                      progress=True, logits_bytes=args.logits_bytes)
     extra = {"dataset": args.dataset, "split": args.dataset_subset}
@@ -139,7 +138,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
     held = load_texts(args.dataset, args.dataset_column, args.eval_subset, args.eval_size, args.dataset_config)
     out = args.output or args.model.rstrip("/") + "-healed"
     summary = heal(args.model, train, held, out, cfg, teacher=args.teacher, resume=args.resume,
-                   data=f"{args.dataset} (split {args.dataset_subset})")
+                   data=f"{args.dataset} (split {args.dataset_subset})",
+                   teacher_load=from_args(ModelOptions, args, prefix="teacher_"))
     print(f"perplexity before healing {summary['after_cut']:.3f} -> after healing {summary['after_heal']:.3f} "
           f"(best step {summary['best_step']}); merged model in {out}")
     return 0
@@ -160,8 +160,10 @@ def data_args(p: argparse.ArgumentParser, split: str = "train", batching: bool =
 
 
 def model_args(p: argparse.ArgumentParser, *names: str, helps: dict[str, str] | None = None, **defaults: object) -> None:
-    """The named flags of ModelOptions (how the command loads a model)."""
-    add_flags(p, ModelOptions, only=names, title="Model loading", defaults=defaults, helps=helps)
+    """The named flags of ModelOptions (how the command loads a model), with the placement flags
+    (--device_map, --max_memory, --offload_folder) for a model bigger than one device."""
+    add_flags(p, ModelOptions, only=[*names, *PLACEMENT], title="Model loading and placement", defaults=defaults,
+              helps=helps)
 
 
 def repair_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -190,7 +192,7 @@ def plan_parser(p: argparse.ArgumentParser) -> None:
     add_flags(p, SelectOptions)
     add_flags(p, RepairOptions, defaults={"repair": "none"}, title="Repair-aware selection: each candidate is scored "
               "after its bridge (sliced.yml stays the plain cut: bridge after the merge with the repair command)")
-    model_args(p, "trust_remote_code")
+    model_args(p, "device", "trust_remote_code", helps={"device": "where the candidates are scored"})
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
@@ -225,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                helps={"dtype": "dtype the source runs in for the fit (sums are float64)"})
     repair_args(f, default="linear")
     checkpoint_args(parsers["verify"], "pruned checkpoint folder")
+    model_args(parsers["verify"])
     u = parsers["push"]
     u.add_argument("model", help="pruned checkpoint folder")
     u.add_argument("repo_id", help="org/name on the Hub")
@@ -261,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "MODEL/mergekit_config.yml)")
     h.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.work")
     add_flags(h, HealConfig)
+    add_flags(h, ModelOptions, prefix="teacher_", only=PLACEMENT, title="Teacher placement (--loss kd): accelerate "
+              "places the dense teacher instead of a whole copy per process")
     r = parsers["prune"]
     r.add_argument("model", help=PruneArgs.model_fields["model"].description)
     add_flags(r, PruneArgs, skip={"model"})

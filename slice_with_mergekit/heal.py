@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from compute_block_similarity.atomic import write_text
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.model import decoder_layers, load_model
+from compute_block_similarity.options import ModelOptions
 
 from .checkpoint import copy_companions, kept_source_layers, local_source, read_plan
 from .evaluate import perplexity, tokenize_windows
@@ -64,6 +65,8 @@ class HealConfig(BaseModel):
     eval_every: int = Field(25, ge=1, description="held-out perplexity and a checkpoint every N steps (best kept)")
     max_length: int = Field(256, ge=2, description="held-out evaluation window")
     load_in_4bit: bool = Field(False, description="QLoRA: 4-bit base (CUDA + bitsandbytes)")
+    fsdp: bool = Field(False, description="shard the student's weights, gradients and optimizer state over the "
+                       "processes of torchrun (FSDP2, one unit per decoder layer); the merged model is gathered whole")
     seed: int = Field(0, description="seed of LoRA init, data order and dropout")
 
     @model_validator(mode="after")
@@ -171,9 +174,13 @@ def _trainer_class() -> type:
 
 @torch.no_grad()
 def held_out_perplexity(model: Any, wins: list, accelerator: Any = None, batch_size: int = 4) -> float:
-    """evaluate.perplexity over ``wins``, each process scoring its share, summed over processes."""
+    """evaluate.perplexity over ``wins``, each process scoring its share, summed over processes. Under
+    FSDP every forward is collective (each process gathers the layers' shards), so every process
+    scores all the windows instead."""
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if accelerator is not None and getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        rank, world = 0, 1
     part = wins[rank::world]
     was_training = model.training
     model.eval()
@@ -281,23 +288,35 @@ def training_arguments(cfg: HealConfig, work: Path, progress: bool) -> Any:
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), disable_tqdm=not progress,
         remove_unused_columns=False, dataloader_num_workers=0, ddp_find_unused_parameters=False,
         save_only_model=False, dataloader_pin_memory=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+        **({"fsdp": True, "fsdp_config": FSDP_CONFIG} if cfg.fsdp else {}),
     )
+
+
+# the Trainer's FSDP: FSDP2, a unit per decoder layer (the model's _no_split_modules), full state dicts on save
+FSDP_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT",
+               "reshard_after_forward": True}
 
 
 def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str], output: str,
          cfg: HealConfig | None = None, *, teacher: str | None = None, resume: bool = False,
-         progress: bool = True, callbacks: Sequence[Any] = (), data: str = "given texts") -> dict:
+         progress: bool = True, callbacks: Sequence[Any] = (), data: str = "given texts",
+         teacher_load: ModelOptions | None = None) -> dict:
     """Heal ``checkpoint``; write the best model (merged, a normal checkpoint) to ``output``.
 
     Checkpoints and the Trainer's state go to ``output + '.work'``; ``resume`` continues from its
-    last checkpoint. ``data`` names the training text for the ledger. Returns the summary also
-    written to ``output/heal.json``, with the ledger of what healing spent."""
+    last checkpoint. ``data`` names the training text for the ledger. ``teacher_load`` with a
+    ``device_map`` places the distillation teacher with accelerate (over GPUs, CPU, disk) instead of a
+    whole copy on each process's device. Returns the summary also written to ``output/heal.json``,
+    with the ledger of what healing spent."""
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
 
     cfg = cfg or HealConfig()
     if not (Path(checkpoint) / "config.json").exists():
         raise UserError(f"{checkpoint} is not a checkpoint folder (no config.json)")
+    if cfg.fsdp and not torch.cuda.is_available():
+        raise UserError("--fsdp needs GPUs: accelerate runs FSDP only on accelerators (CUDA, XPU, NPU); on the CPU, "
+                        "torchrun heals data parallel without it")
     work = Path(output + ".work")
     started = work / "heal_start.json"
     if work.exists() and not resume:
@@ -322,7 +341,10 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
     model = trainable(load_student(checkpoint, cfg, cfg.load_in_4bit), checkpoint, cfg)
     tmodel = None
     if teacher_path:
-        tmodel = load_student(teacher_path, cfg).to(args.device).eval().requires_grad_(False)
+        if teacher_load is not None and teacher_load.device_map:
+            tmodel = teacher_load.load(teacher_path, dtype=_dtype(cfg))[0].requires_grad_(False)
+        else:
+            tmodel = load_student(teacher_path, cfg).to(args.device).eval().requires_grad_(False)
         if tmodel.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
             raise UserError(f"the teacher {teacher_path} has another vocabulary than {checkpoint}; pass --teacher")
     trainer = _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=wins, heal_cfg=cfg, teacher=tmodel,
@@ -338,8 +360,13 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
     else:
         p0 = json.loads(started.read_text())["after_cut"]
         log.info("resuming healing from %s", last)
+    if cfg.fsdp and not trainer.is_fsdp_enabled:
+        raise UserError("--fsdp: the Trainer did not enable FSDP; launch with torchrun (or accelerate launch)")
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
+    if cfg.fsdp:
+        log.info("FSDP: the student was sharded over %d process(es) (%s)", trainer.args.world_size,
+                 type(trainer.model_wrapped).__name__)
     wall = time.perf_counter() - t0
 
     history = [{"step": 0, "perplexity": p0}] + [
@@ -352,8 +379,14 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
                "ledger": ledger(trainer, cfg, history, wall, last, per_step,
                                 f"{data}: {len(train_texts)} texts packed into {len(train)} blocks of {cfg.seq_len} tokens",
                                 len(eval_texts))}
+    merged = trainer.model
+    if trainer.is_fsdp_enabled:  # the weights are sharded over the processes: gather them whole (collective)
+        full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if trainer.is_world_process_zero():
+            merged = trainable(load_student(checkpoint, cfg), checkpoint, cfg)
+            merged.load_state_dict(full)
     if trainer.is_world_process_zero():
-        write_output(trainer.model, checkpoint, output, summary, healed=best["step"] > 0)
+        write_output(merged, checkpoint, output, summary, healed=best["step"] > 0)
     trainer.accelerator.wait_for_everyone()
     log.info("healed: held-out perplexity %.3f before -> %.3f after healing (step %d); model in %s",
              p0, best["perplexity"], best["step"], output)

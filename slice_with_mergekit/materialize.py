@@ -12,6 +12,7 @@ from typing import Any
 from mergekit.config import MergeConfiguration
 
 from compute_block_similarity.atomic import atomic_path, write_text
+from compute_block_similarity.options import ModelOptions
 
 from .checkpoint import (
     copy_companions,
@@ -100,11 +101,14 @@ def drop_spurious_lm_head(out: Path) -> None:
 
 def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_remote_code: bool = False,
                 repair: str = "none", repair_texts: list[str] | None = None, repair_calibration: dict | None = None,
-                max_length: int = 256, batch_size: int = 8, skip_unfoldable: bool = False) -> Path:
-    """sliced.yml -> a loadable pruned checkpoint in ``out_path`` (written to a temporary folder first).
+                max_length: int = 256, batch_size: int = 8, skip_unfoldable: bool = False,
+                load: ModelOptions | None = None) -> Path:
+    """sliced.yml -> a loadable pruned checkpoint in ``out_path`` (written to a temporary folder first),
+    MergeKit computing on ``device``.
 
-    ``repair`` (see repair.REPAIRS) fits bridges on ``repair_texts`` and folds them in before the
-    folder replaces ``out_path``, so a failed repair leaves the previous checkpoint as it was."""
+    ``repair`` (see repair.REPAIRS) fits bridges on ``repair_texts`` (the source loaded and placed by
+    ``load``, default: on ``device``) and folds them in before the folder replaces ``out_path``, so a
+    failed repair leaves the previous checkpoint as it was."""
     from mergekit.options import MergeOptions
 
     config = read_plan(plan_path)
@@ -121,9 +125,10 @@ def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_rem
     drop_spurious_lm_head(tmp)
     copy_companions(src, tmp)
     if repair != "none":
-        repair_checkpoint(str(tmp), plan_path, repair_texts or [], method=repair, source=str(src), device=device,
+        repair_checkpoint(str(tmp), plan_path, repair_texts or [], method=repair, source=str(src),
+                          load=load or ModelOptions(device=device, trust_remote_code=trust_remote_code),
                           batch_size=batch_size, max_length=max_length, calibration=repair_calibration,
-                          skip_unfoldable=skip_unfoldable, trust_remote_code=trust_remote_code)
+                          skip_unfoldable=skip_unfoldable)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -23,7 +23,6 @@ from compute_block_similarity.data import load_calibration, load_texts
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.flags import one_of
 from compute_block_similarity.job import run_scan
-from compute_block_similarity.model import load_model
 from compute_block_similarity.options import DataOptions, ModelOptions, ScanOptions
 from compute_block_similarity.ranges import (
     format_inclusive,
@@ -33,7 +32,7 @@ from compute_block_similarity.ranges import (
 from compute_block_similarity.report import plot_triangle
 from compute_block_similarity.scanfile import ScanFile
 
-from .benchmarks import TaskOptions, retained, run_tasks, task_manager
+from .benchmarks import TaskOptions, fmt, retained, run_tasks, task_manager
 from .card import model_card
 from .checkpoint import kept_ranges_of, lineage, read_plan
 from .evaluate import perplexity
@@ -85,6 +84,7 @@ BASELINES: dict[str, tuple[str, Callable[[ScanFile, int], list[int]]]] = {
     "angle": ("the block of least last-token angular distance in the scan (Gromov et al. 2024)", _angle),
 }
 
+PLACEMENT = ("device_map", "max_memory", "offload_folder")  # of ModelOptions: where a model runs
 SCAN_FLAGS = ["metric"]  # of ScanOptions, the ones prune takes; the rest keep the scan's defaults
 
 
@@ -95,7 +95,7 @@ class PruneArgs(BaseModel):
 
     model: str = Field(description="checkpoint folder or Hub id")
     load: ModelOptions = Field(default_factory=ModelOptions, json_schema_extra={"flags": {
-        "skip": ["model_path", "device_map", "gguf_file", "load_in_4bit"], "title": "Model loading (every stage)"}})
+        "skip": ["model_path", "gguf_file", "load_in_4bit"], "title": "Model loading and placement (every stage)"}})
     # the calibration data feeds the scan, the selection, the repair and healing; max_length is also the eval window
     data: DataOptions = Field(default_factory=lambda: DataOptions(dataset_size=256, max_length=256),
                               json_schema_extra={"flags": {"skip": ["streaming"], "title": "Calibration data", "helps": {
@@ -146,7 +146,8 @@ class PruneArgs(BaseModel):
 def fingerprints(a: PruneArgs) -> dict[str, dict]:
     """Each stage's inputs, from the option groups that feed it (whole ``model_dump()``s, so nothing
     that changes a result can be left out); the stages add the fingerprints of what they read."""
-    model = {"model": a.model, "load": a.load.model_dump()}
+    # placement (--device_map, --max_memory, --offload_folder) changes where the model runs, not what it computes
+    model = {"model": a.model, "load": a.load.model_dump(exclude=set(PLACEMENT))}
     scan = a.scan.model_dump(exclude={"output_dir", "no_progress", "checkpoint_every", "resume", "layers_to_skip"})
     evaluation = {**model, "eval_subset": a.eval_subset, "eval_size": a.eval_size, "data": a.data.model_dump()}
     return {
@@ -156,7 +157,7 @@ def fingerprints(a: PruneArgs) -> dict[str, dict]:
                         "trust_remote_code": a.load.trust_remote_code},
         "eval": evaluation,
         "heal": {"heal": heal_config(a).model_dump(), "data": a.data.model_dump()},
-        "tasks": {"bench": a.bench.model_dump(), "load": a.load.model_dump()},
+        "tasks": {"bench": a.bench.model_dump(), "load": model["load"]},
     }
 
 
@@ -174,7 +175,7 @@ def scan_stage(a: PruneArgs, scan_dir: Path) -> None:
 
 
 def eval_stage(a: PruneArgs, texts: list[str], model: str, out: Path) -> None:
-    m, tok = load_model(model, dtype=a.load.dtype, device=a.load.device, trust_remote_code=a.load.trust_remote_code)
+    m, tok = a.load.load(model)
     p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True,
                    logits_bytes=a.choice.logits_bytes)
     write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
@@ -182,7 +183,7 @@ def eval_stage(a: PruneArgs, texts: list[str], model: str, out: Path) -> None:
 
 def tasks_stage(a: PruneArgs, model: str, removed: list[int], out: Path) -> None:
     """lm-eval --tasks on ``model`` (without the ``removed`` layers, cut in memory, when given)."""
-    m, tok = load_model(model, dtype=a.load.dtype, device=a.load.device, trust_remote_code=a.load.trust_remote_code)
+    m, tok = a.load.load(model)
     with removed_layers(m, removed):
         rec = run_tasks(m, tok, a.bench)
     write_text(out, json.dumps(rec, indent=1) + "\n")
@@ -190,7 +191,7 @@ def tasks_stage(a: PruneArgs, model: str, removed: list[int], out: Path) -> None
 
 def eval_cut_stage(a: PruneArgs, texts: list[str], plan_path: Path, out: Path) -> None:
     """Perplexity of the plain cut, computed in memory from the source (equal to its checkpoint's)."""
-    m, tok = load_model(a.model, dtype=a.load.dtype, device=a.load.device, trust_remote_code=a.load.trust_remote_code)
+    m, tok = a.load.load(a.model)
     with removed_layers(m, lineage(plan_path, a.model).removed):
         p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True,
                    logits_bytes=a.choice.logits_bytes)
@@ -200,7 +201,7 @@ def eval_cut_stage(a: PruneArgs, texts: list[str], plan_path: Path, out: Path) -
 def plan_stage(a: PruneArgs, scan_json: Path, n: int, plan_path: Path, removed: list[int] | None = None) -> None:
     fixed = {"remove": format_inclusive(removed)} if removed else {"layers_to_skip": n}
     choices: list = []
-    write_config(plan(str(scan_json), choice=a.choice, model=a.model, repair=a.repair, trust_remote_code=a.load.trust_remote_code, choice_out=choices,
+    write_config(plan(str(scan_json), choice=a.choice, model=a.model, repair=a.repair, load=a.load, choice_out=choices,
                       **fixed), plan_path)
     if choices:
         write_selection(plan_path, choices[0])
@@ -208,7 +209,7 @@ def plan_stage(a: PruneArgs, scan_json: Path, n: int, plan_path: Path, removed: 
 
 def budget_stage(a: PruneArgs, scan_json: Path, out: Path) -> None:
     scan = scanfile.load(scan_json)
-    score = calibration_scorer(scan, a.model, a.choice, a.load.trust_remote_code, a.repair)
+    score = calibration_scorer(scan, a.model, a.choice, a.load, a.repair)
     b = budget_search(scan, score, a.max_ppl_ratio, a.choice.select, a.choice.top_k, a.max_layers)
     write_text(out, json.dumps({**asdict(b), "passes": score.passes}, indent=1) + "\n")
 
@@ -241,11 +242,11 @@ def materialize_stage(a: PruneArgs, plan_path: Path, model_dir: Path) -> None:
                   if a.repair != "none" else ([], {}))
     materialize(str(plan_path), str(model_dir), trust_remote_code=a.load.trust_remote_code, repair=a.repair,
                 repair_texts=texts, repair_calibration=cal, max_length=d.max_length, batch_size=d.batch_size,
-                skip_unfoldable=True)
+                skip_unfoldable=True, load=a.load)
 
 
-def verify_stage(plan_path: Path, model_dir: Path, report: Path) -> None:
-    rep = verify(str(model_dir), str(plan_path))
+def verify_stage(a: PruneArgs, plan_path: Path, model_dir: Path, report: Path) -> None:
+    rep = verify(str(model_dir), str(plan_path), load=a.load)
     write_text(report, rep.render() + "\n")
     if not rep.ok:
         raise UserError(f"verification of {model_dir} failed; see {report}")
@@ -270,7 +271,7 @@ def heal_stage(a: PruneArgs, model_dir: Path, model_fp: str, eval_texts: list[st
     work.mkdir(parents=True, exist_ok=True)
     write_text(marker, inputs)
     heal(str(model_dir), train, eval_texts, str(hdir), cfg, resume=True, progress=True,
-         data=f"{d.dataset} (split {d.dataset_subset})")
+         data=f"{d.dataset} (split {d.dataset_subset})", teacher_load=a.load)
 
 
 def variant_stages(a: PruneArgs, work: Path, ctx: dict, n: int, name: str, fixed: list[int] | None) -> dict:
@@ -285,7 +286,7 @@ def variant_stages(a: PruneArgs, work: Path, ctx: dict, n: int, name: str, fixed
                     [plan_path], plan_stage, a, scan_json, n, plan_path, fixed)
     mat_fp = stage(work, f"materialize-{tag}", {"plan": plan_fp, **fps["materialize"]}, [model_dir / "config.json"],
                    materialize_stage, a, plan_path, model_dir)
-    stage(work, f"verify-{tag}", {"model": mat_fp}, [d / "verify.txt"], verify_stage, plan_path, model_dir,
+    stage(work, f"verify-{tag}", {"model": mat_fp}, [d / "verify.txt"], verify_stage, a, plan_path, model_dir,
           d / "verify.txt")
     stage(work, f"eval-{tag}", {**eval_in, "model": mat_fp}, [pr_eval], eval_stage, a, eval_texts, str(model_dir),
           pr_eval)
@@ -451,7 +452,7 @@ def model_lines(rows: list[dict], src_tasks: dict | None) -> list[str]:
         cells = []
         for t in tasks:
             h = rec.get("tasks", {}).get(t)
-            cells.append("-" if not h else f"{h['metrics'][h['headline']]:.4f}" +
+            cells.append("-" if not h else fmt(h['metrics'][h['headline']]) +
                          (f" ({kept[t]:.1f} %)" if t in kept else ""))
         avg = f"{kept['average']:.1f} %" if "average" in kept else "-"
         return f"| {label} | {layers} | {f'{ppl:.2f}' if ppl else '-'} | " + " | ".join(cells) + f" | {avg} |"

@@ -22,7 +22,7 @@ from compute_block_similarity import scanfile
 from compute_block_similarity.atomic import write_text
 from compute_block_similarity.data import BUILTIN_DATASET, load_texts
 from compute_block_similarity.errors import UserError, first_line, looks_local
-from compute_block_similarity.model import load_model
+from compute_block_similarity.options import ModelOptions
 from compute_block_similarity.ranges import (
     format_layers,
     format_ranges,
@@ -100,29 +100,32 @@ def source_dtype(cfg: Any) -> str | None:
 
 
 def calibration_scorer(scan: ScanFile, model: str, choice: SelectOptions | None = None,
-                       trust_remote_code: bool = False, repair: str = "none") -> Scorer:
+                       load: ModelOptions | None = None, repair: str = "none") -> Scorer:
     """A perplexity scorer on the scan's own calibration text (its dataset provenance): ``choice.select_texts``
-    of its texts, the LM head in chunks of ``choice.logits_bytes``."""
+    of its texts, the LM head in chunks of ``choice.logits_bytes``; the model loaded (and placed) by ``load``."""
     choice = choice or SelectOptions()
     ds = scan.dataset
     texts = load_texts(ds.name or BUILTIN_DATASET, ds.column or "text", ds.split or "train",
                        choice.select_texts or ds.size, ds.config)
-    m, tok = load_model(model, trust_remote_code=trust_remote_code, gguf_file=getattr(scan, "gguf_file", None))
+    m, tok = (load or ModelOptions()).load(model, gguf_file=getattr(scan, "gguf_file", None))
     ml = min(int(ds.max_length or 256), 1024)
     return Scorer(m, tok, texts, max_length=ml, stride=ml, repair=repair, logits_bytes=choice.logits_bytes,
                   score_share=choice.score_share)
 
 
 def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None = None, remove: str | None = None,
-         model: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
+         model: str | None = None, dtype: str | None = None, load: ModelOptions | None = None,
          choice: SelectOptions | None = None, repair: str = "none",
          choice_out: list | None = None) -> MergeConfiguration:
     """Everything MergeKit leaves unchecked, checked; then the config.
 
     ``choice.select`` (a strategy of select.STRATEGIES) picks the block of
     ``layers_to_skip`` when no explicit --start/--remove is given. With ``repair``, candidates are
-    scored after that repair (the plan itself stays the plain cut).
+    scored after that repair (the plan itself stays the plain cut). ``load`` loads and places the
+    model that scores them; ``dtype`` is the merged checkpoint's.
     """
+    load = load or ModelOptions()
+    trust_remote_code = load.trust_remote_code
 
     choice = choice or SelectOptions()
     select, top_k = choice.select, choice.top_k
@@ -140,7 +143,7 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
     check_architecture(cfg, src)
     if select != "angle" and start is None and remove is None:
         choice = choose(select, scan, len(removed),
-                        lambda: calibration_scorer(scan, src, choice, trust_remote_code, repair), top_k)
+                        lambda: calibration_scorer(scan, src, choice, load, repair), top_k)
         removed = choice.removed
         if choice_out is not None:
             choice_out.append(choice)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from compute_block_similarity.atomic import atomic_path
 from compute_block_similarity.errors import UserError
-from compute_block_similarity.model import load_model
+from compute_block_similarity.options import ModelOptions
 
 from .checkpoint import REPAIR_FILE, lineage, tensor_files, tensor_index
 from .repair_fit import RepairResult, fit_repair
@@ -53,15 +53,17 @@ def apply_to_checkpoint(out: Path, src: Path, result: RepairResult, kept: Sequen
 
 
 def repair_checkpoint(out_path: str, plan_path: str, texts: Sequence[str], *, method: str = "linear",
-                      source: str | None = None, dtype: str = "auto", device: str = "auto", batch_size: int = 8,
-                      max_length: int = 256, calibration: dict | None = None, skip_unfoldable: bool = False,
-                      trust_remote_code: bool = False) -> RepairResult:
-    """Fit bridges on the plan's dense source and fold them into the checkpoint ``out_path`` built from it."""
+                      source: str | None = None, load: ModelOptions | None = None, batch_size: int = 8,
+                      max_length: int = 256, calibration: dict | None = None,
+                      skip_unfoldable: bool = False) -> RepairResult:
+    """Fit bridges on the plan's dense source (loaded and placed by ``load``) and fold them into the
+    checkpoint ``out_path`` built from it."""
     out = Path(out_path)
     if not (out / "config.json").exists():
         raise UserError(f"{out} is not a checkpoint folder (no config.json); build it with mergekit-yaml or materialize")
-    lin = lineage(plan_path, source, trust_remote_code)
-    model, tok = load_model(str(lin.source_dir), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    load = load or ModelOptions()
+    lin = lineage(plan_path, source, load.trust_remote_code)
+    model, tok = load.load(str(lin.source_dir))
     result = fit_repair(model, tok, texts, lin.removed, method=method, batch_size=batch_size, max_length=max_length,
                         calibration=calibration, skip_unfoldable=skip_unfoldable)
     del model

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -42,7 +42,7 @@ from compute_block_similarity.model import decoder_layers, input_device, text_co
 from compute_block_similarity.ranges import runs as ranges_runs
 
 from .evaluate import head_share, perplexity, sample_scored, tokenize_windows
-from .inmemory import removed_layers
+from .inmemory import read_weight, removed_layers, replaced_weight
 from .repair_record import fold_tensor, norm_weight
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class PostNorm:
     eps: float
 
     def gain(self) -> torch.Tensor:  # (d,) float64
-        return self.module.weight.detach().double() + self.offset
+        return read_weight(self.module).double() + self.offset
 
     @staticmethod
     def live(g: torch.Tensor) -> torch.Tensor:
@@ -228,10 +228,11 @@ def _post_norm(model: nn.Module, writer: Writer, probe: tuple[torch.Tensor, torc
     if norm is None:
         return None
     eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
-    x = torch.randn(4, norm.weight.shape[0], generator=torch.Generator().manual_seed(0)).to(norm.weight)
+    w = read_weight(norm)
+    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w)
     with torch.no_grad():
-        eff = (norm(x).double() / (x.double() * torch.rsqrt((x.double() ** 2).mean(-1, keepdim=True) + eps))).mean(0)
-    w = norm.weight.detach().double()
+        eff = (norm(x).double().to(w.device) / (x.double() * torch.rsqrt((x.double() ** 2).mean(-1, keepdim=True) + eps))).mean(0)
+    w = w.double()
     offset = next((o for o in (0.0, 1.0) if torch.allclose(eff, w + o, rtol=1e-3, atol=1e-3)), None)
     if offset is None:
         return None
@@ -489,23 +490,15 @@ def fit_gain(st: RunStats, T: torch.Tensor, pn: PostNorm) -> torch.Tensor:
 def bridged(writers: Sequence[Writer], Ts: Sequence[torch.Tensor],
             gains: Sequence[torch.Tensor | None] | None = None) -> Iterator[None]:
     """Within the block, each writer's weights are folded with its T and a post-norm's weight set to
-    its refitted gain (in memory); restored on exit."""
-    saved = []
-    try:
-        with torch.no_grad():
-            for w, T, g in zip(writers, Ts, gains or [None] * len(writers)):
-                for key, p in w.params().items():
-                    saved.append((p, p.detach().clone()))
-                    p.copy_(fold_tensor(w.kind, key == "bias", p, T.to(p.device)).to(p.dtype))
-                if w.norm is not None and g is not None:
-                    p = w.norm.module.weight
-                    saved.append((p, p.detach().clone()))
-                    p.copy_(norm_weight(g, w.norm.offset).to(p.device, p.dtype))
+    its refitted gain (in memory, also where accelerate offloads them); restored on exit."""
+    with ExitStack() as stack:
+        for w, T, g in zip(writers, Ts, gains or [None] * len(writers)):
+            for key in w.params():
+                p = read_weight(w.module, key)
+                stack.enter_context(replaced_weight(w.module, key, fold_tensor(w.kind, key == "bias", p, T.to(p.device))))
+            if w.norm is not None and g is not None:
+                stack.enter_context(replaced_weight(w.norm.module, "weight", norm_weight(g, w.norm.offset)))
         yield
-    finally:
-        with torch.no_grad():
-            for p, old in saved:
-                p.copy_(old)
 
 
 @dataclass

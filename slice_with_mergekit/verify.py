@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from compute_block_similarity.errors import UserError
+from compute_block_similarity.model import input_device, parse_max_memory
+from compute_block_similarity.options import ModelOptions
 from compute_block_similarity.ranges import format_layers
 
 from .checkpoint import (
@@ -64,7 +66,10 @@ class Checks:
         return "\n".join(lines + [f"verification {'passed' if self.ok else 'FAILED'}"])
 
 
-def verify(out_path: str, plan_path: str, source: str | None = None, generate_tokens: int = 8) -> Checks:
+def verify(out_path: str, plan_path: str, source: str | None = None, generate_tokens: int = 8,
+           load: ModelOptions | None = None) -> Checks:
+    """Check a pruned checkpoint against its source and plan; the generation check loads it placed as
+    ``load`` says (``--device_map``, ``--max_memory``: one bigger than a device), else on the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out_path)
@@ -107,14 +112,16 @@ def verify(out_path: str, plan_path: str, source: str | None = None, generate_to
                 f"recorded T" + (f"; differ: {bad[:3]}" if bad else ""))
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+        place = {k: v for k, v in (("device_map", load.device_map), ("max_memory", parse_max_memory(load.max_memory)),
+                                   ("offload_folder", load.offload_folder)) if v} if load else {}
+        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32, **place)
         tok = AutoTokenizer.from_pretrained(out)
     except Exception as e:
         rep.add("AutoModelForCausalLM loads", False, str(e).splitlines()[0])
         return rep
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     rep.add("AutoModelForCausalLM loads", not bad, type(model).__name__ + (f"; {bad}" if bad else ""))
-    ids = tok("The pruned model says", return_tensors="pt").input_ids
+    ids = tok("The pruned model says", return_tensors="pt").input_ids.to(input_device(model))
     gen = dict(max_new_tokens=generate_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     with torch.no_grad():
         cached = model.generate(ids, use_cache=True, **gen)

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import MC_DOCS, PPL_DOCS, load
+
 from slice_with_mergekit.benchmarks import TaskOptions, record, retained, run_tasks
 from slice_with_mergekit.cli import main as slice_main
 
@@ -121,3 +121,75 @@ def test_without_lm_eval_tasks_names_the_install(tiny_models, monkeypatch, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install" in err[0] and "lm-eval" in err[0], err
     benchmarks._manager.cache_clear()
+
+
+def front_matter(card: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(card.split("---")[1])
+
+
+def test_prune_reports_every_model_and_baseline_with_retained_percent(tiny_models, local_tasks, tmp_path):
+    w = tmp_path / "w"
+    assert slice_main(["prune", str(tiny_models["llama"]), "--layers_to_skip", "2", "--dataset_size", "24",
+                       "--eval_size", "6", "--max_length", "64", "--tasks", "local_mc,local_ppl", "--include_path",
+                       str(local_tasks), "--baselines", "deepest,angle", "--heal", "--heal_steps", "2",
+                       "--heal_eval_every", "1", "--heal_seq_len", "32", "--heal_batch_size", "2",
+                       "--work_dir", str(w)]) == 0
+    report = (w / "report.md").read_text()
+    dense = json.loads((w / "source_tasks.json").read_text())
+    assert (w / "n2-deepest" / "sliced.yml").exists()
+    assert "| deepest | 2 | [3, 5) |" in report  # 6 layers: the two before the last
+    table = report.split("## Models side by side")[1].split("\n## ")[0]
+    assert table.count("| dense |") == 1
+    rows = [line for line in table.splitlines() if line.startswith("| ours") or line.startswith("| deepest")]
+    assert len(rows) == 6, table  # cut, repaired, healed for ours and deepest (angle may be ours)
+    for name, d in (("ours", w / "n2"), ("deepest", w / "n2-deepest")):
+        for form in ("cut", "repaired", "healed"):
+            rec = json.loads((d / f"tasks_{form}.json").read_text())
+            kept = retained(dense, rec)
+            line = next(r for r in rows if r.startswith(f"| {name} n=2, {form} |"))
+            acc = rec["tasks"]["local_mc"]["metrics"]["acc"]
+            assert f"{acc:.4f}" in line and f"{kept['average']:.1f} %" in line, (line, kept)
+    # the in-memory cut scores what the plain checkpoint of the same plan would; the repaired one differs
+    cut = json.loads((w / "n2" / "tasks_cut.json").read_text())["tasks"]["local_ppl"]["metrics"]["word_perplexity"]
+    rep = json.loads((w / "n2" / "tasks_repaired.json").read_text())["tasks"]["local_ppl"]["metrics"]["word_perplexity"]
+    assert cut != rep
+    # the healing ledger: heal.json, the report, the card
+    g = json.loads((w / "n2" / "healed" / "heal.json").read_text())["ledger"]
+    assert g["optimizer_steps"] == 2 and g["training_tokens"] == 2 * 2 * 32 and g["wall_s"] > 0
+    assert g["device"] == "cpu" and g["precision"] == "float32" and "split train" in g["data"]
+    assert [h["step"] for h in g["history"]] == [0, 1, 2]
+    assert "## Healing ledger" in report and f"| ours n=2 | 2 | {2 * 2 * 32:,} |" in report
+    # the card: the healed checkpoint's own figures in model-index, beside the human tables
+    card = (w / "n2" / "healed" / "README.md").read_text()
+    assert "## Healing" in card and "retained %" in card
+    results = front_matter(card)["model-index"][0]["results"]
+    got = {(r["dataset"]["name"], m["type"]): m["value"] for r in results for m in r["metrics"]}
+    healed = json.loads((w / "n2" / "healed" / "eval.json").read_text())
+    rec = json.loads((w / "n2" / "tasks_healed.json").read_text())
+    assert got[("local_mc", "acc")] == pytest.approx(rec["tasks"]["local_mc"]["metrics"]["acc"])
+    assert got[("local_ppl", "word_perplexity")] == pytest.approx(rec["tasks"]["local_ppl"]["metrics"]["word_perplexity"])
+    ppl = next(v for (ds, m), v in got.items() if m == "perplexity")
+    assert ppl == pytest.approx(healed["healed"]["perplexity"])
+    repaired_card = front_matter((w / "n2" / "model" / "README.md").read_text())["model-index"][0]["results"]
+    ppl = next(m["value"] for r in repaired_card for m in r["metrics"] if m["type"] == "perplexity")
+    assert ppl == pytest.approx(healed["repaired"]["perplexity"])
+
+
+def test_baselines_are_checked_by_name(tiny_models, tmp_path, capsys):
+    assert slice_main(["prune", str(tiny_models["llama"]), "--baselines", "deepest,shallowest",
+                       "--work_dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "--baselines" in err and "shallowest" in err and not (tmp_path / "w").exists()
+
+
+def test_a_hub_task_offline_is_one_line_naming_include_path(tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "into"
+    out.mkdir()
+    assert slice_main(["evaluate", str(tiny_models["llama"]), "--tasks", "arc_easy", "--dataset_size", "2",
+                       "--max_length", "64", "--stride", "64", "--output", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "--include_path" in err[0], err
+    assert not (out / "eval.json").exists()

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from compute_block_similarity.cli import main as scan_main
+from slice_with_mergekit.benchmarks import retained
 from slice_with_mergekit.cli import main as slice_main
 from slice_with_mergekit.verify import verify
 
@@ -53,14 +55,30 @@ def test_slice_mergekit_yaml_verify(smol_scan, tmp_path):
     assert "1/1 patched tensors equal source x recorded T" in report.render()
 
 
-def test_prune_with_healing_on_smollm2(smollm2_dir, tmp_path):
-    """The one command on the real model: scan, choose by perplexity, cut, verify, evaluate, heal a few steps."""
+def test_prune_with_healing_on_smollm2(smollm2_dir, local_tasks, tmp_path):
+    """The one command on the real model: scan, choose by perplexity, cut, verify, evaluate, heal a few steps;
+    local lm-eval tasks on every model, and the two baselines built the same way."""
     work = tmp_path / "w"
     assert slice_main(["prune", smollm2_dir, "--layers_to_skip", "4", "--dataset_size", "32", "--eval_size", "8",
                        "--max_length", "128", "--select", "ppl", "--top_k", "2", "--heal", "--heal_steps", "3",
-                       "--work_dir", str(work)]) == 0
+                       "--tasks", "local_mc,local_ppl", "--include_path", str(local_tasks),
+                       "--baselines", "deepest,angle", "--work_dir", str(work)]) == 0
     report = (work / "report.md").read_text()
-    assert "| 4 |" in report
+    assert "| ours | 4 |" in report and "| deepest | 4 | [25, 29) |" in report
+    dense = json.loads((work / "source_tasks.json").read_text())
+    assert dense["tasks"]["local_mc"]["metrics"]["acc"] > 0.5  # 12 easy three-way questions: well above chance
+    table = report.split("## Models side by side")[1].split("\n## ")[0]
+    for d, name in ((work / "n4", "ours"), (work / "n4-deepest", "deepest")):
+        for form in ("cut", "repaired", "healed"):
+            rec = json.loads((d / f"tasks_{form}.json").read_text())
+            line = next(x for x in table.splitlines() if x.startswith(f"| {name} n=4, {form} |"))
+            assert f"{retained(dense, rec)['average']:.1f} %" in line
+    card = (work / "n4" / "healed" / "README.md").read_text()
+    index = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"]
+    acc = next(m["value"] for r in index for m in r["metrics"] if r["dataset"]["name"] == "local_mc" and m["type"] == "acc")
+    assert acc == pytest.approx(json.loads((work / "n4" / "tasks_healed.json").read_text())
+                                ["tasks"]["local_mc"]["metrics"]["acc"])
+    assert "## Healing ledger" in report and "## Healing" in card
     ev = json.loads((work / "n4" / "model" / "eval.json").read_text())
     src, cut = ev["source"]["perplexity"], ev["cut"]["perplexity"]
     repaired, healed = ev["repaired"]["perplexity"], ev["healed"]["perplexity"]

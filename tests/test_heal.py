@@ -188,6 +188,9 @@ def test_torchrun_two_processes_heal_to_a_checkpoint_that_loads(cut_llama, tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "heal.json").read_text())
     assert s["tokens_per_step"] == 2 * 2 * 32  # two processes, each a batch of 2 x 32 tokens
+    g = s["ledger"]
+    assert g["world_size"] == 2 and g["optimizer_steps"] == 4 and g["training_tokens"] == 4 * 2 * 2 * 32
+    assert g["loss"] == "lm+kd" and str(data) in g["data"] and g["held_out_texts"] == 7
     healed, tok = load(out)
     assert perplexity(healed, tok, TEXTS, max_length=64, stride=64).perplexity == pytest.approx(s["after_heal"], rel=1e-4)
 
@@ -208,3 +211,49 @@ def test_prune_heal_rerun_with_another_recipe_starts_over(tiny_models, tmp_path,
     second = json.loads((tmp_path / "w" / "n2" / "healed" / "heal.json").read_text())
     assert second["config"]["lr"] == 3e-3 and second["after_cut"] == pytest.approx(first["after_cut"])
     assert "stage materialize-n2: inputs unchanged, skipped" in caplog.text
+
+
+def test_kd_with_the_teacher_offloaded_heals_as_with_it_whole(cut_llama, tiny_llama, tmp_path, caplog):
+    """--teacher_device_map: accelerate places the teacher (here: CPU + disk) and the run is unchanged."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from compute_block_similarity.options import ModelOptions
+    from slice_with_mergekit.heal import HealConfig, heal
+
+    cfg = HealConfig(loss="kd", steps=3, eval_every=3, seq_len=32, batch_size=2, warmup=0, lr=3e-3, max_length=64)
+    heal(str(cut_llama), TRAIN, HELD, str(tmp_path / "whole"), cfg, progress=False)
+    place = ModelOptions(device_map="auto", max_memory="cpu=60KB", offload_folder=str(tmp_path / "offload"))
+    with caplog.at_level(logging.INFO):
+        heal(str(cut_llama), TRAIN, HELD, str(tmp_path / "placed"), cfg, progress=False, teacher_load=place)
+    assert "module(s) on disk" in caplog.text
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "placed"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], load_file(cut_llama / "model.safetensors")[k]) for k in a)  # it did train
+
+
+def test_fsdp_config_and_its_limits_on_the_cpu(cut_llama, tmp_path, capsys):
+    from slice_with_mergekit.cli import main
+    from slice_with_mergekit.heal import FSDP_CONFIG, HealConfig, training_arguments
+
+    args = training_arguments(HealConfig(fsdp=True), tmp_path / "w", progress=False)
+    assert args.fsdp and args.fsdp_plugin_args["fsdp_version"] == 2
+    assert args.fsdp_plugin_args["state_dict_type"] == FSDP_CONFIG["state_dict_type"] == "FULL_STATE_DICT"
+    assert args.fsdp_plugin_args["auto_wrap_policy"] is not None
+    if not torch.cuda.is_available():  # accelerate runs FSDP only on accelerators: one line, nothing written
+        assert main(["heal", str(cut_llama), "--fsdp", "--output", str(tmp_path / "h")]) == 2
+        err = capsys.readouterr().err
+        assert "--fsdp needs GPUs" in err and not (tmp_path / "h").exists()
+
+
+def test_the_shipped_fsdp_config_is_the_trainers_fsdp():
+    """configs/fsdp.yaml (for accelerate launch) says what HealConfig(fsdp=True) gives the Trainer."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from slice_with_mergekit.heal import FSDP_CONFIG
+
+    c = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "fsdp.yaml"))
+    assert c.distributed_type == "FSDP"
+    assert {k.removeprefix("fsdp_"): v for k, v in c.fsdp_config.items() if k.removeprefix("fsdp_") in FSDP_CONFIG} == \
+        {k: v for k, v in FSDP_CONFIG.items()}
