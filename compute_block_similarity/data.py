@@ -1,11 +1,15 @@
-"""Calibration text: a Hub dataset, a local file or folder, or the embedded stdlib docs."""
+"""Calibration text: a Hub dataset, a local file or folder, or text that ships with Python and the
+installed packages: the stdlib's docstrings (the default) or the packages' README prose (another kind
+of documentation, for judging a cut on text the choice never saw)."""
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata
 import logging
 import os
+import re
 import sysconfig
 from itertools import islice
 from pathlib import Path
@@ -16,6 +20,7 @@ from .errors import UserError, first_line, looks_local
 log = logging.getLogger(__name__)
 
 BUILTIN_DATASET = "python-stdlib-docs"
+READMES_DATASET = "python-package-readmes"
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -49,15 +54,44 @@ def stdlib_paragraphs(min_chars: int = 200) -> Iterator[str]:
                     yield para
 
 
+def readme_paragraphs(min_chars: int = 200) -> Iterator[str]:
+    """English prose paragraphs of the long descriptions (PyPI READMEs) of the installed Python
+    distributions, by package name: what a project is, how to install and cite it, its licence and
+    community. Code blocks, lists, tables, headings and markup are left out; this project's own is too."""
+    seen = {"depth-prune"}
+    fence = re.compile(r"^\s*(```|~~~)")
+    for d in sorted(importlib.metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        name = (d.metadata["Name"] or "").lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        in_code = False
+        for block in re.split(r"\n\s*\n", d.metadata.get_payload() or d.metadata.get("Description") or ""):
+            lines = block.splitlines()
+            fences = sum(bool(fence.match(line)) for line in lines)
+            if fences or in_code:
+                in_code ^= fences % 2 == 1
+                continue
+            if any(line.startswith(("    ", "\t", ">>>", "|", "#", "<", "[!", "![", "* ", "- ", ".. ", "+ ", "=")) for line in lines):
+                continue
+            para = " ".join(block.split())
+            if len(para) >= min_chars and para.endswith((".", ":")) and \
+                    sum(c.isalpha() or c == " " for c in para) >= 0.85 * len(para):
+                yield para
+
+
+BUILTINS = {BUILTIN_DATASET: stdlib_paragraphs, READMES_DATASET: readme_paragraphs}
+
+
 def builtin_split(text: str) -> str:
     """Deterministic 90/10 split of the embedded text by content hash."""
     return "test" if int(hashlib.md5(text.encode()).hexdigest(), 16) % 10 == 0 else "train"
 
 
-def _builtin(split: str) -> Iterator[str]:
+def _builtin(name: str, split: str) -> Iterator[str]:
     if split not in ("train", "test"):
-        raise UserError(f"--dataset_subset {split!r} does not exist in {BUILTIN_DATASET}; use 'train' or 'test'")
-    return (p for p in stdlib_paragraphs() if builtin_split(p) == split)
+        raise UserError(f"--dataset_subset {split!r} does not exist in {name}; use 'train' or 'test'")
+    return (p for p in BUILTINS[name]() if builtin_split(p) == split)
 
 
 def _load_datasets(dataset: str, config: str | None, split: str, streaming: bool):
@@ -120,8 +154,8 @@ def load_texts(
     here and counted as skipped by the scan, so nothing is dropped silently."""
     if size is not None and size < 1:
         raise ValueError(f"--dataset_size must be >= 1, got {size}")
-    if dataset == BUILTIN_DATASET:
-        texts = list(islice(_builtin(split), size))
+    if dataset in BUILTINS:
+        texts = list(islice(_builtin(dataset, split), size))
     else:
         ds = _load_datasets(dataset, config, split, streaming)
         names = list(ds.column_names or []) if ds.column_names is not None else None

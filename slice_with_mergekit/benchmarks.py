@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compute_block_similarity.errors import UserError, first_line
+from compute_block_similarity.model import input_device
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ def run_tasks(model: Any, tok: Any, opts: TaskOptions, tm: Any = None) -> dict:
 
     tm = tm or task_manager(opts)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=opts.task_batch_size)
+    # lm-eval takes a loaded model's device from model.device, "meta" when accelerate offloads its first
+    # weights (--device_map with --max_memory): inputs go where the embedding runs instead
+    lm._device = input_device(model)
     limit = int(opts.limit) if opts.limit is not None and opts.limit >= 1 else opts.limit
     try:
         res = lm_eval.simple_evaluate(model=lm, tasks=list(opts.tasks or []), task_manager=tm,

@@ -96,6 +96,12 @@ def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id
                       "|" + "---|" * len(stages),
                       "| " + " | ".join(f"{ev[k]['perplexity']:.2f}" for k in stages) + " |", "",
                       "Held-out perplexity (lower is better).", ""]
+        second = ev.get("second_corpus") or {}
+        shown = [k for k in stages if k in second]
+        if shown:
+            lines += [f"On a second corpus of another kind, `{second['dataset']['name']}` (split "
+                      f"{second['dataset']['split']}), which neither the choice nor the bridge saw: "
+                      + ", ".join(f"{'dense' if k == 'source' else k} {second[k]:.2f}" for k in shown) + ".", ""]
         lines += benchmark_lines(ev)
     lines += ledger_lines(ev.get("heal") or heal_ledger(out))
     if ev:
@@ -134,6 +140,13 @@ def eval_results(ev: dict) -> list[EvalResult]:
                       dataset_name=f"{ds.get('name')} (held-out split {ds.get('split')})",
                       dataset_split=ds.get("split"), metric_type="perplexity", metric_value=float(own["perplexity"]),
                       metric_name="held-out perplexity")]
+    second = ev.get("second_corpus") or {}
+    if key in second:
+        d2 = second["dataset"]
+        out.append(EvalResult(task_type="text-generation", dataset_type=str(d2["name"]),
+                              dataset_name=f"{d2['name']} (held-out split {d2['split']})", dataset_split=d2["split"],
+                              metric_type="perplexity", metric_value=float(second[key]),
+                              metric_name="perplexity on a second corpus"))
     rec = tasks_of(ev, key) or {}
     for task, t in rec.get("tasks", {}).items():
         for metric, value in t["metrics"].items():

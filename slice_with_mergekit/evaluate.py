@@ -55,16 +55,21 @@ def windows(ids: Sequence[int], max_length: int, stride: int) -> list[tuple[list
     return out
 
 
-def tokenize_windows(tok: Any, texts: Sequence[str], max_length: int, stride: int) -> list[tuple[list[int], int]]:
+def tokenize_windows(tok: Any, texts: Sequence[str], max_length: int, stride: int,
+                     text_of: list[int] | None = None) -> list[tuple[list[int], int]]:
+    """Every text's scoring windows, in order; ``text_of`` (if given) receives each window's text index."""
     if max_length < 2:
         raise ValueError(f"--max_length must be >= 2 to score anything, got {max_length}")
     if not 0 < stride <= max_length:
         raise ValueError(f"--stride must be in [1, --max_length={max_length}], got {stride}")
     out = []
-    for t in texts:
+    for j, t in enumerate(texts):
         ids = tok(t, add_special_tokens=True)["input_ids"]
         if len(ids) >= 2:
-            out.extend(windows(ids, max_length, stride))
+            w = windows(ids, max_length, stride)
+            out.extend(w)
+            if text_of is not None:
+                text_of.extend([j] * len(w))
     if not out:
         raise UserError("no held-out text has two or more tokens; give a dataset with real text")
     return out

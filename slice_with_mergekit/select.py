@@ -9,6 +9,7 @@ candidate costs one more pass for its bridge). The scan itself is one pass with 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -57,13 +58,18 @@ class Choice:
     perplexity: float | None = None
     candidates: list[dict] = field(default_factory=list)
     confidence: dict | None = None  # the runner-up, the loss gap to it and its paired standard error
+    bridge: dict | None = None  # with a repair: the chosen cut's plain and bridged perplexity, whether it leans on it
+
+
+FOLDS = 2  # cross-fitting: text j is in fold j % FOLDS
 
 
 class Scorer:
     """Perplexity of the model with some layers removed, on fixed calibration windows; with
     ``repair`` (see repair.REPAIRS), of the model with the layers removed and the cut bridged,
-    each candidate's bridge fitted on the first quarter of the same calibration text (the chosen
-    cut's final bridge is fitted on all of it).
+    cross-fitted: the calibration texts are split in two folds (alternate texts), and the windows of
+    each fold are scored under a bridge fitted on the other fold's texts, so a candidate is ranked by
+    what its bridge does on text it did not see (the chosen cut's final bridge is fitted on all of it).
 
     With a large vocabulary the LM head costs more than the decoder; then each window is scored at
     ``score_share`` of its next-token positions (default: the share at which the head costs what the
@@ -78,7 +84,9 @@ class Scorer:
                  score_share: float | None = None):
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.score_share = head_share(model) if score_share is None else score_share
-        self.wins = sample_scored(tokenize_windows(tok, texts, max_length, stride), self.score_share)
+        text_of: list[int] = []
+        self.wins = sample_scored(tokenize_windows(tok, texts, max_length, stride, text_of), self.score_share)
+        self.fold = [j % FOLDS for j in text_of]  # per window
         self.order = list(range(len(self.wins)))
         random.Random(seed).shuffle(self.order)  # growing shares: representative, nested
         self.total_tokens = sum(len(w[0]) for w in self.wins)
@@ -86,7 +94,13 @@ class Scorer:
         self.repair, self.logits_bytes = repair, logits_bytes
         self.tokens_run = 0
         self.windows: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # cut -> window -> (nll sum, tokens)
-        self.bridges: dict[tuple[int, ...], Any] = {}
+        self.bridges: dict[tuple[tuple[int, ...], int], Any] = {}  # (cut, fold scored) -> bridge fitted off it
+
+    def plain(self) -> "Scorer":
+        """A scorer of the plain cuts (no bridge) on the same windows, in the same order."""
+        s = copy.copy(self)
+        s.repair, s.windows, s.bridges, s.tokens_run = "none", {}, {}, 0
+        return s
 
     @property
     def passes(self) -> float:
@@ -106,15 +120,18 @@ class Scorer:
         key = tuple(sorted(removed))
         have = self.windows.setdefault(key, {})
         todo = [i for i in idx if i not in have]
-        if todo:
-            bridge = self._bridge(key)  # fitted on the dense model, before the layers go
+        folds = range(FOLDS) if self.repair != "none" and key else [None]
+        for f in folds:
+            part = [i for i in todo if f is None or self.fold[i] == f]
+            if not part:
+                continue
+            bridge = self._bridge(key, f)  # fitted on the dense model, before the layers go
             per: list = []
             with removed_layers(self.model, key), bridge:
-                perplexity(self.model, self.tok, [], batch_size=self.batch_size, _windows=[self.wins[i] for i in todo],
-                           logits_bytes=self.logits_bytes,
-                           per_window=per, **self.kw)
-            have.update(zip(todo, per))
-            self.tokens_run += sum(len(self.wins[i][0]) for i in todo)
+                perplexity(self.model, self.tok, [], batch_size=self.batch_size, _windows=[self.wins[i] for i in part],
+                           logits_bytes=self.logits_bytes, per_window=per, **self.kw)
+            have.update(zip(part, per))
+            self.tokens_run += sum(len(self.wins[i][0]) for i in part)
         return sum(have[i][0] for i in idx) / sum(have[i][1] for i in idx)
 
     def __call__(self, removed: Sequence[int]) -> float:
@@ -145,30 +162,34 @@ class Scorer:
         var = k / (k - 1) * sum((di - ti * diff) ** 2 for di, ti in zip(d, t)) / T**2
         return diff, math.sqrt(var)
 
-    def bridge_texts(self) -> Sequence[str]:
-        """What the candidates' bridges are fitted on: a quarter of the calibration text (at least 64 texts)."""
-        return self.texts[: max(64, len(self.texts) // 4)]
+    def bridge_texts(self, fold: int) -> list[int]:
+        """The texts (indices) whose bridges score the windows of ``fold``: the other folds' texts, at
+        most a quarter of the calibration text or 64 texts, whichever is more."""
+        other = [j for j in range(len(self.texts)) if j % FOLDS != fold]
+        return other[: max(64, len(self.texts) // 4)]
 
     def prepare(self, cuts: Sequence[Sequence[int]]) -> None:
-        """Fit the bridges of every cut not yet bridged, their statistics collected in one shared pass
-        over the bridge texts (counted once), instead of a pass per cut."""
+        """Fit the bridges of every cut not yet bridged, one per fold, their statistics collected in one
+        shared pass over each fold's bridge texts (counted once), instead of a pass per cut."""
         if self.repair == "none":
             return
-        todo = [c for c in dict.fromkeys(tuple(sorted(c)) for c in cuts if c) if c not in self.bridges]
+        todo = [c for c in dict.fromkeys(tuple(sorted(c)) for c in cuts if c) if (c, 0) not in self.bridges]
         if not todo:
             return
-        texts = self.bridge_texts()
-        with quiet("slice_with_mergekit.repair_fit"):  # a log line per candidate's bridge is noise
-            self.bridges.update(fit_repairs(self.model, self.tok, texts, todo, method=self.repair,
-                                            batch_size=self.batch_size, max_length=self.kw["max_length"],
-                                            skip_unfoldable=True, progress=False))
-        self.tokens_run += self.total_tokens * len(texts) / len(self.texts)
+        for f in range(FOLDS):
+            idx = self.bridge_texts(f)
+            with quiet("slice_with_mergekit.repair_fit"):  # a log line per candidate's bridge is noise
+                fits = fit_repairs(self.model, self.tok, [self.texts[j] for j in idx], todo, method=self.repair,
+                                   batch_size=self.batch_size, max_length=self.kw["max_length"],
+                                   skip_unfoldable=True, progress=False)
+            self.bridges.update({(c, f): r for c, r in fits.items()})
+            self.tokens_run += self.total_tokens * len(idx) / len(self.texts)
 
-    def _bridge(self, removed: tuple[int, ...]) -> Any:
-        if self.repair == "none" or not removed:
+    def _bridge(self, removed: tuple[int, ...], fold: int | None) -> Any:
+        if self.repair == "none" or not removed or fold is None:
             return nullcontext()
         self.prepare([removed])  # a cut no one prepared: its own pass
-        return self.bridges[removed].in_memory()
+        return self.bridges[(removed, fold)].in_memory()
 
 
 @contextmanager
@@ -387,13 +408,38 @@ def exhaustive(num_layers: int, n: int, score: Scorer) -> dict[int, float]:
     return {s: score(list(range(s, s + n))) for s in range(num_layers - n + 1)}
 
 
+BRIDGE_DEPENDENT = 2.0  # a cut whose plain perplexity is this many times its bridged one leans on its bridge
+
+
+def bridge_dependence(score: Scorer, c: Choice) -> Choice:
+    """With a repair: the chosen cut's plain loss on the windows it was scored on, beside its bridged
+    one; a warning when the bridge carries it (plain / bridged perplexity > BRIDGE_DEPENDENT), because a
+    bridge rescues a badly damaged block less on other text than on the calibration text."""
+    key = tuple(c.removed)
+    if score.repair == "none" or key not in score.windows:
+        return c
+    idx = sorted(score.windows[key])
+    plain = score.plain()
+    p, b = math.exp(plain.score_on(key, idx)), math.exp(score.score_on(key, idx))
+    c.passes += plain.passes
+    c.bridge = {"plain_perplexity": p, "bridged_perplexity": b, "ratio": p / b, "dependent": p / b > BRIDGE_DEPENDENT,
+                "windows": len(idx)}
+    if c.bridge["dependent"]:
+        log.warning("--select %s: %s is bridge-dependent: its plain cut scores %.3f against %.3f bridged (%.1fx) on "
+                    "%d calibration windows; a bridge transfers worse to other text than it scores here, so judge it "
+                    "on your own text (prune --eval_dataset) or compare --repair none", c.strategy,
+                    format_layers(c.removed), p, b, p / b, len(idx))
+    return c
+
+
 def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer] | None, top_k: int = 16) -> Choice:
     st = STRATEGIES[one_of("--select", STRATEGIES, name)]
     if not st.needs_scorer:
         return st.select(scan, n, None, top_k)
     if top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {top_k}")
-    return st.select(scan, n, score_factory(), top_k)
+    score = score_factory()
+    return bridge_dependence(score, st.select(scan, n, score, top_k))
 
 
 def strategies_help() -> str:

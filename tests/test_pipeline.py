@@ -43,7 +43,8 @@ def test_a_group_that_does_not_feed_a_stage_leaves_it_alone():
 def test_every_field_of_the_groups_is_covered():
     a = PruneArgs(model="m")
     skip = {"scan": {"layers_to_skip", "output_dir", "no_progress", "checkpoint_every", "resume"},
-            "load": {"model_path", "device_map", "gguf_file", "load_in_4bit"}, "data": {"streaming"}}
+            "load": {"model_path", "device_map", "max_memory", "offload_folder", "gguf_file", "load_in_4bit"},
+            "data": {"streaming"}}  # placement (device_map, ...) changes where a model runs, not what it computes
     for group, values in CHANGES.items():
         fields = set(type(getattr(a, group)).model_fields) - skip.get(group, set())
         assert fields == set(values), (group, fields ^ set(values))
@@ -89,3 +90,33 @@ def test_prune_budget_mode_and_target_layers(tiny_models, tmp_path):
     assert slice_main([*base, "--target_layers", "6", "--work_dir", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "n2" / "model" / "config.json").exists()
     assert slice_main([*base, "--target_layers", "6", "--max_ppl_ratio", "1.5", "--work_dir", str(tmp_path / "x")]) == 2
+
+
+def test_prune_reports_every_model_on_a_second_corpus(tiny_models, tmp_path):
+    """--eval_dataset: dense, cut, repaired and healed perplexity on text of another kind, in eval.json,
+    report.md and the card's model-index, each equal to a direct computation."""
+    import yaml
+
+    from compute_block_similarity.data import READMES_DATASET, load_texts
+    from conftest import load
+    from slice_with_mergekit.evaluate import perplexity
+
+    w = tmp_path / "w"
+    assert slice_main(["prune", str(tiny_models["llama"]), "--layers_to_skip", "2", "--dataset_size", "24",
+                       "--eval_size", "6", "--max_length", "64", "--eval_dataset", READMES_DATASET, "--heal",
+                       "--heal_steps", "2", "--heal_seq_len", "32", "--heal_batch_size", "2", "--work_dir", str(w)]) == 0
+    ev = json.loads((w / "n2" / "healed" / "eval.json").read_text())
+    s = ev["second_corpus"]
+    texts = load_texts(READMES_DATASET, split="test", size=6)
+    for key, path in (("source", tiny_models["llama"]), ("repaired", w / "n2" / "model"), ("healed", w / "n2" / "healed")):
+        m, tok = load(path)
+        assert s[key] == pytest.approx(perplexity(m, tok, texts, max_length=64, stride=64).perplexity, rel=1e-6), key
+    assert s["cut"] > s["source"] and s["dataset"]["name"] == READMES_DATASET
+    report = (w / "report.md").read_text()
+    assert f"## On another corpus: `{READMES_DATASET}`" in report and f"{s['repaired']:.2f}" in report
+    card = (w / "n2" / "healed" / "README.md").read_text()
+    index = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"]
+    second = [m["value"] for r in index for m in r["metrics"] if r["dataset"]["type"] == READMES_DATASET]
+    assert second == [pytest.approx(s["healed"])]
+    sel = json.loads((w / "n2" / "sliced.select.json").read_text())
+    assert sel["bridge"]["plain_perplexity"] > 0 and "calibration windows" in report

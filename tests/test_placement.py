@@ -84,3 +84,18 @@ def test_placement_flags_are_checked(tiny_models, capsys):
     assert "--max_memory" in err and "--device_map" in err
     assert slice_main(["evaluate", str(tiny_models["llama"]), "--device_map", "auto", "--max_memory", "lots"]) == 2
     assert "DEVICE=SIZE" in capsys.readouterr().err
+
+
+def test_evaluate_with_tasks_offloaded_scores_what_one_device_scores(tiny_models, local_tasks, tmp_path):
+    runs = {}
+    for name, extra in (("one", []), ("off", ["--device_map", "auto", "--max_memory", "cpu=60KB",
+                                              "--offload_folder", str(tmp_path / "offload")])):
+        (tmp_path / name).mkdir()
+        assert slice_main(["evaluate", str(tiny_models["llama"]), "--dataset_size", "4", "--max_length", "64",
+                           "--stride", "64", "--tasks", "local_mc,local_ppl", "--include_path", str(local_tasks),
+                           "--output", str(tmp_path / name), *extra]) == 0
+        runs[name] = json.loads((tmp_path / name / "eval.json").read_text())["perplexity"]
+    assert runs["off"]["perplexity"] == pytest.approx(runs["one"]["perplexity"], rel=1e-6)
+    for task, t in runs["one"]["lm_eval"]["tasks"].items():
+        for m, v in t["metrics"].items():
+            assert runs["off"]["lm_eval"]["tasks"][task]["metrics"][m] == pytest.approx(v, rel=1e-6), (task, m)

@@ -138,27 +138,50 @@ def test_select_race_on_a_tiny_model_reports_its_candidates_and_cost(tiny_models
     assert ref[s] <= sorted(ref.values())[2]  # among the three best blocks on the whole text
 
 
-def test_repair_aware_scoring_scores_the_bridged_cut(tiny_models):
+def cross_fit_reference(model, tok, texts, cut):
+    """Perplexity of the bridged cut, cross-fitted by hand: the even texts scored under a bridge fitted on
+    the odd ones, the odd texts under one fitted on the even ones; and the bridges."""
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
     from slice_with_mergekit.repair_fit import fit_repair
 
+    nll = tokens = 0.0
+    fits = []
+    for scored, fitted in ((texts[0::2], texts[1::2]), (texts[1::2], texts[0::2])):
+        fit = fit_repair(model, tok, fitted, cut, method="linear", max_length=64, skip_unfoldable=True, progress=False)
+        with removed_layers(model, cut), fit.in_memory():
+            r = perplexity(model, tok, scored, max_length=64, stride=64)
+        nll, tokens, fits = nll + r.nll_sum, tokens + r.tokens_scored, fits + [fit]
+    return math.exp(nll / tokens), fits
+
+
+def test_repair_aware_scoring_scores_each_window_under_a_bridge_fitted_without_it(tiny_models):
+    """Cross-fitting: a window is never scored under a bridge fitted on its own text."""
     model, tok = load(tiny_models["qwen3"])
     texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]  # enough tokens for the guard to apply the bridge
     cut = [2, 3]
-    got = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")(cut)
-    fit = fit_repair(model, tok, texts, cut, method="linear", max_length=64, skip_unfoldable=True, progress=False)
-    with removed_layers(model, cut), fit.in_memory():
-        ref = perplexity(model, tok, texts, max_length=64, stride=64).perplexity
+    sc = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")
+    got = sc(cut)
+    ref, fits = cross_fit_reference(model, tok, texts, cut)
     assert got == pytest.approx(ref, rel=1e-5)
-    plain = Scorer(model, tok, texts, max_length=64, stride=64)(cut)
-    assert fit.applied and got < plain  # the bridge was applied, and it is what was scored
-    # a race's candidates are bridged from one shared pass over the bridge texts, counted once
+    assert all(f.applied for f in fits) and got < Scorer(model, tok, texts, max_length=64, stride=64)(cut)
+    for f in range(2):  # the texts behind each fold's bridge are the other fold's, never its own
+        assert sc.bridge_texts(f) and all(j % 2 != f for j in sc.bridge_texts(f))
+    # in-sample (a bridge fitted on every text, scoring every text) is a different, flattering figure
+    from slice_with_mergekit.evaluate import perplexity
+    from slice_with_mergekit.inmemory import removed_layers
+    from slice_with_mergekit.repair_fit import fit_repair
+
+    both = fit_repair(model, tok, texts, cut, method="linear", max_length=64, skip_unfoldable=True, progress=False)
+    with removed_layers(model, cut), both.in_memory():
+        in_sample = perplexity(model, tok, texts, max_length=64, stride=64).perplexity
+    assert in_sample < got and got != pytest.approx(in_sample, rel=1e-4)
+    # a race's candidates are bridged from one shared pass per fold over its bridge texts, counted once
     sc = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")
     cuts = [(1, 2), (2, 3), (3, 4), (5, 6)]
     sc.prepare(cuts)
-    assert set(sc.bridges) == set(cuts)
-    assert sc.passes == pytest.approx(len(sc.bridge_texts()) / len(texts))
+    assert set(sc.bridges) == {(c, f) for c in cuts for f in range(2)}
+    assert sc.passes == pytest.approx(sum(len(sc.bridge_texts(f)) for f in range(2)) / len(texts))
     assert math.exp(sc.score_on(cut, range(sc.num_windows))) == pytest.approx(ref, rel=1e-5)
 
 
@@ -348,3 +371,25 @@ def test_scorer_on_a_share_of_positions_scores_exactly_those(tiny_models):
     half.score_on([5, 6], range(half.num_windows))
     d, se = half.paired(cut, [5, 6])
     assert d == pytest.approx(got - half.score_on([5, 6], range(half.num_windows)), rel=1e-9) and se > 0
+
+
+def test_the_choice_says_how_much_it_leans_on_its_bridge(tiny_models, scans, monkeypatch, caplog):
+    import logging
+
+    from compute_block_similarity import scanfile
+    from slice_with_mergekit import select
+    from slice_with_mergekit.select import choose
+
+    model, tok = load(tiny_models["qwen3"])
+    texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]
+    bridged = lambda: Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")  # noqa: E731
+    scan = scanfile.load(scans["qwen3"])
+    monkeypatch.setattr(select, "BRIDGE_DEPENDENT", 1.0)  # every bridge that helps at all "carries" the cut here
+    with caplog.at_level(logging.WARNING):
+        c = choose("ppl", scan, 2, bridged, top_k=3)
+    b = c.bridge
+    plain, ref = Scorer(model, tok, texts, max_length=64, stride=64)(c.removed), bridged()(c.removed)
+    assert b["plain_perplexity"] == pytest.approx(plain, rel=1e-6) and b["bridged_perplexity"] == pytest.approx(ref, rel=1e-6)
+    assert b["ratio"] == pytest.approx(plain / ref) and b["dependent"] == (plain / ref > 1.0)
+    assert ("bridge-dependent" in caplog.text) == b["dependent"]
+    assert choose("ppl", scan, 2, lambda: Scorer(model, tok, texts, max_length=64, stride=64), top_k=3).bridge is None
