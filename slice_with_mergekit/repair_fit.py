@@ -438,10 +438,14 @@ def _mse(T: torch.Tensor, AtA: torch.Tensor, AtY: torch.Tensor, YtY: float) -> f
     return YtY - 2 * float((T * AtY).sum()) + float((T * (AtA @ T)).sum())
 
 
+class TooFewTokens(UserError):
+    """Fewer calibration tokens than a bridge has unknowns per output."""
+
+
 def fit_linear(st: RunStats, d: int) -> tuple[torch.Tensor, torch.Tensor, float, float, float]:
     """(T on the fit part, T on all tokens, ridge alpha, held-out mse of the plain cut, of the bridge)."""
     if st.tokens[0] < d:
-        raise UserError(f"the bridge has {d} x {d} unknowns but only {st.tokens[0]} calibration tokens to fit them; "
+        raise TooFewTokens(f"the bridge has {d} x {d} unknowns but only {st.tokens[0]} calibration tokens to fit them; "
                         f"give at least {d * HELDOUT_EVERY // (HELDOUT_EVERY - 1) + 1} tokens "
                         "(raise --dataset_size or --max_length)")
     has_heldout = st.tokens[1] > 0

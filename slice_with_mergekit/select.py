@@ -26,7 +26,7 @@ from compute_block_similarity.scanfile import ScanFile
 
 from .evaluate import LOGITS_BYTES, head_share, perplexity, sample_scored, tokenize_windows
 from .inmemory import removed_layers
-from .repair_fit import fit_repairs
+from .repair_fit import TooFewTokens, fit_repairs
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class Scorer:
         self.score_share = head_share(model) if score_share is None else score_share
         text_of: list[int] = []
         self.wins = sample_scored(tokenize_windows(tok, texts, max_length, stride, text_of), self.score_share)
+        self.folds = FOLDS
         self.fold = [j % FOLDS for j in text_of]  # per window
         self.order = list(range(len(self.wins)))
         random.Random(seed).shuffle(self.order)  # growing shares: representative, nested
@@ -120,7 +121,9 @@ class Scorer:
         key = tuple(sorted(removed))
         have = self.windows.setdefault(key, {})
         todo = [i for i in idx if i not in have]
-        folds = range(FOLDS) if self.repair != "none" and key else [None]
+        if todo and self.repair != "none" and key:
+            self.prepare([key])  # a cut no one prepared: its own pass (and the folds settled)
+        folds = range(self.folds) if self.repair != "none" and key else [None]
         for f in folds:
             part = [i for i in todo if f is None or self.fold[i] == f]
             if not part:
@@ -165,7 +168,7 @@ class Scorer:
     def bridge_texts(self, fold: int) -> list[int]:
         """The texts (indices) whose bridges score the windows of ``fold``: the other folds' texts, at
         most a quarter of the calibration text or 64 texts, whichever is more."""
-        other = [j for j in range(len(self.texts)) if j % FOLDS != fold]
+        other = [j for j in range(len(self.texts)) if self.folds == 1 or j % self.folds != fold]
         return other[: max(64, len(self.texts) // 4)]
 
     def prepare(self, cuts: Sequence[Sequence[int]]) -> None:
@@ -176,7 +179,19 @@ class Scorer:
         todo = [c for c in dict.fromkeys(tuple(sorted(c)) for c in cuts if c) if (c, 0) not in self.bridges]
         if not todo:
             return
-        for f in range(FOLDS):
+        try:
+            self._fit(todo)
+        except TooFewTokens as e:
+            if self.folds == 1 or any(self.windows.values()):  # cross-fitted scores exist: no switching
+                raise
+            log.warning("too little calibration text to cross-fit the candidates' bridges (%s): each is scored on the "
+                        "text it is fitted on, which flatters a bridge; raise --dataset_size for out-of-sample scores",
+                        str(e).split(";")[0])
+            self.folds, self.fold, self.bridges = 1, [0] * len(self.wins), {}
+            self._fit(todo)
+
+    def _fit(self, todo: list[tuple[int, ...]]) -> None:
+        for f in range(self.folds):
             idx = self.bridge_texts(f)
             with quiet("slice_with_mergekit.repair_fit"):  # a log line per candidate's bridge is noise
                 fits = fit_repairs(self.model, self.tok, [self.texts[j] for j in idx], todo, method=self.repair,

@@ -393,3 +393,20 @@ def test_the_choice_says_how_much_it_leans_on_its_bridge(tiny_models, scans, mon
     assert b["ratio"] == pytest.approx(plain / ref) and b["dependent"] == (plain / ref > 1.0)
     assert ("bridge-dependent" in caplog.text) == b["dependent"]
     assert choose("ppl", scan, 2, lambda: Scorer(model, tok, texts, max_length=64, stride=64), top_k=3).bridge is None
+
+
+def test_too_little_text_to_cross_fit_falls_back_in_sample_and_says_so(tiny_models, caplog):
+    import logging
+
+    from slice_with_mergekit.evaluate import perplexity
+    from slice_with_mergekit.repair_fit import fit_repair
+
+    model, tok = load(tiny_models["qwen3"])  # d = 32 unknowns per output: one fold's 2 x 12 tokens are too few
+    texts = ["Short text.", "Depth layer", "Fox jumps a", "Merge a kit"]  # 12 byte tokens each, BOS included
+    cut = [2, 3]
+    with caplog.at_level(logging.WARNING):
+        got = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")(cut)
+    assert "too little calibration text to cross-fit" in caplog.text
+    fit = fit_repair(model, tok, texts, cut, method="linear", max_length=64, skip_unfoldable=True, progress=False)
+    with removed_layers(model, cut), fit.in_memory():
+        assert got == pytest.approx(perplexity(model, tok, texts, max_length=64, stride=64).perplexity, rel=1e-5)

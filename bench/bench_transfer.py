@@ -1,0 +1,111 @@
+"""Does the default choice hold up on text it never saw? The default (`--select race --repair linear`:
+candidates bridged and cross-fitted on the calibration text, the winner's final bridge fitted on all
+of it) against the exhaustive best under the same treatment (every contiguous block cut and bridged on
+the same calibration text), judged on two held-out corpora:
+
+  * in-domain: the test split of the calibration corpus (python-stdlib-docs: stdlib docstrings);
+  * out-of-domain: python-package-readmes, English README prose of the installed Python packages
+    (what a project is, how to install and cite it, its licence): documentation of another kind,
+    which neither the choice nor any bridge saw.
+
+    python bench/bench_transfer.py [--model smollm2|gemma3|PATH] [--sizes 4,8] [--calib 128] [--judge 32]
+
+Cost: the default's calibration passes beyond the scan, against the exhaustive search's on the same
+calibration text (L - n + 1 scoring passes plus the bridges' statistics pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="smollm2, gemma3 (both embedded), or a checkpoint path")
+    p.add_argument("--sizes", default="4,8")
+    p.add_argument("--calib", type=int, default=128, help="calibration texts (stdlib docstrings, train split)")
+    p.add_argument("--judge", type=int, default=32, help="texts of each judging corpus")
+    p.add_argument("--max_length", type=int, default=256)
+    p.add_argument("--cache", default=None, help="JSON file keeping judged blocks between runs (same flags)")
+    args = p.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_nll import model_path
+
+    from compute_block_similarity import scan_model
+    from compute_block_similarity.data import BUILTIN_DATASET, READMES_DATASET, load_texts
+    from compute_block_similarity.model import load_model
+    from compute_block_similarity.ranges import format_layers
+    from compute_block_similarity.report import json_payload
+    from compute_block_similarity.scanfile import ScanFile
+    from slice_with_mergekit.evaluate import perplexity
+    from slice_with_mergekit.inmemory import removed_layers
+    from slice_with_mergekit.repair_fit import fit_repair, fit_repairs
+    from slice_with_mergekit.select import Scorer, bridge_dependence, select_race
+
+    path = model_path(args.model)
+    model, tok = load_model(path, dtype="float32", device="auto")
+    calib = load_texts(BUILTIN_DATASET, split="train", size=args.calib)
+    judges = {"in-domain (stdlib test)": load_texts(BUILTIN_DATASET, split="test", size=args.judge),
+              "out-of-domain (package READMEs)": load_texts(READMES_DATASET, split="train", size=args.judge)}
+    ml = args.max_length
+    cache = json.loads(Path(args.cache).read_text()) if args.cache and os.path.exists(args.cache) else {}
+
+    def judge(removed: list[int], fit) -> dict[str, float]:
+        # the final bridge of a cut is fit_repair on all of the calibration text, as fit_repairs gives it
+        key = f"{path}|{args.calib}|{args.judge}|{ml}|{','.join(map(str, removed))}"
+        if key not in cache:
+            with removed_layers(model, removed), (fit.in_memory() if fit is not None else nullcontext()):
+                cache[key] = {k: perplexity(model, tok, t, max_length=ml, stride=ml).perplexity for k, t in judges.items()}
+            if args.cache:
+                Path(args.cache).write_text(json.dumps(cache))
+        return cache[key]
+
+    t0 = time.perf_counter()
+    res = scan_model(model, tok, calib, batch_size=8, max_length=ml, progress=False)
+    scan = ScanFile.model_validate({**json_payload(res, 1), "model": str(path)})
+    L = res.num_layers
+    dense = judge([], None)
+    rows = []
+    for n in map(int, args.sizes.split(",")):
+        blocks = [list(range(s, s + n)) for s in range(L - n + 1)]
+        cal = Scorer(model, tok, calib, max_length=ml, stride=ml, repair="linear")
+        c = bridge_dependence(cal, select_race(scan, n, cal, 16))
+        final = fit_repair(model, tok, calib, c.removed, method="linear", max_length=ml, skip_unfoldable=True,
+                           progress=False)
+        ours = judge(c.removed, final)
+        fits = fit_repairs(model, tok, calib, blocks, method="linear", max_length=ml, skip_unfoldable=True,
+                           progress=False)
+        ex = {b[0]: judge(b, fits[tuple(b)]) for b in blocks}
+        prep = sum(len(cal.bridge_texts(f)) for f in range(2)) / len(calib)
+        exhaustive = (L - n + 1) + prep
+        for k in judges:
+            best = min(ex, key=lambda s: ex[s][k])
+            rows.append({"n": n, "judge": k, "ours": format_layers(c.removed), "ours_ppl": ours[k],
+                         "best": format_layers(range(best, best + n)), "best_ppl": ex[best][k],
+                         "ratio": ours[k] / ex[best][k], "passes": c.passes, "exhaustive_passes": exhaustive,
+                         "dependent": bool(c.bridge and c.bridge["dependent"]),
+                         "plain_over_bridged": c.bridge["ratio"] if c.bridge else None})
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(f"machine: {dev} ({platform.machine()}), torch {torch.__version__}; {time.perf_counter() - t0:.0f} s")
+    print(f"model: {Path(path).name}, {L} layers; calibration {args.calib} stdlib-docstring texts (train split), "
+          f"max_length {ml}; judges: {args.judge} texts each of the stdlib test split and of the package READMEs")
+    print("dense perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()))
+    print(f"{'n':>2} {'judge':<32} {'default':<9} {'ppl':>8} {'best bridged':<13} {'ppl':>8} {'ratio':>6} "
+          f"{'passes':>7} {'of exhaustive':>13} {'plain/bridged':>13}")
+    for r in rows:
+        dep = f"{r['plain_over_bridged']:.2f}x" + (" dep." if r["dependent"] else "") if r["plain_over_bridged"] else "-"
+        print(f"{r['n']:>2} {r['judge']:<32} {r['ours']:<9} {r['ours_ppl']:8.2f} {r['best']:<13} {r['best_ppl']:8.2f} "
+              f"{r['ratio']:6.3f} {r['passes']:7.2f} {r['passes'] / r['exhaustive_passes']:13.0%} {dep:>13}")
+
+
+if __name__ == "__main__":
+    main()
