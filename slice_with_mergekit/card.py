@@ -188,5 +188,5 @@ def ledger_lines(g: dict | None) -> list[str]:
     return ["", "## Healing", "",
             f"{g['method']}, `{g['loss']}` loss: {g['optimizer_steps']} optimizer steps, {g['training_tokens']:,} training "
             f"tokens, {g['wall_s']:.0f} s on {g['world_size']} x {g['device']} ({g['precision']}). Data: {g['data']}; "
-            f"the best step picked by perplexity on {g['held_out_texts']} held-out texts: "
+            f"the best step picked by perplexity on {g['held_out_texts']} held-out texts (not those the tables report on): "
             + ", ".join(f"step {h['step']}: {h['perplexity']:.2f}" for h in g["history"]) + "."]

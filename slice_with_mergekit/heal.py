@@ -288,7 +288,7 @@ def training_arguments(cfg: HealConfig, work: Path, progress: bool) -> Any:
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), disable_tqdm=not progress,
         remove_unused_columns=False, dataloader_num_workers=0, ddp_find_unused_parameters=False,
         save_only_model=False, dataloader_pin_memory=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
-        **({"fsdp": True, "fsdp_config": FSDP_CONFIG} if cfg.fsdp else {}),
+        **({"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)} if cfg.fsdp else {}),  # the Trainer edits it in place
     )
 
 

@@ -292,6 +292,18 @@ def heal_config(a: PruneArgs) -> HealConfig:
     return a.heal_cfg.model_copy(update={"max_length": a.data.max_length})
 
 
+def pick_texts(a: PruneArgs, eval_texts: list[str], fps: dict) -> tuple[list[str], dict]:
+    """Held-out texts that pick healing's best step: the next --eval_size texts of the held-out split after
+    the ones every perplexity is reported on, so the healed figure is measured on text that chose nothing."""
+    d = a.data
+    more = load_texts(d.dataset, d.dataset_column, a.eval_subset, 2 * a.eval_size, d.dataset_config)[a.eval_size:]
+    if not more:
+        log.warning("the held-out split %s has no texts beyond the %d reported on: healing picks its best step on "
+                    "those same texts, which flatters the healed figure; use a larger split", a.eval_subset, a.eval_size)
+        more = eval_texts
+    return more, {**fps["eval"], "texts": hashlib.sha256("\x00".join(more).encode()).hexdigest()}
+
+
 def heal_stage(a: PruneArgs, model_dir: Path, model_fp: str, eval_texts: list[str], hdir: Path) -> None:
     # healing wants far more text than the calibration: up to HEAL_TEXTS of the training split
     d = a.data
@@ -342,10 +354,13 @@ def variant_stages(a: PruneArgs, work: Path, ctx: dict, n: int, name: str, fixed
                  if repaired else pr2, **({"repaired": pr2} if repaired else {})}
     healed = ledger = None
     if a.heal:
-        stage(work, f"heal-{tag}", {**eval_in, **fps["heal"], "model": mat_fp}, [hdir / "heal.json"], heal_stage,
-              a, model_dir, mat_fp, eval_texts, hdir)
-        hj = json.loads((hdir / "heal.json").read_text())
-        healed, ledger = hj["after_heal"], hj.get("ledger")
+        # the best step is picked on held-out texts of its own; the figure reported is on the texts every row uses
+        stage(work, f"heal-{tag}", {**ctx["pick_in"], **fps["heal"], "model": mat_fp}, [hdir / "heal.json"],
+              heal_stage, a, model_dir, mat_fp, ctx["pick_texts"], hdir)
+        ledger = json.loads((hdir / "heal.json").read_text()).get("ledger")
+        stage(work, f"eval-healed-{tag}", {**eval_in, "model": mat_fp, "heal": fps["heal"]}, [d / "healed_eval.json"],
+              eval_stage, a, eval_texts, str(hdir), d / "healed_eval.json")
+        healed = json.loads((d / "healed_eval.json").read_text())["perplexity"]
         if ctx.get("texts2"):
             stage(work, f"eval2-healed-{tag}", {**ctx["eval2_in"], "model": mat_fp, "heal": fps["heal"]},
                   [d / "healed_eval2.json"], eval_stage, a, ctx["texts2"], str(hdir), d / "healed_eval2.json")
@@ -396,6 +411,8 @@ def prune(a: PruneArgs) -> Path:
     stage(work, "eval-source", eval_in, [src_eval], eval_stage, a, eval_texts, a.model, src_eval)
     ctx = {"scan": scan, "scan_json": scan_json, "scan_fp": scan_fp, "fps": fps, "eval_in": eval_in,
            "eval_texts": eval_texts, "src_ppl": json.loads(src_eval.read_text())["perplexity"], "src_tasks": None}
+    if a.heal:
+        ctx["pick_texts"], ctx["pick_in"] = pick_texts(a, eval_texts, fps)
     if a.eval_dataset:
         ctx["texts2"] = load_texts(a.eval_dataset, data.dataset_column, a.eval_dataset_subset, a.eval_size,
                                    data.dataset_config)
@@ -554,7 +571,7 @@ def ledger_lines(rows: list[dict]) -> list[str]:
     if not done:
         return []
     lines = ["", "## Healing ledger", "", "| model | optimizer steps | training tokens | wall time | devices | "
-             "precision | training data | held-out perplexity by step |", "|---|---|---|---|---|---|---|---|"]
+             "precision | training data | perplexity by step (on the held-out texts that pick the step) |", "|---|---|---|---|---|---|---|---|"]
     for r in done:
         g = r["ledger"]
         curve = ", ".join(f"{h['step']}: {h['perplexity']:.2f}" for h in g["history"])

@@ -84,9 +84,10 @@ def test_prune_with_healing_on_smollm2(smollm2_dir, local_tasks, tmp_path):
     repaired, healed = ev["repaired"]["perplexity"], ev["healed"]["perplexity"]
     assert 1 < src < cut  # removing 4 of 30 layers costs something
     assert repaired < cut  # the bridge undoes part of it
-    assert healed <= repaired  # healing starts from the repaired model and keeps its best checkpoint
+    assert healed < cut
     heal = json.loads((work / "n4" / "healed" / "heal.json").read_text())
-    assert heal["after_cut"] == pytest.approx(repaired, rel=1e-3)
+    assert heal["after_heal"] <= heal["after_cut"]  # the best step, on the texts that pick it, is no worse than the start
+    assert heal["after_cut"] != pytest.approx(repaired, rel=1e-4)  # ... which are not the texts the report is on
     assert "repair bridges" in (work / "n4" / "verify.txt").read_text()
     assert "verification passed" in (work / "n4" / "verify.txt").read_text()
 

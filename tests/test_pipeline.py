@@ -112,6 +112,13 @@ def test_prune_reports_every_model_on_a_second_corpus(tiny_models, tmp_path):
         m, tok = load(path)
         assert s[key] == pytest.approx(perplexity(m, tok, texts, max_length=64, stride=64).perplexity, rel=1e-6), key
     assert s["cut"] > s["source"] and s["dataset"]["name"] == READMES_DATASET
+    # healing picks its step on held-out texts of its own; the healed figure is on the texts every row uses
+    held = load_texts(split="test", size=12)
+    m, tok = load(w / "n2" / "healed")
+    assert ev["healed"]["perplexity"] == pytest.approx(perplexity(m, tok, held[:6], max_length=64, stride=64).perplexity,
+                                                       rel=1e-6)
+    h = json.loads((w / "n2" / "healed" / "heal.json").read_text())
+    assert h["after_heal"] == pytest.approx(perplexity(m, tok, held[6:], max_length=64, stride=64).perplexity, rel=1e-6)
     report = (w / "report.md").read_text()
     assert f"## On another corpus: `{READMES_DATASET}`" in report and f"{s['repaired']:.2f}" in report
     card = (w / "n2" / "healed" / "README.md").read_text()
