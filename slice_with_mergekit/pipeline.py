@@ -12,7 +12,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -319,65 +319,120 @@ def heal_stage(a: PruneArgs, model_dir: Path, model_fp: str, eval_texts: list[st
          data=f"{d.dataset} (split {d.dataset_subset})", teacher_load=a.load)
 
 
-def variant_stages(a: PruneArgs, work: Path, ctx: dict, n: int, name: str, fixed: list[int] | None) -> dict:
-    """One pruned model (ours, or a baseline under the same protocol): plan -> materialize (+ bridge)
-    -> verify -> perplexity (cut, repaired) -> heal -> benchmarks; its row of the report."""
-    d = work / (f"n{n}" if name == OURS else f"n{n}-{name}")
-    plan_path, model_dir, pr_eval, hdir, cut_eval = d / "sliced.yml", d / "model", d / "pruned_eval.json", \
-        d / "healed", d / "cut_eval.json"
-    scan_json, scan_fp, fps, eval_in, eval_texts = (ctx[k] for k in ("scan_json", "scan_fp", "fps", "eval_in", "eval_texts"))
-    tag = f"n{n}" if name == OURS else f"n{n}-{name}"
-    plan_fp = stage(work, f"plan-{tag}", {"scan": scan_fp, "n": n, "removed": fixed, **fps["select"]},
-                    [plan_path], plan_stage, a, scan_json, n, plan_path, fixed)
-    mat_fp = stage(work, f"materialize-{tag}", {"plan": plan_fp, **fps["materialize"]}, [model_dir / "config.json"],
-                   materialize_stage, a, plan_path, model_dir)
-    stage(work, f"verify-{tag}", {"model": mat_fp}, [d / "verify.txt"], verify_stage, a, plan_path, model_dir,
-          d / "verify.txt")
-    stage(work, f"eval-{tag}", {**eval_in, "model": mat_fp}, [pr_eval], eval_stage, a, eval_texts, str(model_dir),
-          pr_eval)
+@dataclass
+class Variant:
+    """One pruned model of the job (ours, or a baseline built the same way): its folder, and the
+    fingerprints of the stages that planned and built it."""
+
+    n: int
+    name: str
+    work: Path
+    plan_fp: str = ""
+    mat_fp: str = ""
+
+    @property
+    def tag(self) -> str:
+        return f"n{self.n}" if self.name == OURS else f"n{self.n}-{self.name}"
+
+    @property
+    def dir(self) -> Path:
+        return self.work / self.tag
+
+    @property
+    def plan(self) -> Path:
+        return self.dir / "sliced.yml"
+
+    @property
+    def model(self) -> Path:
+        return self.dir / "model"
+
+    @property
+    def healed(self) -> Path:
+        return self.dir / "healed"
+
+    def read(self, name: str) -> float:
+        return json.loads((self.dir / name).read_text())["perplexity"]
+
+
+def build_stages(a: PruneArgs, ctx: dict, v: Variant, fixed: list[int] | None) -> None:
+    """plan -> materialize (+ bridge) -> verify -> held-out perplexity of the checkpoint and the plain cut."""
+    fps, eval_in, texts, work = ctx["fps"], ctx["eval_in"], ctx["eval_texts"], v.work
+    v.plan_fp = stage(work, f"plan-{v.tag}", {"scan": ctx["scan_fp"], "n": v.n, "removed": fixed, **fps["select"]},
+                      [v.plan], plan_stage, a, ctx["scan_json"], v.n, v.plan, fixed)
+    v.mat_fp = stage(work, f"materialize-{v.tag}", {"plan": v.plan_fp, **fps["materialize"]},
+                     [v.model / "config.json"], materialize_stage, a, v.plan, v.model)
+    stage(work, f"verify-{v.tag}", {"model": v.mat_fp}, [v.dir / "verify.txt"], verify_stage, a, v.plan, v.model,
+          v.dir / "verify.txt")
+    stage(work, f"eval-{v.tag}", {**eval_in, "model": v.mat_fp}, [v.dir / "pruned_eval.json"], eval_stage, a, texts,
+          str(v.model), v.dir / "pruned_eval.json")
+    if a.repair != "none":
+        stage(work, f"eval-cut-{v.tag}", {**eval_in, "plan": v.plan_fp}, [v.dir / "cut_eval.json"], eval_cut_stage,
+              a, texts, v.plan, v.dir / "cut_eval.json")
+
+
+def second_corpus_stages(a: PruneArgs, ctx: dict, v: Variant) -> dict[str, float]:
+    """--eval_dataset: the plain cut's and the checkpoint's perplexity on the second corpus."""
+    if not ctx.get("texts2"):
+        return {}
+    in2, texts2 = ctx["eval2_in"], ctx["texts2"]
+    if a.repair != "none":
+        stage(v.work, f"eval2-cut-{v.tag}", {**in2, "plan": v.plan_fp}, [v.dir / "cut_eval2.json"], eval_cut_stage,
+              a, texts2, v.plan, v.dir / "cut_eval2.json")
+    stage(v.work, f"eval2-{v.tag}", {**in2, "model": v.mat_fp}, [v.dir / "pruned_eval2.json"], eval_stage, a, texts2,
+          str(v.model), v.dir / "pruned_eval2.json")
+    pr2 = v.read("pruned_eval2.json")
+    if a.repair == "none":
+        return {"source": ctx["src_ppl2"], "cut": pr2}
+    return {"source": ctx["src_ppl2"], "cut": v.read("cut_eval2.json"), "repaired": pr2}
+
+
+def heal_stages(a: PruneArgs, ctx: dict, v: Variant, shift: dict[str, float]) -> tuple[float | None, dict | None]:
+    """Heal the checkpoint, its best step picked on held-out texts of its own; (its perplexity on the texts
+    every row uses, the healing ledger). The second corpus's healed figure goes into ``shift``."""
+    if not a.heal:
+        return None, None
+    fps, key = ctx["fps"], {"model": v.mat_fp, "heal": ctx["fps"]["heal"]}
+    stage(v.work, f"heal-{v.tag}", {**ctx["pick_in"], **fps["heal"], "model": v.mat_fp}, [v.healed / "heal.json"],
+          heal_stage, a, v.model, v.mat_fp, ctx["pick_texts"], v.healed)
+    stage(v.work, f"eval-healed-{v.tag}", {**ctx["eval_in"], **key}, [v.dir / "healed_eval.json"], eval_stage, a,
+          ctx["eval_texts"], str(v.healed), v.dir / "healed_eval.json")
+    if ctx.get("texts2"):
+        stage(v.work, f"eval2-healed-{v.tag}", {**ctx["eval2_in"], **key}, [v.dir / "healed_eval2.json"], eval_stage,
+              a, ctx["texts2"], str(v.healed), v.dir / "healed_eval2.json")
+        shift["healed"] = v.read("healed_eval2.json")
+    return v.read("healed_eval.json"), json.loads((v.healed / "heal.json").read_text()).get("ledger")
+
+
+def task_stages(a: PruneArgs, ctx: dict, v: Variant, removed: list[int]) -> dict[str, dict]:
+    """lm-eval on each form of the model: the plain cut (in memory when a bridge follows), the checkpoint, healed."""
+    if not a.bench.tasks:
+        return {}
     repaired = a.repair != "none"
-    if repaired:
-        stage(work, f"eval-cut-{tag}", {**eval_in, "plan": plan_fp}, [cut_eval], eval_cut_stage, a, eval_texts,
-              plan_path, cut_eval)
-    ranges = kept_ranges_of(read_plan(plan_path))
-    removed = ctx["scan"].removed(ranges)
-    shift = {}
-    if ctx.get("texts2"):  # the second corpus: the plain cut, the checkpoint (and the healed model below)
-        in2 = ctx["eval2_in"]
-        if repaired:
-            stage(work, f"eval2-cut-{tag}", {**in2, "plan": plan_fp}, [d / "cut_eval2.json"], eval_cut_stage, a,
-                  ctx["texts2"], plan_path, d / "cut_eval2.json")
-        stage(work, f"eval2-{tag}", {**in2, "model": mat_fp}, [d / "pruned_eval2.json"], eval_stage, a, ctx["texts2"],
-              str(model_dir), d / "pruned_eval2.json")
-        pr2 = json.loads((d / "pruned_eval2.json").read_text())["perplexity"]
-        shift = {"source": ctx["src_ppl2"], "cut": json.loads((d / "cut_eval2.json").read_text())["perplexity"]
-                 if repaired else pr2, **({"repaired": pr2} if repaired else {})}
-    healed = ledger = None
+    forms = [("cut", a.model, removed, {"plan": v.plan_fp})] if repaired else []
+    forms.append(("repaired" if repaired else "cut", str(v.model), [], {"model": v.mat_fp}))
     if a.heal:
-        # the best step is picked on held-out texts of its own; the figure reported is on the texts every row uses
-        stage(work, f"heal-{tag}", {**ctx["pick_in"], **fps["heal"], "model": mat_fp}, [hdir / "heal.json"],
-              heal_stage, a, model_dir, mat_fp, ctx["pick_texts"], hdir)
-        ledger = json.loads((hdir / "heal.json").read_text()).get("ledger")
-        stage(work, f"eval-healed-{tag}", {**eval_in, "model": mat_fp, "heal": fps["heal"]}, [d / "healed_eval.json"],
-              eval_stage, a, eval_texts, str(hdir), d / "healed_eval.json")
-        healed = json.loads((d / "healed_eval.json").read_text())["perplexity"]
-        if ctx.get("texts2"):
-            stage(work, f"eval2-healed-{tag}", {**ctx["eval2_in"], "model": mat_fp, "heal": fps["heal"]},
-                  [d / "healed_eval2.json"], eval_stage, a, ctx["texts2"], str(hdir), d / "healed_eval2.json")
-            shift["healed"] = json.loads((d / "healed_eval2.json").read_text())["perplexity"]
-    # benchmarks of each form of this model: the plain cut (in memory when a bridge follows), the checkpoint, healed
-    tasks: dict[str, dict] = {}
-    if a.bench.tasks:
-        forms = [("cut", a.model, removed, {"plan": plan_fp})] if repaired else []
-        forms.append(("repaired" if repaired else "cut", str(model_dir), [], {"model": mat_fp}))
-        if a.heal:
-            forms.append(("healed", str(hdir), [], {"model": mat_fp, "heal": fps["heal"]}))
-        for form, path, cut, key in forms:
-            out = d / f"tasks_{form}.json"
-            stage(work, f"tasks-{form}-{tag}", {**ctx["tasks_in"], **key}, [out], tasks_stage, a, path, cut, out)
-            tasks[form] = json.loads(out.read_text())
-    pr = json.loads(pr_eval.read_text())
-    cut = json.loads(cut_eval.read_text()) if repaired else pr
+        forms.append(("healed", str(v.healed), [], {"model": v.mat_fp, "heal": ctx["fps"]["heal"]}))
+    tasks = {}
+    for form, path, cut, key in forms:
+        out = v.dir / f"tasks_{form}.json"
+        stage(v.work, f"tasks-{form}-{v.tag}", {**ctx["tasks_in"], **key}, [out], tasks_stage, a, path, cut, out)
+        tasks[form] = json.loads(out.read_text())
+    return tasks
+
+
+def variant_stages(a: PruneArgs, work: Path, ctx: dict, n: int, name: str, fixed: list[int] | None) -> dict:
+    """One pruned model (ours, or a baseline under the same protocol): build, second corpus, heal,
+    benchmarks; its eval.json and card; its row of the report."""
+    v = Variant(n, name, work)
+    build_stages(a, ctx, v, fixed)
+    ranges = kept_ranges_of(read_plan(v.plan))
+    removed = ctx["scan"].removed(ranges)
+    shift = second_corpus_stages(a, ctx, v)
+    healed, ledger = heal_stages(a, ctx, v, shift)
+    tasks = task_stages(a, ctx, v, removed)
+    repaired = a.repair != "none"
+    pr = json.loads((v.dir / "pruned_eval.json").read_text())
+    cut = json.loads((v.dir / "cut_eval.json").read_text()) if repaired else pr
     ev = {"dataset": {"name": a.data.dataset, "split": a.eval_subset, "texts": a.eval_size},
           "source": {"perplexity": ctx["src_ppl"]}, "cut": cut, **({"repaired": {**pr, "method": a.repair}} if repaired else {}),
           **({"healed": {"perplexity": healed}, "heal": ledger} if healed else {}),
@@ -385,15 +440,19 @@ def variant_stages(a: PruneArgs, work: Path, ctx: dict, n: int, name: str, fixed
                                             "texts": len(ctx["texts2"])}, **shift}} if shift else {}),
           "checkpoint": "repaired" if repaired else "cut",
           **({"lm_eval": {"source": ctx["src_tasks"], **tasks}} if tasks else {})}
-    write_text(model_dir / "eval.json", json.dumps(ev, indent=1) + "\n")
-    write_text(model_dir / "README.md", model_card(model_dir, plan_path, ctx["scan"]))
+    write_records(v.model, ev, v.plan, ctx["scan"])
     if healed:
-        write_text(hdir / "eval.json", json.dumps({**ev, "checkpoint": "healed"}, indent=1) + "\n")
-        write_text(hdir / "README.md", model_card(hdir, plan_path, ctx["scan"]))
+        write_records(v.healed, {**ev, "checkpoint": "healed"}, v.plan, ctx["scan"])
     return {"n": n, "name": name, "removed": removed, "ranges": ranges, "source": ctx["src_ppl"],
             "cut": cut["perplexity"], "repaired": pr["perplexity"] if repaired else None, "pruned": pr["perplexity"],
             "healed": healed, "ledger": ledger, "tokens": pr["tokens_scored"], "tasks": tasks, "shift": shift,
-            "dir": d.name}
+            "dir": v.tag}
+
+
+def write_records(checkpoint: Path, ev: dict, plan_path: Path, scan: ScanFile) -> None:
+    """A checkpoint's eval.json and its model card (README.md), which reads it."""
+    write_text(checkpoint / "eval.json", json.dumps(ev, indent=1) + "\n")
+    write_text(checkpoint / "README.md", model_card(checkpoint, plan_path, scan))
 
 
 def prune(a: PruneArgs) -> Path:
