@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=128, help="calibration texts (stdlib docstrings, train split)")
     p.add_argument("--judge", type=int, default=32, help="texts of each judging corpus")
     p.add_argument("--max_length", type=int, default=256)
+    p.add_argument("--plain_weight", type=float, default=0.0, help="--plain_weight of the default choice")
     p.add_argument("--cache", default=None, help="JSON file keeping judged blocks between runs (same flags)")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -59,9 +60,12 @@ def main() -> None:
     ml = args.max_length
     cache = json.loads(Path(args.cache).read_text()) if args.cache and os.path.exists(args.cache) else {}
 
-    def judge(removed: list[int], fit) -> dict[str, float]:
+    def key_of(removed: list[int]) -> str:
         # the final bridge of a cut is fit_repair on all of the calibration text, as fit_repairs gives it
-        key = f"{path}|{args.calib}|{args.judge}|{ml}|{','.join(map(str, removed))}"
+        return f"{path}|{args.calib}|{args.judge}|{ml}|{','.join(map(str, removed))}"
+
+    def judge(removed: list[int], fit) -> dict[str, float]:
+        key = key_of(removed)
         if key not in cache:
             with removed_layers(model, removed), (fit.in_memory() if fit is not None else nullcontext()):
                 cache[key] = {k: perplexity(model, tok, t, max_length=ml, stride=ml).perplexity for k, t in judges.items()}
@@ -77,14 +81,15 @@ def main() -> None:
     rows = []
     for n in map(int, args.sizes.split(",")):
         blocks = [list(range(s, s + n)) for s in range(L - n + 1)]
-        cal = Scorer(model, tok, calib, max_length=ml, stride=ml, repair="linear")
+        cal = Scorer(model, tok, calib, max_length=ml, stride=ml, repair="linear", plain_weight=args.plain_weight)
         c = bridge_dependence(cal, select_race(scan, n, cal, 16))
         final = fit_repair(model, tok, calib, c.removed, method="linear", max_length=ml, skip_unfoldable=True,
                            progress=False)
         ours = judge(c.removed, final)
-        fits = fit_repairs(model, tok, calib, blocks, method="linear", max_length=ml, skip_unfoldable=True,
-                           progress=False)
-        ex = {b[0]: judge(b, fits[tuple(b)]) for b in blocks}
+        todo = [b for b in blocks if key_of(b) not in cache]  # the bridges of blocks not judged yet
+        fits = fit_repairs(model, tok, calib, todo, method="linear", max_length=ml, skip_unfoldable=True,
+                           progress=False) if todo else {}
+        ex = {b[0]: judge(b, fits.get(tuple(b))) for b in blocks}
         prep = sum(len(cal.bridge_texts(f)) for f in range(2)) / len(calib)
         exhaustive = (L - n + 1) + prep
         for k in judges:
@@ -97,7 +102,7 @@ def main() -> None:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"machine: {dev} ({platform.machine()}), torch {torch.__version__}; {time.perf_counter() - t0:.0f} s")
     print(f"model: {Path(path).name}, {L} layers; calibration {args.calib} stdlib-docstring texts (train split), "
-          f"max_length {ml}; judges: {args.judge} texts each of the stdlib test split and of the package READMEs")
+          f"max_length {ml}; default: --select race --repair linear --plain_weight {args.plain_weight:g}; judges: {args.judge} texts each of the stdlib test split and of the package READMEs")
     print("dense perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()))
     print(f"{'n':>2} {'judge':<32} {'default':<9} {'ppl':>8} {'best bridged':<13} {'ppl':>8} {'ratio':>6} "
           f"{'passes':>7} {'of exhaustive':>13} {'plain/bridged':>13}")

@@ -81,7 +81,7 @@ class Scorer:
 
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
                  batch_size: int = 8, repair: str = "none", seed: int = 0, logits_bytes: int = LOGITS_BYTES,
-                 score_share: float | None = None):
+                 score_share: float | None = None, plain_weight: float = 0.0):
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.score_share = head_share(model) if score_share is None else score_share
         text_of: list[int] = []
@@ -92,15 +92,16 @@ class Scorer:
         random.Random(seed).shuffle(self.order)  # growing shares: representative, nested
         self.total_tokens = sum(len(w[0]) for w in self.wins)
         self.kw = dict(max_length=max_length, stride=stride)
-        self.repair, self.logits_bytes = repair, logits_bytes
+        self.repair, self.logits_bytes, self.plain_weight = repair, logits_bytes, plain_weight
         self.tokens_run = 0
         self.windows: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # cut -> window -> (nll sum, tokens)
+        self.bridged: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # the same, bridged alone
         self.bridges: dict[tuple[tuple[int, ...], int], Any] = {}  # (cut, fold scored) -> bridge fitted off it
 
     def plain(self) -> "Scorer":
         """A scorer of the plain cuts (no bridge) on the same windows, in the same order."""
         s = copy.copy(self)
-        s.repair, s.windows, s.bridges, s.tokens_run = "none", {}, {}, 0
+        s.repair, s.windows, s.bridged, s.bridges, s.tokens_run = "none", {}, {}, {}, 0
         return s
 
     @property
@@ -128,14 +129,22 @@ class Scorer:
             part = [i for i in todo if f is None or self.fold[i] == f]
             if not part:
                 continue
-            bridge = self._bridge(key, f)  # fitted on the dense model, before the layers go
-            per: list = []
-            with removed_layers(self.model, key), bridge:
-                perplexity(self.model, self.tok, [], batch_size=self.batch_size, _windows=[self.wins[i] for i in part],
-                           logits_bytes=self.logits_bytes, per_window=per, **self.kw)
+            per = self._run(key, part, self._bridge(key, f))  # the bridge is fitted on the dense model
+            self.bridged.setdefault(key, {}).update(zip(part, per))
+            if f is not None and self.plain_weight > 0:  # (1 - w) bridged + w plain, window by window
+                w = self.plain_weight
+                per = [((1 - w) * b + w * p, t) for (b, t), (p, _) in zip(per, self._run(key, part, nullcontext()))]
             have.update(zip(part, per))
-            self.tokens_run += sum(len(self.wins[i][0]) for i in part)
         return sum(have[i][0] for i in idx) / sum(have[i][1] for i in idx)
+
+    def _run(self, key: tuple[int, ...], part: list[int], bridge: Any) -> list[tuple[float, int]]:
+        """(NLL sum, tokens) of windows ``part`` with the layers ``key`` removed, within ``bridge``."""
+        per: list = []
+        with removed_layers(self.model, key), bridge:
+            perplexity(self.model, self.tok, [], batch_size=self.batch_size, _windows=[self.wins[i] for i in part],
+                       logits_bytes=self.logits_bytes, per_window=per, **self.kw)
+        self.tokens_run += sum(len(self.wins[i][0]) for i in part)
+        return per
 
     def __call__(self, removed: Sequence[int]) -> float:
         """Perplexity of the cut on every calibration window."""
@@ -431,11 +440,12 @@ def bridge_dependence(score: Scorer, c: Choice) -> Choice:
     one; a warning when the bridge carries it (plain / bridged perplexity > BRIDGE_DEPENDENT), because a
     bridge rescues a badly damaged block less on other text than on the calibration text."""
     key = tuple(c.removed)
-    if score.repair == "none" or key not in score.windows:
+    if score.repair == "none" or key not in score.bridged:
         return c
-    idx = sorted(score.windows[key])
+    idx = sorted(score.bridged[key])
     plain = score.plain()
-    p, b = math.exp(plain.score_on(key, idx)), math.exp(score.score_on(key, idx))
+    seen = score.bridged[key]
+    p, b = math.exp(plain.score_on(key, idx)), math.exp(sum(seen[i][0] for i in idx) / sum(seen[i][1] for i in idx))
     c.passes += plain.passes
     c.bridge = {"plain_perplexity": p, "bridged_perplexity": b, "ratio": p / b, "dependent": p / b > BRIDGE_DEPENDENT,
                 "windows": len(idx)}
@@ -476,6 +486,9 @@ class SelectOptions(BaseModel):
                                       "which it costs as much)")
     logits_bytes: int = Field(LOGITS_BYTES, ge=1, description="float32 logits the scoring holds at once (the LM head "
                               "runs in chunks of positions; bounds the memory whatever the vocabulary)")
+    plain_weight: float = Field(0.0, ge=0, le=1, description="with a repair: rank the candidates by (1 - w) x bridged "
+                                "+ w x plain loss per token (0: the bridged loss alone; each window then costs two "
+                                "forwards): a cut that leans on its bridge transfers worse to other text")
 
     @field_validator("select")
     @classmethod

@@ -410,3 +410,21 @@ def test_too_little_text_to_cross_fit_falls_back_in_sample_and_says_so(tiny_mode
     fit = fit_repair(model, tok, texts, cut, method="linear", max_length=64, skip_unfoldable=True, progress=False)
     with removed_layers(model, cut), fit.in_memory():
         assert got == pytest.approx(perplexity(model, tok, texts, max_length=64, stride=64).perplexity, rel=1e-5)
+
+
+def test_plain_weight_ranks_by_a_blend_of_bridged_and_plain_loss(tiny_models):
+    model, tok = load(tiny_models["qwen3"])
+    texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]
+    cut = (2, 3)
+    mk = lambda **kw: Scorer(model, tok, texts, max_length=64, stride=64, **kw)  # noqa: E731
+    bridged = mk(repair="linear").score_on(cut, range(mk().num_windows))
+    plain = mk().score_on(cut, range(mk().num_windows))
+    w = 0.25
+    sc = mk(repair="linear", plain_weight=w)
+    assert sc.score_on(cut, range(sc.num_windows)) == pytest.approx((1 - w) * bridged + w * plain, rel=1e-9)
+    assert bridged < plain  # the blend sits between them, so a cut that leans on its bridge loses ground
+    from slice_with_mergekit.select import Choice, bridge_dependence
+
+    c = bridge_dependence(sc, Choice("x", list(cut), 0))  # still reports the bridged loss alone against the plain
+    assert c.bridge["bridged_perplexity"] == pytest.approx(math.exp(bridged)) and \
+        c.bridge["plain_perplexity"] == pytest.approx(math.exp(plain))
