@@ -87,7 +87,9 @@ def _number(v: Any) -> float | None:
 
 
 def record(res: dict, opts: TaskOptions) -> dict:
-    """What ran and what it scored, from ``lm_eval.simple_evaluate``'s result."""
+    """What ran and what it scored, from ``lm_eval.simple_evaluate``'s result. A group's subtasks (MMLU's
+    57) are kept with ``subtask_of`` set; tables and retained % show the group's aggregate only."""
+    parent = {sub: g for g, subs in (res.get("group_subtasks") or {}).items() for sub in subs if sub != g}
     tasks = {}
     for name, r in res["results"].items():
         hib = res.get("higher_is_better", {}).get(name, {})
@@ -108,7 +110,8 @@ def record(res: dict, opts: TaskOptions) -> dict:
         tasks[name] = {"version": res.get("versions", {}).get(name), "num_fewshot": res.get("n-shot", {}).get(name),
                        "samples": res.get("n-samples", {}).get(name, {}).get("effective"),
                        "metrics": metrics, "stderr": {m: stderr.get(m) for m in metrics},
-                       "higher_is_better": {m: bool(hib.get(m, True)) for m in metrics}, "headline": head}
+                       "higher_is_better": {m: bool(hib.get(m, True)) for m in metrics}, "headline": head,
+                       "subtask_of": parent.get(name)}
     return {"lm_eval_version": res.get("lm_eval_version"), "tasks": tasks, "requested": list(opts.tasks or []),
             "include_path": opts.include_path, "num_fewshot": opts.num_fewshot, "limit": opts.limit}
 
@@ -147,9 +150,10 @@ def headline(rec: dict, task: str) -> tuple[str, float, bool] | None:
 
 
 def retained(dense: dict, pruned: dict) -> dict[str, float]:
-    """Retained % per task (headline metric, 100 = dense) and ``"average"``; tasks either lacks left out."""
+    """Retained % per top-level task (headline metric, 100 = dense) and ``"average"``; tasks either lacks
+    left out."""
     out = {}
-    for task in dense.get("tasks", {}):
+    for task in top_level(dense):
         d, p = headline(dense, task), headline(pruned, task)
         if not d or not p or d[0] != p[0]:
             continue
@@ -159,6 +163,11 @@ def retained(dense: dict, pruned: dict) -> dict[str, float]:
     if out:
         out["average"] = sum(out.values()) / len(out)
     return out
+
+
+def top_level(rec: dict) -> list[str]:
+    """The tasks of a record that are not a group's subtasks."""
+    return [t for t, r in rec.get("tasks", {}).items() if not r.get("subtask_of")]
 
 
 def fmt(v: float) -> str:

@@ -11,7 +11,7 @@ from compute_block_similarity.errors import UserError, looks_local
 from compute_block_similarity.ranges import format_layers, format_ranges
 from compute_block_similarity.scanfile import ScanFile
 
-from .benchmarks import fmt, retained
+from .benchmarks import fmt, retained, top_level
 from .checkpoint import (
     REPAIR_FILE,
     kept_ranges_of,
@@ -166,8 +166,8 @@ def benchmark_lines(ev: dict) -> list[str]:
     lines = ["", f"Benchmarks (lm-evaluation-harness {rec['lm_eval_version']}"
              + (f", limit {rec['limit']:g}" if rec.get("limit") else "") + "):", "",
              "| task | metric | shots | this model | dense | retained % |", "|---|---|---|---|---|---|"]
-    for task, t in rec["tasks"].items():
-        m = t["headline"]
+    for task in top_level(rec):
+        t, m = rec["tasks"][task], rec["tasks"][task]["headline"]
         d = (dense or {}).get("tasks", {}).get(task, {}).get("metrics", {}).get(m)
         lines.append(f"| {task} | {m} | {t['num_fewshot']} | {fmt(t['metrics'][m])} | "
                      f"{'-' if d is None else fmt(d)} | {f'{kept[task]:.1f}' if task in kept else '-'} |")

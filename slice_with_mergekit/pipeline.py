@@ -34,7 +34,7 @@ from compute_block_similarity.ranges import (
 from compute_block_similarity.report import plot_triangle
 from compute_block_similarity.scanfile import ScanFile
 
-from .benchmarks import TaskOptions, fmt, retained, run_tasks, task_manager
+from .benchmarks import TaskOptions, fmt, retained, run_tasks, task_manager, top_level
 from .card import model_card
 from .checkpoint import kept_ranges_of, lineage, read_plan
 from .evaluate import perplexity
@@ -576,7 +576,7 @@ def model_lines(rows: list[dict], src_tasks: dict | None) -> list[str]:
     task's headline score with its retained % of the dense model's."""
     if not src_tasks:
         return []
-    tasks = list(src_tasks["tasks"])
+    tasks = top_level(src_tasks)
     heads = [f"{t} ({src_tasks['tasks'][t]['headline']}, {src_tasks['tasks'][t]['num_fewshot']}-shot)" for t in tasks]
     lines = ["", "## Models side by side: perplexity and benchmarks (lm-eval)", "",
              f"lm-eval {src_tasks['lm_eval_version']}" + (f", --limit {src_tasks['limit']:g}" if src_tasks["limit"] else "")

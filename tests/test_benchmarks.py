@@ -97,6 +97,18 @@ def test_record_leaves_out_what_is_not_a_number():
            "higher_is_better": {"t": {"acc": True, "f1": True}}, "lm_eval_version": "x"}
     t = record(res, TaskOptions(tasks=["t"]))["tasks"]["t"]
     assert t["metrics"] == {"acc": 0.5} and t["stderr"] == {"acc": None} and t["num_fewshot"] == 5
+    assert t["subtask_of"] is None
+
+
+def test_a_groups_subtasks_do_not_count_twice_in_retained():
+    def res(group: float, a: float, b: float) -> dict:
+        r = {n: {"acc,none": v} for n, v in (("mmlu", group), ("mmlu_a", a), ("mmlu_b", b))}
+        return {"results": r, "group_subtasks": {"mmlu": ["mmlu_a", "mmlu_b"]},
+                "higher_is_better": {n: {"acc": True} for n in r}}
+
+    dense, pruned = (record(res(*v), TaskOptions(tasks=["mmlu"])) for v in ((0.5, 0.4, 0.6), (0.25, 0.1, 0.4)))
+    assert pruned["tasks"]["mmlu_a"]["subtask_of"] == "mmlu"
+    assert retained(dense, pruned) == pytest.approx({"mmlu": 50.0, "average": 50.0})
 
 
 def test_an_unknown_task_is_one_line_and_writes_nothing(tiny_models, local_tasks, tmp_path, capsys):
