@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,14 @@ def parse_max_memory(spec: str | None) -> dict[int | str, str] | None:
     return out
 
 
+def placement(device_map: str | None, max_memory: str | None, offload_folder: str | None) -> dict[str, Any]:
+    """from_pretrained's placement kwargs: nothing without a ``device_map``."""
+    if not device_map:
+        return {}
+    return {k: v for k, v in (("device_map", device_map), ("max_memory", parse_max_memory(max_memory)),
+                              ("offload_folder", offload_folder)) if v}
+
+
 def load_model(
     model_path: str,
     *,
@@ -148,11 +157,8 @@ def load_model(
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=kw["dtype"])
         kw["device_map"] = device_map or {"": int(os.environ.get("LOCAL_RANK", 0))}
-    elif device_map:
-        kw["device_map"] = device_map
-    if device_map:
-        kw.update({k: v for k, v in (("max_memory", parse_max_memory(max_memory)),
-                                     ("offload_folder", offload_folder)) if v})
+    else:
+        kw.update(placement(device_map, max_memory, offload_folder))
     try:
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code,
                                             **({"gguf_file": gguf_file} if gguf_file else {}))
@@ -168,9 +174,7 @@ def load_model(
     if "device_map" not in kw:
         model.to(dev)
     elif getattr(model, "hf_device_map", None):
-        where: dict[str, int] = {}
-        for d in model.hf_device_map.values():
-            where[str(d)] = where.get(str(d), 0) + 1
+        where = Counter(str(d) for d in model.hf_device_map.values())
         log.info("--device_map %s placed %s: %s", device_map, Path(model_path).name,
                  ", ".join(f"{n} module(s) on {d}" for d, n in where.items()))
     model.eval()

@@ -16,6 +16,9 @@ GRAM_BYTES = 64 * 2**20  # float64 working set of one Gram chunk (--gram_bytes)
 TOKENS_PER_TEXT = 128  # all-token metrics: evenly spaced non-pad positions per text (0: every token)
 
 
+PLACEMENT = ("device_map", "max_memory", "offload_folder")  # of ModelOptions: where a model runs, not what it computes
+
+
 class ModelOptions(BaseModel):
     """Model loading"""
 

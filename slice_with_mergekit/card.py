@@ -136,17 +136,10 @@ def eval_results(ev: dict) -> list[EvalResult]:
     if key is None:
         return []
     own, ds = ev[key], ev.get("dataset") or {"name": ev[key].get("dataset"), "split": ev[key].get("split")}
-    out = [EvalResult(task_type="text-generation", dataset_type=str(ds.get("name") or "held-out text"),
-                      dataset_name=f"{ds.get('name')} (held-out split {ds.get('split')})",
-                      dataset_split=ds.get("split"), metric_type="perplexity", metric_value=float(own["perplexity"]),
-                      metric_name="held-out perplexity")]
+    out = [perplexity_result(ds, own["perplexity"], "held-out perplexity")]
     second = ev.get("second_corpus") or {}
     if key in second:
-        d2 = second["dataset"]
-        out.append(EvalResult(task_type="text-generation", dataset_type=str(d2["name"]),
-                              dataset_name=f"{d2['name']} (held-out split {d2['split']})", dataset_split=d2["split"],
-                              metric_type="perplexity", metric_value=float(second[key]),
-                              metric_name="perplexity on a second corpus"))
+        out.append(perplexity_result(second["dataset"], second[key], "perplexity on a second corpus"))
     rec = tasks_of(ev, key) or {}
     for task, t in rec.get("tasks", {}).items():
         for metric, value in t["metrics"].items():
@@ -156,6 +149,13 @@ def eval_results(ev: dict) -> list[EvalResult]:
                                   source_name=f"lm-evaluation-harness {rec.get('lm_eval_version')}",
                                   source_url=LM_EVAL_URL))
     return out
+
+
+def perplexity_result(ds: dict, value: float, name: str) -> EvalResult:
+    """A perplexity on a held-out split of dataset ``ds`` ({"name", "split"}) as a model-index entry."""
+    return EvalResult(task_type="text-generation", dataset_type=str(ds.get("name") or "held-out text"),
+                      dataset_name=f"{ds.get('name')} (held-out split {ds.get('split')})", dataset_split=ds.get("split"),
+                      metric_type="perplexity", metric_value=float(value), metric_name=name)
 
 
 def benchmark_lines(ev: dict) -> list[str]:

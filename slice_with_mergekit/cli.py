@@ -30,13 +30,13 @@ from compute_block_similarity.errors import (
     run_cli,
 )
 from compute_block_similarity.flags import add_flags, from_args
-from compute_block_similarity.options import DataOptions, ModelOptions
+from compute_block_similarity.options import PLACEMENT, DataOptions, ModelOptions
 
 from .benchmarks import TaskOptions, run_tasks, task_manager
 from .evaluate import measure_speed, perplexity, write_eval
 from .heal import HealConfig, heal
 from .materialize import materialize
-from .pipeline import PLACEMENT, PruneArgs, prune
+from .pipeline import PruneArgs, prune
 from .plan import plan, write_config, write_selection
 from .push import push
 from .repair import repair_checkpoint

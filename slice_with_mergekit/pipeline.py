@@ -25,7 +25,12 @@ from compute_block_similarity.data import load_calibration, load_texts
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.flags import one_of
 from compute_block_similarity.job import run_scan
-from compute_block_similarity.options import DataOptions, ModelOptions, ScanOptions
+from compute_block_similarity.options import (
+    PLACEMENT,
+    DataOptions,
+    ModelOptions,
+    ScanOptions,
+)
 from compute_block_similarity.ranges import (
     format_inclusive,
     format_layers,
@@ -113,7 +118,6 @@ BASELINES: dict[str, tuple[str, Callable[[ScanFile, int], list[int]]]] = {
     "angle": ("the block of least last-token angular distance in the scan (Gromov et al. 2024)", _angle),
 }
 
-PLACEMENT = ("device_map", "max_memory", "offload_folder")  # of ModelOptions: where a model runs
 SCAN_FLAGS = ["metric"]  # of ScanOptions, the ones prune takes; the rest keep the scan's defaults
 
 
@@ -292,6 +296,11 @@ def heal_config(a: PruneArgs) -> HealConfig:
     return a.heal_cfg.model_copy(update={"max_length": a.data.max_length})
 
 
+def texts_inputs(fps: dict, texts: list[str]) -> dict:
+    """An evaluation stage's inputs: the eval fingerprint and the texts it scores."""
+    return {**fps["eval"], "texts": hashlib.sha256("\x00".join(texts).encode()).hexdigest()}
+
+
 def pick_texts(a: PruneArgs, eval_texts: list[str], fps: dict) -> tuple[list[str], dict]:
     """Held-out texts that pick healing's best step: the next --eval_size texts of the held-out split after
     the ones every perplexity is reported on, so the healed figure is measured on text that chose nothing."""
@@ -301,7 +310,7 @@ def pick_texts(a: PruneArgs, eval_texts: list[str], fps: dict) -> tuple[list[str
         log.warning("the held-out split %s has no texts beyond the %d reported on: healing picks its best step on "
                     "those same texts, which flatters the healed figure; use a larger split", a.eval_subset, a.eval_size)
         more = eval_texts
-    return more, {**fps["eval"], "texts": hashlib.sha256("\x00".join(more).encode()).hexdigest()}
+    return more, texts_inputs(fps, more)
 
 
 def heal_stage(a: PruneArgs, model_dir: Path, model_fp: str, eval_texts: list[str], hdir: Path) -> None:
@@ -465,7 +474,7 @@ def prune(a: PruneArgs) -> Path:
     scan = scanfile.load(scan_json)
     data = a.data
     eval_texts = load_texts(data.dataset, data.dataset_column, a.eval_subset, a.eval_size, data.dataset_config)
-    eval_in = {**fps["eval"], "texts": hashlib.sha256("\x00".join(eval_texts).encode()).hexdigest()}
+    eval_in = texts_inputs(fps, eval_texts)
     src_eval = work / "source_eval.json"
     stage(work, "eval-source", eval_in, [src_eval], eval_stage, a, eval_texts, a.model, src_eval)
     ctx = {"scan": scan, "scan_json": scan_json, "scan_fp": scan_fp, "fps": fps, "eval_in": eval_in,
@@ -475,7 +484,7 @@ def prune(a: PruneArgs) -> Path:
     if a.eval_dataset:
         ctx["texts2"] = load_texts(a.eval_dataset, data.dataset_column, a.eval_dataset_subset, a.eval_size,
                                    data.dataset_config)
-        ctx["eval2_in"] = {**fps["eval"], "texts": hashlib.sha256("\x00".join(ctx["texts2"]).encode()).hexdigest()}
+        ctx["eval2_in"] = texts_inputs(fps, ctx["texts2"])
         src2 = work / "source_eval2.json"
         stage(work, "eval2-source", ctx["eval2_in"], [src2], eval_stage, a, ctx["texts2"], a.model, src2)
         ctx["src_ppl2"] = json.loads(src2.read_text())["perplexity"]

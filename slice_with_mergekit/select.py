@@ -24,7 +24,13 @@ from compute_block_similarity.flags import one_of
 from compute_block_similarity.ranges import format_layers
 from compute_block_similarity.scanfile import ScanFile
 
-from .evaluate import LOGITS_BYTES, head_share, perplexity, sample_scored, tokenize_windows
+from .evaluate import (
+    LOGITS_BYTES,
+    head_share,
+    perplexity,
+    sample_scored,
+    tokenize_windows,
+)
 from .inmemory import removed_layers
 from .repair_fit import TooFewTokens, fit_repairs
 
@@ -212,8 +218,7 @@ class Scorer:
     def _bridge(self, removed: tuple[int, ...], fold: int | None) -> Any:
         if self.repair == "none" or not removed or fold is None:
             return nullcontext()
-        self.prepare([removed])  # a cut no one prepared: its own pass
-        return self.bridges[(removed, fold)].in_memory()
+        return self.bridges[(removed, fold)].in_memory()  # prepared by score_on
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from compute_block_similarity.errors import UserError
-from compute_block_similarity.model import input_device, parse_max_memory
+from compute_block_similarity.model import input_device, placement
 from compute_block_similarity.options import ModelOptions
 from compute_block_similarity.ranges import format_layers
 
@@ -112,8 +112,7 @@ def verify(out_path: str, plan_path: str, source: str | None = None, generate_to
                 f"recorded T" + (f"; differ: {bad[:3]}" if bad else ""))
 
     try:
-        place = {k: v for k, v in (("device_map", load.device_map), ("max_memory", parse_max_memory(load.max_memory)),
-                                   ("offload_folder", load.offload_folder)) if v} if load else {}
+        place = placement(load.device_map, load.max_memory, load.offload_folder) if load else {}
         model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32, **place)
         tok = AutoTokenizer.from_pretrained(out)
     except Exception as e:
