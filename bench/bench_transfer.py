@@ -9,6 +9,10 @@ the same calibration text), judged on two held-out corpora:
     which neither the choice nor any bridge saw.
 
     python bench/bench_transfer.py [--model smollm2|gemma3|PATH] [--sizes 4,8] [--calib 128] [--judge 32]
+                                   [--gains none,5]
+
+--gains: the default's --max_bridge_gain, one race per value (none: no limit) against the same
+exhaustive judgement.
 
 Cost: the default's calibration passes beyond the scan, against the exhaustive search's on the same
 calibration text (L - n + 1 scoring passes plus the bridges' statistics pass).
@@ -36,6 +40,8 @@ def main() -> None:
     p.add_argument("--judge", type=int, default=32, help="texts of each judging corpus")
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--plain_weight", type=float, default=0.0, help="--plain_weight of the default choice")
+    p.add_argument("--gains", default="5", help="--max_bridge_gain values of the default, comma-separated "
+                   "(none: no limit); one race each")
     p.add_argument("--cache", default=None, help="JSON file keeping judged blocks between runs (same flags)")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -49,7 +55,7 @@ def main() -> None:
     from compute_block_similarity.scanfile import ScanFile
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
-    from slice_with_mergekit.repair_fit import fit_repair, fit_repairs
+    from slice_with_mergekit.repair_fit import fit_repairs
     from slice_with_mergekit.select import Scorer, bridge_dependence, select_race
 
     path = model_path(args.model)
@@ -81,35 +87,42 @@ def main() -> None:
     rows = []
     for n in map(int, args.sizes.split(",")):
         blocks = [list(range(s, s + n)) for s in range(L - n + 1)]
-        cal = Scorer(model, tok, calib, max_length=ml, stride=ml, repair="linear", plain_weight=args.plain_weight)
-        c = bridge_dependence(cal, select_race(scan, n, cal, 16))
-        final = fit_repair(model, tok, calib, c.removed, method="linear", max_length=ml, skip_unfoldable=True,
-                           progress=False)
-        ours = judge(c.removed, final)
         todo = [b for b in blocks if key_of(b) not in cache]  # the bridges of blocks not judged yet
         fits = fit_repairs(model, tok, calib, todo, method="linear", max_length=ml, skip_unfoldable=True,
                            progress=False) if todo else {}
         ex = {b[0]: judge(b, fits.get(tuple(b))) for b in blocks}
-        prep = sum(len(cal.bridge_texts(f)) for f in range(2)) / len(calib)
+        probe = Scorer(model, tok, calib, max_length=ml, stride=ml, repair="linear")  # its folds' bridge texts
+        prep = sum(len(probe.bridge_texts(f)) for f in range(2)) / len(calib)
         exhaustive = (L - n + 1) + prep
-        for k in judges:
-            best = min(ex, key=lambda s: ex[s][k])
-            rows.append({"n": n, "judge": k, "ours": format_layers(c.removed), "ours_ppl": ours[k],
-                         "best": format_layers(range(best, best + n)), "best_ppl": ex[best][k],
-                         "ratio": ours[k] / ex[best][k], "passes": c.passes, "exhaustive_passes": exhaustive,
-                         "dependent": bool(c.bridge and c.bridge["dependent"]),
-                         "plain_over_bridged": c.bridge["ratio"] if c.bridge else None})
+        for g in args.gains.split(","):
+            gain = None if g == "none" else float(g)
+            cal = Scorer(model, tok, calib, max_length=ml, stride=ml, repair="linear", plain_weight=args.plain_weight,
+                         max_gain=gain)
+            c = bridge_dependence(cal, select_race(scan, n, cal, 16))
+            ours = ex[c.removed[0]]  # judged under the final bridge: fit_repair on all of the calibration text
+            for k in judges:
+                best = min(ex, key=lambda s: ex[s][k])
+                rows.append({"n": n, "gain": g, "judge": k, "ours": format_layers(c.removed), "ours_ppl": ours[k],
+                             "best": format_layers(range(best, best + n)), "best_ppl": ex[best][k],
+                             "ratio": ours[k] / ex[best][k], "passes": c.passes, "exhaustive_passes": exhaustive,
+                             "dependent": bool(c.bridge and c.bridge["dependent"]),
+                             "plain_over_bridged": c.bridge["ratio"] if c.bridge else None,
+                             "set_aside": [x["removed"] for x in c.candidates if x.get("set_aside")]})
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"machine: {dev} ({platform.machine()}), torch {torch.__version__}; {time.perf_counter() - t0:.0f} s")
     print(f"model: {Path(path).name}, {L} layers; calibration {args.calib} stdlib-docstring texts (train split), "
-          f"max_length {ml}; default: --select race --repair linear --plain_weight {args.plain_weight:g}; judges: {args.judge} texts each of the stdlib test split and of the package READMEs")
+          f"max_length {ml}; default: --select race --repair linear --plain_weight {args.plain_weight:g}, "
+          f"--max_bridge_gain as in the gain column; judges: {args.judge} texts each of the stdlib test split and of the package READMEs")
     print("dense perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()))
-    print(f"{'n':>2} {'judge':<32} {'default':<9} {'ppl':>8} {'best bridged':<13} {'ppl':>8} {'ratio':>6} "
+    print(f"{'n':>2} {'gain':>4} {'judge':<32} {'default':<9} {'ppl':>8} {'best bridged':<13} {'ppl':>8} {'ratio':>6} "
           f"{'passes':>7} {'of exhaustive':>13} {'plain/bridged':>13}")
     for r in rows:
         dep = f"{r['plain_over_bridged']:.2f}x" + (" dep." if r["dependent"] else "") if r["plain_over_bridged"] else "-"
-        print(f"{r['n']:>2} {r['judge']:<32} {r['ours']:<9} {r['ours_ppl']:8.2f} {r['best']:<13} {r['best_ppl']:8.2f} "
+        print(f"{r['n']:>2} {r['gain']:>4} {r['judge']:<32} {r['ours']:<9} {r['ours_ppl']:8.2f} {r['best']:<13} {r['best_ppl']:8.2f} "
               f"{r['ratio']:6.3f} {r['passes']:7.2f} {r['passes'] / r['exhaustive_passes']:13.0%} {dep:>13}")
+    for r in rows[::2]:
+        if r["set_aside"]:
+            print(f"n={r['n']} gain {r['gain']}: set aside as bridge-dependent: {', '.join(r['set_aside'])}")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ def calibration_scorer(scan: ScanFile, model: str, choice: SelectOptions | None 
     m, tok = (load or ModelOptions()).load(model, gguf_file=getattr(scan, "gguf_file", None))
     ml = min(int(ds.max_length or 256), 1024)
     return Scorer(m, tok, texts, max_length=ml, stride=ml, repair=repair, logits_bytes=choice.logits_bytes,
-                  score_share=choice.score_share, plain_weight=choice.plain_weight)
+                  score_share=choice.score_share, plain_weight=choice.plain_weight,
+                  max_gain=choice.max_bridge_gain)
 
 
 def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None = None, remove: str | None = None,

@@ -85,9 +85,12 @@ class Scorer:
     (``share``: the first windows of a fixed shuffled order) and on more later, paying only for the
     new ones. ``passes`` counts the forward tokens run, in units of one pass over every window."""
 
+    max_gain: float | None = None
+    _plain: "Scorer | None" = None
+
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
                  batch_size: int = 8, repair: str = "none", seed: int = 0, logits_bytes: int = LOGITS_BYTES,
-                 score_share: float | None = None, plain_weight: float = 0.0):
+                 score_share: float | None = None, plain_weight: float = 0.0, max_gain: float | None = None):
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.score_share = head_share(model) if score_share is None else score_share
         text_of: list[int] = []
@@ -99,21 +102,35 @@ class Scorer:
         self.total_tokens = sum(len(w[0]) for w in self.wins)
         self.kw = dict(max_length=max_length, stride=stride)
         self.repair, self.logits_bytes, self.plain_weight = repair, logits_bytes, plain_weight
+        self.max_gain = max_gain  # with a repair: a race sets aside cuts whose gain() exceeds it
+        self._plain: Scorer | None = None  # plain cuts on the same windows, for gain()
         self.tokens_run = 0
         self.windows: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # cut -> window -> (nll sum, tokens)
         self.bridged: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # the same, bridged alone
         self.bridges: dict[tuple[tuple[int, ...], int], Any] = {}  # (cut, fold scored) -> bridge fitted off it
 
     def plain(self) -> "Scorer":
-        """A scorer of the plain cuts (no bridge) on the same windows, in the same order."""
-        s = copy.copy(self)
-        s.repair, s.windows, s.bridged, s.bridges, s.tokens_run = "none", {}, {}, {}, 0
-        return s
+        """The scorer of the plain cuts (no bridge) on the same windows, in the same order; one per
+        scorer, so windows it scored are not run again, and its forwards count in ``passes``."""
+        if self._plain is None:
+            s = copy.copy(self)
+            s.repair, s.windows, s.bridged, s.bridges, s.tokens_run, s.max_gain = "none", {}, {}, {}, 0, None
+            self._plain = s
+        return self._plain
+
+    def gain(self, removed: Sequence[int], idx: Sequence[int]) -> float:
+        """How much the bridge carries the cut: its plain perplexity over its bridged one on windows
+        ``idx`` (runs the windows not yet scored either way)."""
+        key = tuple(sorted(removed))
+        self.score_on(key, idx)
+        b = self.bridged[key]
+        return math.exp(self.plain().score_on(key, idx) - sum(b[i][0] for i in idx) / sum(b[i][1] for i in idx))
 
     @property
     def passes(self) -> float:
-        """Forward tokens run so far, in passes over the calibration windows (a bridge fit counts one)."""
-        return self.tokens_run / self.total_tokens
+        """Forward tokens run so far, in passes over the calibration windows (a bridge fit counts one;
+        plain cuts scored for gain() count too)."""
+        return (self.tokens_run + (self._plain.tokens_run if self._plain is not None else 0)) / self.total_tokens
 
     @property
     def num_windows(self) -> int:
@@ -275,7 +292,7 @@ def with_confidence(c: Choice, score: Scorer, n: int) -> Choice:
     for x in c.candidates:
         d, se = score.paired(range(x["start"], x["start"] + n), c.removed)
         x["nll_minus_chosen"], x["se"] = d, (se if math.isfinite(se) else None)
-    rivals = [x for x in c.candidates if x["start"] != c.removed[0]]
+    rivals = [x for x in c.candidates if x["start"] != c.removed[0] and not x.get("set_aside")]
     if rivals:  # the runner-up: the rival least clearly beaten (fewest standard errors behind)
         r = min(rivals, key=lambda x: (x["nll_minus_chosen"] / x["se"] if x["se"] else math.inf, x["nll_minus_chosen"]))
         z = r["nll_minus_chosen"] / r["se"] if r["se"] else None
@@ -352,12 +369,15 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tupl
     every window: all are scored on a first share, then, at each doubling of the share, the
     candidates clearly behind the leader (``z`` paired SEs) are dropped and at most half (at least
     two) survive. Ends early when one is left, else when the survivors have seen every window.
-    Returns (winner, {cut: the round it was dropped in, None for the winner})."""
+    With ``score.max_gain``, the cuts whose bridge carries them (gain() above it on the first share)
+    are set aside before the first round, unless every cut is.
+    Returns (winner, {cut: the round it was dropped in, -1 if set aside, None for the winner})."""
     score.prepare(cuts)  # every candidate's bridge from one shared pass
     W = score.num_windows
     m = min(W, max(cfg.min_windows, math.ceil(W * cfg.first_share)))
     dropped: dict[tuple[int, ...], int | None] = dict.fromkeys(cuts)  # None: still in the race
-    alive = list(dropped)
+    alive = set_aside(score, list(dropped), score.share(m))
+    dropped.update({c: -1 for c in dropped if c not in alive})
     rnd = 0
     while True:
         idx = score.share(m)
@@ -373,6 +393,20 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tupl
             break
         m, rnd = min(W, 2 * m), rnd + 1
     return alive[0], dropped
+
+
+def set_aside(score: Scorer, cuts: list[tuple[int, ...]], idx: list[int]) -> list[tuple[int, ...]]:
+    """The cuts a bridge does not carry: gain() on windows ``idx`` at most ``score.max_gain`` (all of
+    them when none is, or without a repair or a limit)."""
+    if score.max_gain is None or score.repair == "none" or len(cuts) < 2:
+        return cuts
+    gain = {c: score.gain(c, idx) for c in cuts}
+    keep = [c for c in cuts if gain[c] <= score.max_gain]
+    for c in cuts:
+        if c not in keep and keep:
+            log.info("race: %s set aside: bridge-dependent (plain cut %.1fx its bridged perplexity, over "
+                     "--max_bridge_gain %g)", format_layers(c), gain[c], score.max_gain)
+    return keep or cuts
 
 
 def _clearly_behind(score: Scorer, c: tuple, leader: tuple, idx: list[int], z: float) -> bool:
@@ -406,7 +440,8 @@ def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 16, cfg: Rac
         win = w2
     cands = [{"start": c[0], "removed": format_layers(c), "windows": score.scored(c),
               "perplexity": score.seen_perplexity(c),  # on the windows each one was scored on
-              "score": scan.scores(n)[c[0]], "dropped_in_round": r} for c, r in dropped.items()]
+              "score": scan.scores(n)[c[0]], "dropped_in_round": r,
+              **({"set_aside": True} if r == -1 else {})} for c, r in dropped.items()]
     return with_confidence(Choice("race", list(win), score.passes - passes0, score.seen_perplexity(win), cands),
                            score, n)
 
@@ -448,10 +483,10 @@ def bridge_dependence(score: Scorer, c: Choice) -> Choice:
     if score.repair == "none" or key not in score.bridged:
         return c
     idx = sorted(score.bridged[key])
-    plain = score.plain()
+    passes0 = score.passes
     seen = score.bridged[key]
-    p, b = math.exp(plain.score_on(key, idx)), math.exp(sum(seen[i][0] for i in idx) / sum(seen[i][1] for i in idx))
-    c.passes += plain.passes
+    p, b = math.exp(score.plain().score_on(key, idx)), math.exp(sum(seen[i][0] for i in idx) / sum(seen[i][1] for i in idx))
+    c.passes += score.passes - passes0
     c.bridge = {"plain_perplexity": p, "bridged_perplexity": b, "ratio": p / b, "dependent": p / b > BRIDGE_DEPENDENT,
                 "windows": len(idx)}
     if c.bridge["dependent"]:
@@ -494,6 +529,12 @@ class SelectOptions(BaseModel):
     plain_weight: float = Field(0.0, ge=0, le=1, description="with a repair: rank the candidates by (1 - w) x bridged "
                                 "+ w x plain loss per token (0: the bridged loss alone; each window then costs two "
                                 "forwards): a cut that leans on its bridge transfers worse to other text")
+
+    max_bridge_gain: float | None = Field(5.0, gt=1, description="with a repair: --select race sets aside the "
+                                          "candidates whose plain cut's perplexity is more than this many times their "
+                                          "bridged one on the first share of the calibration text (unless all are): a "
+                                          "bridge that rescues a badly damaged block transfers worse to other text "
+                                          "(measured on SmolLM2, bench/transfer_smollm2_gain5.txt)")
 
     @field_validator("select")
     @classmethod

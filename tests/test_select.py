@@ -428,3 +428,47 @@ def test_plain_weight_ranks_by_a_blend_of_bridged_and_plain_loss(tiny_models):
     c = bridge_dependence(sc, Choice("x", list(cut), 0))  # still reports the bridged loss alone against the plain
     assert c.bridge["bridged_perplexity"] == pytest.approx(math.exp(bridged)) and \
         c.bridge["plain_perplexity"] == pytest.approx(math.exp(plain))
+
+
+def test_gain_is_the_plain_over_the_bridged_perplexity_on_the_same_windows(tiny_models):
+    model, tok = load(tiny_models["qwen3"])
+    texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]
+    mk = lambda **kw: Scorer(model, tok, texts, max_length=64, stride=64, **kw)  # noqa: E731
+    sc = mk(repair="linear")
+    cut, idx = (2, 3), sc.share(sc.num_windows // 2)
+    g = sc.gain(cut, idx)
+    bridged, plain = mk(repair="linear").score_on(cut, idx), mk().score_on(cut, idx)
+    assert g == pytest.approx(math.exp(plain - bridged), rel=1e-6)
+    assert g > 1  # the bridge helps this cut
+    ref = mk(repair="linear")
+    ref.score_on(cut, idx)
+    assert sc.passes == pytest.approx(ref.passes + sum(len(sc.wins[i][0]) for i in idx) / sc.total_tokens)  # plain ones counted
+    before = sc.passes
+    sc.gain(cut, idx)
+    assert sc.passes == before  # nothing run twice
+
+
+class GainTable(TableScorer):
+    """A TableScorer with a repair, whose cuts' bridge gains come from a table."""
+
+    def __init__(self, table, gains, max_gain):
+        super().__init__(table)
+        self.repair, self.max_gain, self.gains = "linear", max_gain, gains
+
+    def prepare(self, cuts):
+        pass
+
+    def gain(self, removed, idx):
+        self.score_on(removed, idx)
+        return self.gains[tuple(sorted(removed))]
+
+
+def test_the_race_sets_aside_a_cut_its_bridge_carries_unless_every_cut_is():
+    W = 256
+    table = {(0,): noisy(2.0, W, 0), (1,): noisy(2.5, W, 1), (2,): noisy(3.0, W, 2)}
+    gains = {(0,): 17.5, (1,): 1.5, (2,): 3.0}  # the best bridged cut leans on its bridge
+    win, dropped = race(GainTable(table, gains, max_gain=5.0), list(table), Race(first_share=1 / 8))
+    assert win == (1,) and dropped[(0,)] == -1 and dropped[(2,)] is not None
+    assert race(GainTable(table, gains, max_gain=None), list(table), Race(first_share=1 / 8))[0] == (0,)
+    win, dropped = race(GainTable(table, gains, max_gain=1.2), list(table), Race(first_share=1 / 8))
+    assert win == (0,) and -1 not in dropped.values()  # every cut over the limit: none set aside
