@@ -36,7 +36,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="smollm2, gemma3 (both embedded), or a checkpoint path")
     p.add_argument("--sizes", default="4,8")
-    p.add_argument("--calib", type=int, default=128, help="calibration texts (stdlib docstrings, train split)")
+    p.add_argument("--calib", type=int, default=128, help="calibration texts (train split)")
+    p.add_argument("--calib_dataset", default="python-stdlib-docs", help="calibration corpus (a builtin); its test "
+                   "split is the in-domain judge")
     p.add_argument("--judge", type=int, default=32, help="texts of each judging corpus")
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--plain_weight", type=float, default=0.0, help="--plain_weight of the default choice")
@@ -60,15 +62,17 @@ def main() -> None:
 
     path = model_path(args.model)
     model, tok = load_model(path, dtype="float32", device="auto")
-    calib = load_texts(BUILTIN_DATASET, split="train", size=args.calib)
-    judges = {"in-domain (stdlib test)": load_texts(BUILTIN_DATASET, split="test", size=args.judge),
+    calib = load_texts(args.calib_dataset, split="train", size=args.calib)
+    own = "in-domain (stdlib test)" if args.calib_dataset == BUILTIN_DATASET else f"in-domain ({args.calib_dataset} test)"
+    judges = {own: load_texts(args.calib_dataset, split="test", size=args.judge),
               "out-of-domain (package READMEs)": load_texts(READMES_DATASET, split="train", size=args.judge)}
     ml = args.max_length
     cache = json.loads(Path(args.cache).read_text()) if args.cache and os.path.exists(args.cache) else {}
 
     def key_of(removed: list[int]) -> str:
         # the final bridge of a cut is fit_repair on all of the calibration text, as fit_repairs gives it
-        return f"{path}|{args.calib}|{args.judge}|{ml}|{','.join(map(str, removed))}"
+        data = "" if args.calib_dataset == BUILTIN_DATASET else f"{args.calib_dataset}|"
+        return f"{path}|{data}{args.calib}|{args.judge}|{ml}|{','.join(map(str, removed))}"
 
     def judge(removed: list[int], fit) -> dict[str, float]:
         key = key_of(removed)
@@ -110,7 +114,7 @@ def main() -> None:
                              "set_aside": [x["removed"] for x in c.candidates if x.get("set_aside")]})
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"machine: {dev} ({platform.machine()}), torch {torch.__version__}; {time.perf_counter() - t0:.0f} s")
-    print(f"model: {Path(path).name}, {L} layers; calibration {args.calib} stdlib-docstring texts (train split), "
+    print(f"model: {Path(path).name}, {L} layers; calibration {args.calib} {args.calib_dataset} texts (train split), "
           f"max_length {ml}; default: --select race --repair linear --plain_weight {args.plain_weight:g}, "
           f"--max_bridge_gain as in the gain column; judges: {args.judge} texts each of the stdlib test split and of the package READMEs")
     print("dense perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()))

@@ -1,6 +1,7 @@
 """Calibration text: a Hub dataset, a local file or folder, or text that ships with Python and the
-installed packages: the stdlib's docstrings (the default) or the packages' README prose (another kind
-of documentation, for judging a cut on text the choice never saw)."""
+installed packages: the stdlib's docstrings (the default), the packages' README prose (another kind of
+documentation, for judging a cut on text the choice never saw), or the docstrings and the pydoc
+reference's prose in one sample (python-docs)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import logging
 import os
 import re
 import sysconfig
-from itertools import islice
+from functools import lru_cache
+from itertools import chain, islice
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_DATASET = "python-stdlib-docs"
 READMES_DATASET = "python-package-readmes"
+DOCS_DATASET = "python-docs"
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -54,6 +57,29 @@ def stdlib_paragraphs(min_chars: int = 200) -> Iterator[str]:
                     yield para
 
 
+def reference_paragraphs(min_chars: int = 200) -> Iterator[str]:
+    """Prose paragraphs of the Python reference that ships with pydoc (``pydoc_data.topics``: the
+    language reference's sections on statements, expressions, the data model, ...), by topic."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # a Python built without it
+        return
+    for name in sorted(topics):
+        for para in topics[name].split("\n\n"):
+            para = " ".join(para.split())
+            if len(para) >= min_chars and sum(c.isalpha() or c == " " for c in para) >= 0.85 * len(para):
+                yield para
+
+
+@lru_cache(maxsize=1)
+def python_docs() -> tuple[str, ...]:
+    """The stdlib's docstring paragraphs and the pydoc reference's prose, each once, ordered by a hash
+    of the text, so the first N texts of a split sample every module and topic rather than the first
+    modules by name. Measured as a default calibration text and not adopted (docs/benchmarks.md)."""
+    paras = dict.fromkeys(chain(stdlib_paragraphs(), reference_paragraphs()))
+    return tuple(sorted(paras, key=lambda t: hashlib.sha256(t.encode()).hexdigest()))
+
+
 def readme_paragraphs(min_chars: int = 200) -> Iterator[str]:
     """English prose paragraphs of the long descriptions (PyPI READMEs) of the installed Python
     distributions, by package name: what a project is, how to install and cite it, its licence and
@@ -80,7 +106,7 @@ def readme_paragraphs(min_chars: int = 200) -> Iterator[str]:
                 yield para
 
 
-BUILTINS = {BUILTIN_DATASET: stdlib_paragraphs, READMES_DATASET: readme_paragraphs}
+BUILTINS = {BUILTIN_DATASET: stdlib_paragraphs, READMES_DATASET: readme_paragraphs, DOCS_DATASET: python_docs}
 
 
 def builtin_split(text: str) -> str:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .data import BUILTIN_DATASET, READMES_DATASET
+from .data import BUILTIN_DATASET, DOCS_DATASET, READMES_DATASET
 from .flags import one_of
 from .metrics import DEFAULT_METRIC, METRICS
 from .model import load_model, parse_max_memory
@@ -61,8 +61,9 @@ class DataOptions(BaseModel):
     """Calibration data"""
 
     dataset: str = Field(BUILTIN_DATASET, description="Hub dataset id, a local jsonl/json/csv/parquet/txt file or "
-                         f"folder, '{BUILTIN_DATASET}' (embedded docstrings of the Python standard library) or "
-                         f"'{READMES_DATASET}' (the installed packages' README prose)")
+                         f"folder, '{BUILTIN_DATASET}' (embedded docstrings of the Python standard library), "
+                         f"'{READMES_DATASET}' (the installed packages' README prose) or '{DOCS_DATASET}' (the "
+                         "docstrings and the pydoc reference's prose, sampled across all of it)")
     dataset_column: str = Field("text", description="column holding the text")
     dataset_subset: str = Field("train", description="dataset split")
     dataset_size: int | None = Field(None, ge=1, description="use the first N texts (default: all)")

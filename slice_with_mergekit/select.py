@@ -43,14 +43,15 @@ class Strategy:
     cost: str  # extra calibration passes, as a formula
     help: str
     needs_scorer: bool
+    top_k: int = 0  # candidates scored by loss when --top_k is not given (0: the strategy takes none)
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def strategy(name: str, cost: str, help: str, needs_scorer: bool) -> Callable:
+def strategy(name: str, cost: str, help: str, needs_scorer: bool, top_k: int = 0) -> Callable:
     def register(fn: Callable) -> Callable:
-        STRATEGIES[name] = Strategy(name, fn, cost, help, needs_scorer)
+        STRATEGIES[name] = Strategy(name, fn, cost, help, needs_scorer, top_k)
         return fn
 
     return register
@@ -276,7 +277,7 @@ def top_k_by_loss(scan: ScanFile, n: int, score: Scorer, top_k: int) -> list[dic
 
 
 @strategy("ppl", cost="top_k", help="re-rank the scan's top-k blocks by the real perplexity of the model without them",
-          needs_scorer=True)
+          needs_scorer=True, top_k=5)
 def select_ppl(scan: ScanFile, n: int, score: Scorer, top_k: int = 5) -> Choice:
     passes0 = score.passes
     cands = top_k_by_loss(scan, n, score, top_k)
@@ -306,7 +307,7 @@ def with_confidence(c: Choice, score: Scorer, n: int) -> Choice:
 
 @strategy("refine", cost="top_k + 2 + one per shift",
           help="--select ppl, then shift the best block one layer at a time while a neighbour is better",
-          needs_scorer=True)
+          needs_scorer=True, top_k=5)
 def select_refine(scan: ScanFile, n: int, score: Scorer, top_k: int = 5) -> Choice:
     """The scan's top-k blocks by real perplexity, then hill-climbing: the best block moves to
     [s-1, s-1+n) or [s+1, s+1+n) while one of them has a lower perplexity. Blocks the angle ranks
@@ -417,7 +418,7 @@ def _clearly_behind(score: Scorer, c: tuple, leader: tuple, idx: list[int], z: f
 @strategy("race", cost="about 3.5 + 1 per shift (top_k candidates, most dropped on a share of the text)",
           help="the scan's candidates from every metric, one per region of the depth, raced by real loss on a "
                "growing share of the calibration text (successive halving, clear losers dropped early), then "
-               "the winner shifted a layer while a neighbour wins", needs_scorer=True)
+               "the winner shifted a layer while a neighbour wins", needs_scorer=True, top_k=16)
 def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 16, cfg: Race = Race()) -> Choice:
     passes0 = score.passes
     block = lambda s: tuple(range(s, s + n))  # noqa: E731
@@ -497,8 +498,11 @@ def bridge_dependence(score: Scorer, c: Choice) -> Choice:
     return c
 
 
-def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer] | None, top_k: int = 16) -> Choice:
+def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer] | None,
+           top_k: int | None = None) -> Choice:
+    """The strategy's choice of n layers; ``top_k`` None: the strategy's own default."""
     st = STRATEGIES[one_of("--select", STRATEGIES, name)]
+    top_k = st.top_k if top_k is None else top_k
     if not st.needs_scorer:
         return st.select(scan, n, None, top_k)
     if top_k < 1:
@@ -516,8 +520,10 @@ class SelectOptions(BaseModel):
     """Block selection"""
 
     select: str = Field("race", description=strategies_help(), json_schema_extra={"choices": list(STRATEGIES)})
-    top_k: int = Field(16, ge=1, description="candidate blocks scored by loss: race scores them on a growing share "
-                       "of the calibration text; ppl and refine each on all of it (one pass each)")
+    top_k: int | None = Field(None, ge=1, description="candidate blocks scored by loss: race scores them on a "
+                              "growing share of the calibration text; ppl and refine each on all of it (one pass each) "
+                              "(default: " + ", ".join(f"{s.name} {s.top_k}" for s in STRATEGIES.values() if s.top_k)
+                              + ")")
     select_texts: int | None = Field(None, ge=1, description="calibration texts that score the candidates "
                                      "(default: all the scan's)")
     score_share: float | None = Field(None, gt=0, le=1, description="share of each calibration window's next-token "
@@ -556,7 +562,7 @@ class Budget:
         return self.curve[self.n - 1]["removed"] if self.n else []
 
 
-def budget_search(scan: ScanFile, score: Scorer, max_ratio: float, strategy: str = "race", top_k: int = 16,
+def budget_search(scan: ScanFile, score: Scorer, max_ratio: float, strategy: str = "race", top_k: int | None = None,
                   max_layers: int | None = None) -> Budget:
     """Grow n from 1 while the chosen n-layer cut keeps calibration perplexity within ``max_ratio``
     times the dense model's; one scan serves every n. Stops at the first n over budget."""

@@ -122,6 +122,18 @@ def test_builtin_calibration_text_is_deterministic():
     assert not set(a) & set(test)
 
 
+def test_the_first_python_docs_texts_sample_the_whole_stdlib_and_the_reference():
+    from itertools import islice
+
+    from compute_block_similarity.data import DOCS_DATASET, load_texts, reference_paragraphs, stdlib_paragraphs
+
+    first = load_texts(DOCS_DATASET, size=64)
+    early = set(islice(stdlib_paragraphs(), 300))  # the modules first by name
+    assert len(set(first)) == 64
+    assert len(set(first) & early) < 32  # not the alphabetically first modules
+    assert set(first) & set(reference_paragraphs())  # the language reference is in the mix
+
+
 def test_atomic_write_leaves_ordinary_permissions_and_no_temp(tmp_path):
     from compute_block_similarity.atomic import write_text
 

@@ -472,3 +472,17 @@ def test_the_race_sets_aside_a_cut_its_bridge_carries_unless_every_cut_is():
     assert race(GainTable(table, gains, max_gain=None), list(table), Race(first_share=1 / 8))[0] == (0,)
     win, dropped = race(GainTable(table, gains, max_gain=1.2), list(table), Race(first_share=1 / 8))
     assert win == (0,) and -1 not in dropped.values()  # every cut over the limit: none set aside
+
+
+@pytest.mark.parametrize("name,k", [("ppl", 5), ("race", 16), ("ppl", 2)])
+def test_top_k_defaults_to_the_strategys_own(name, k):
+    from slice_with_mergekit.select import STRATEGIES, choose
+
+    L, n, W = 24, 2, 64
+    table = {tuple(range(s, s + n)): noisy(2.0 + 0.1 * s, W, s) for s in range(L - n + 1)}
+    scan = scan_of(L, n, [float(s) for s in range(L - n + 1)])
+    sc = TableScorer(table)
+    c = choose(name, scan, n, lambda: sc, top_k=None if k == STRATEGIES[name].top_k else k)
+    assert len(c.candidates) >= k and len({x["start"] for x in c.candidates}) >= k
+    if name == "ppl":
+        assert [x["start"] for x in c.candidates] == list(range(k))  # the scan's top k, each on every window
