@@ -112,6 +112,8 @@ def main() -> None:
                              "dependent": bool(c.bridge and c.bridge["dependent"]),
                              "plain_over_bridged": c.bridge["ratio"] if c.bridge else None,
                              "set_aside": [x["removed"] for x in c.candidates if x.get("set_aside")]})
+                print(f"n={n} gain {g} {k}: {rows[-1]['ours']} ratio {rows[-1]['ratio']:.3f}", file=sys.stderr,
+                      flush=True)  # progress; the table comes at the end
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"machine: {dev} ({platform.machine()}), torch {torch.__version__}; {time.perf_counter() - t0:.0f} s")
     print(f"model: {Path(path).name}, {L} layers; calibration {args.calib} {args.calib_dataset} texts (train split), "
