@@ -95,14 +95,12 @@ def main() -> None:
         fits = fit_repairs(model, tok, calib, todo, method="linear", max_length=ml, skip_unfoldable=True,
                            progress=False) if todo else {}
         ex = {b[0]: judge(b, fits.get(tuple(b))) for b in blocks}
-        probe = Scorer(model, tok, calib, max_length=ml, stride=ml, repair="linear")  # its folds' bridge texts
-        prep = sum(len(probe.bridge_texts(f)) for f in range(2)) / len(calib)
-        exhaustive = (L - n + 1) + prep
         for g in args.gains.split(","):
             gain = None if g == "none" else float(g)
             cal = Scorer(model, tok, calib, max_length=ml, stride=ml, repair="linear", plain_weight=args.plain_weight,
                          max_gain=gain)
             c = bridge_dependence(cal, select_race(scan, n, cal, 16))
+            exhaustive = (L - n + 1) + sum(len(cal.bridge_texts(f)) for f in range(2)) / len(calib)
             ours = ex[c.removed[0]]  # judged under the final bridge: fit_repair on all of the calibration text
             for k in judges:
                 best = min(ex, key=lambda s: ex[s][k])

@@ -87,7 +87,7 @@ class Scorer:
     new ones. ``passes`` counts the forward tokens run, in units of one pass over every window."""
 
     max_gain: float | None = None
-    _plain: "Scorer | None" = None
+    _plain: "Scorer | None" = None  # plain cuts on the same windows, made by plain()
 
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
                  batch_size: int = 8, repair: str = "none", seed: int = 0, logits_bytes: int = LOGITS_BYTES,
@@ -104,7 +104,6 @@ class Scorer:
         self.kw = dict(max_length=max_length, stride=stride)
         self.repair, self.logits_bytes, self.plain_weight = repair, logits_bytes, plain_weight
         self.max_gain = max_gain  # with a repair: a race sets aside cuts whose gain() exceeds it
-        self._plain: Scorer | None = None  # plain cuts on the same windows, for gain()
         self.tokens_run = 0
         self.windows: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # cut -> window -> (nll sum, tokens)
         self.bridged: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # the same, bridged alone
@@ -486,7 +485,8 @@ def bridge_dependence(score: Scorer, c: Choice) -> Choice:
     idx = sorted(score.bridged[key])
     passes0 = score.passes
     seen = score.bridged[key]
-    p, b = math.exp(score.plain().score_on(key, idx)), math.exp(sum(seen[i][0] for i in idx) / sum(seen[i][1] for i in idx))
+    b = math.exp(sum(seen[i][0] for i in idx) / sum(seen[i][1] for i in idx))
+    p = b * score.gain(key, idx)
     c.passes += score.passes - passes0
     c.bridge = {"plain_perplexity": p, "bridged_perplexity": b, "ratio": p / b, "dependent": p / b > BRIDGE_DEPENDENT,
                 "windows": len(idx)}
