@@ -91,7 +91,8 @@ class Scorer:
 
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
                  batch_size: int = 8, repair: str = "none", seed: int = 0, logits_bytes: int = LOGITS_BYTES,
-                 score_share: float | None = None, plain_weight: float = 0.0, max_gain: float | None = None):
+                 score_share: float | None = None, plain_weight: float = 0.0, max_gain: float | None = None,
+                 bridge_texts: int | None = 64):
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.score_share = head_share(model) if score_share is None else score_share
         text_of: list[int] = []
@@ -104,6 +105,7 @@ class Scorer:
         self.kw = dict(max_length=max_length, stride=stride)
         self.repair, self.logits_bytes, self.plain_weight = repair, logits_bytes, plain_weight
         self.max_gain = max_gain  # with a repair: a race sets aside cuts whose gain() exceeds it
+        self.max_bridge_texts = bridge_texts  # texts per fold's bridges (at least a quarter); None: the whole fold
         self.tokens_run = 0
         self.windows: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # cut -> window -> (nll sum, tokens)
         self.bridged: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # the same, bridged alone
@@ -199,9 +201,11 @@ class Scorer:
 
     def bridge_texts(self, fold: int) -> list[int]:
         """The texts (indices) whose bridges score the windows of ``fold``: the other folds' texts, at
-        most a quarter of the calibration text or 64 texts, whichever is more."""
+        most a quarter of the calibration text or ``bridge_texts`` texts, whichever is more (None: all
+        of them)."""
         other = [j for j in range(len(self.texts)) if self.folds == 1 or j % self.folds != fold]
-        return other[: max(64, len(self.texts) // 4)]
+        cap = self.max_bridge_texts
+        return other if cap is None else other[: max(cap, len(self.texts) // 4)]
 
     def prepare(self, cuts: Sequence[Sequence[int]]) -> None:
         """Fit the bridges of every cut not yet bridged, one per fold, their statistics collected in one

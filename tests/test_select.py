@@ -185,6 +185,16 @@ def test_repair_aware_scoring_scores_each_window_under_a_bridge_fitted_without_i
     assert math.exp(sc.score_on(cut, range(sc.num_windows))) == pytest.approx(ref, rel=1e-5)
 
 
+def test_a_folds_bridges_take_up_to_bridge_texts_of_the_other_folds_texts_or_all_of_them(tiny_models):
+    model, tok = load(tiny_models["qwen3"])
+    texts = [f"{a} {i}" for i in range(50) for a in TEXTS[:4]]  # 200 texts, only tokenized
+    for cap, want in ((64, 64), (10, 50), (None, 100)):  # at least a quarter of the texts; None: the whole fold
+        sc = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear", bridge_texts=cap)
+        for f in range(2):
+            got = sc.bridge_texts(f)
+            assert len(got) == want and all(j % 2 != f for j in got) and got == sorted(set(got))
+
+
 def test_confidence_names_the_rival_beaten_least_clearly():
     from slice_with_mergekit.select import Choice, with_confidence
 
