@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 RECIPES = {  # name -> HealConfig overrides
-    "lm": {"loss": "lm"},
+    "lm": {"loss": "lm"},  # HealConfig's defaults: LoRA on every linear layer but the LM head
+    "lm_mlp": {"loss": "lm", "target_modules": ["mlp"]},  # the default before: LoRA on the MLP projections
     "kd": {"loss": "kd"},
     "lm+kd": {"loss": "lm+kd"},
     "layers": {"loss": "lm", "train_layers": "auto", "lr": 1e-4},

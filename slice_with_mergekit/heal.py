@@ -52,7 +52,10 @@ class HealConfig(BaseModel):
     rank: int = Field(8, ge=1, description="LoRA rank")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: 2 x rank)")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    target_modules: list[str] | None = Field(None, description="LoRA target module names (default: the MLP projections)")
+    target_modules: list[str] | None = Field(
+        None, description="LoRA target module names, or 'mlp' for the MLP projections (default: every linear layer but "
+                          "the LM head, PEFT's all-linear; on SmolLM2 it closes 88.8% of the gap on unseen text against "
+                          "86.3% for the MLP alone, see bench/heal_smollm2_lm_all.txt)")
     train_layers: str | None = Field(None, description="fully train these layers of the pruned model instead of LoRA: "
                                                        "'auto' (the two layers at each cut) or a comma list")
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
@@ -222,6 +225,13 @@ def cut_neighbours(checkpoint: str | Path, num_layers: int) -> list[int]:
     return sorted(x for x in out if x < num_layers) or [num_layers - 1]
 
 
+def lora_targets(model: torch.nn.Module, names: list[str] | None) -> list[str] | str:
+    """--target_modules as PEFT takes it: the names given, 'mlp' -> mlp_targets(), none -> 'all-linear'."""
+    if not names or [n.lower() for n in names] == ["all-linear"]:
+        return "all-linear"
+    return mlp_targets(model) if [n.lower() for n in names] == ["mlp"] else names
+
+
 def mlp_targets(model: torch.nn.Module) -> list[str]:
     """Leaf names of the linear layers inside MLP blocks (gate/up/down_proj, GPT-2's c_fc/c_proj)."""
     from transformers.pytorch_utils import Conv1D
@@ -268,7 +278,7 @@ def trainable(model: Any, checkpoint: str, cfg: HealConfig) -> Any:
 
         model = prepare_model_for_kbit_training(model)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
-                      target_modules=cfg.target_modules or mlp_targets(model), task_type="CAUSAL_LM")
+                      target_modules=lora_targets(model, cfg.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
 
 

@@ -257,3 +257,18 @@ def test_the_shipped_fsdp_config_is_the_trainers_fsdp():
     assert c.distributed_type == "FSDP"
     assert {k.removeprefix("fsdp_"): v for k, v in c.fsdp_config.items() if k.removeprefix("fsdp_") in FSDP_CONFIG} == \
         {k: v for k, v in FSDP_CONFIG.items()}
+
+
+def test_lora_goes_on_every_linear_layer_but_the_head_by_default_or_the_mlp_or_the_names_given(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    from slice_with_mergekit.heal import lora_targets
+
+    def adapted(names):  # leaf names of the modules that got an adapter
+        model, _ = load(tiny_llama)
+        peft = get_peft_model(model, LoraConfig(r=2, target_modules=lora_targets(model, names), task_type="CAUSAL_LM"))
+        return {n.rsplit(".", 1)[-1] for n, m in peft.named_modules() if hasattr(m, "lora_A")}
+
+    mlp = {"gate_proj", "up_proj", "down_proj"}
+    assert adapted(None) == {"q_proj", "k_proj", "v_proj", "o_proj"} | mlp  # not lm_head
+    assert adapted(["mlp"]) == mlp and adapted(["q_proj", "v_proj"]) == {"q_proj", "v_proj"}
