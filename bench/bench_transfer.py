@@ -8,7 +8,7 @@ the same calibration text), judged on two held-out corpora:
     (what a project is, how to install and cite it, its licence): documentation of another kind,
     which neither the choice nor any bridge saw.
 
-    python bench/bench_transfer.py [--model smollm2|gemma3|PATH] [--sizes 4,8] [--calib 128] [--judge 32]
+    python bench/bench_transfer.py [--model smollm2|gemma3|PATH] [--sizes 4,8] [--calib 256] [--judge 32]
                                    [--gains none,5]
 
 --gains: the default's --max_bridge_gain, one race per value (none: no limit) against the same
@@ -36,7 +36,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="smollm2, gemma3 (both embedded), or a checkpoint path")
     p.add_argument("--sizes", default="4,8")
-    p.add_argument("--calib", type=int, default=128, help="calibration texts (train split)")
+    p.add_argument("--calib", type=int, default=256, help="calibration texts (train split; prune's default)")
     p.add_argument("--calib_dataset", default="python-stdlib-docs", help="calibration corpus (a builtin); its test "
                    "split is the in-domain judge")
     p.add_argument("--judge", type=int, default=32, help="texts of each judging corpus")
@@ -46,6 +46,8 @@ def main() -> None:
                    "(none: no limit); one race each")
     p.add_argument("--bridge_texts", default="64", help="the race's bridge_texts values (Scorer: texts per fold's "
                    "bridges, at least a quarter; all: the whole other fold), comma-separated; one race each")
+    p.add_argument("--json", default=None, help="also write the rows, with every race candidate's calibration "
+                   "perplexity and the whole exhaustive table, to this file")
     p.add_argument("--cache", default=None, help="JSON file keeping judged blocks between runs (same flags)")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -111,9 +113,12 @@ def main() -> None:
                              "ratio": ours[k] / ex[best][k], "passes": c.passes, "exhaustive_passes": exhaustive,
                              "dependent": bool(c.bridge and c.bridge["dependent"]),
                              "plain_over_bridged": c.bridge["ratio"] if c.bridge else None,
-                             "set_aside": [x["removed"] for x in c.candidates if x.get("set_aside")]})
+                             "set_aside": [x["removed"] for x in c.candidates if x.get("set_aside")],
+                             "candidates": c.candidates, "exhaustive": {format_layers(range(b, b + n)): v for b, v in ex.items()}})
                 print(f"n={n} gain {g} bridge_texts {bt} {k}: {rows[-1]['ours']} ratio {rows[-1]['ratio']:.3f} "
                       f"passes {c.passes:.2f} of {exhaustive:.2f}", file=sys.stderr, flush=True)  # progress
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"machine: {dev} ({platform.machine()}), torch {torch.__version__}; {time.perf_counter() - t0:.0f} s")
     print(f"model: {Path(path).name}, {L} layers; calibration {args.calib} {args.calib_dataset} texts (train split), "
