@@ -16,7 +16,7 @@ import random
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import takewhile
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -87,12 +87,13 @@ class Scorer:
     new ones. ``passes`` counts the forward tokens run, in units of one pass over every window."""
 
     max_gain: float | None = None
+    tie_break: str = "loss"
     _plain: "Scorer | None" = None  # plain cuts on the same windows, made by plain()
 
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
                  batch_size: int = 8, repair: str = "none", seed: int = 0, logits_bytes: int = LOGITS_BYTES,
                  score_share: float | None = None, plain_weight: float = 0.0, max_gain: float | None = None,
-                 bridge_texts: int | None = 64):
+                 bridge_texts: int | None = 64, tie_break: str = "loss"):
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.score_share = head_share(model) if score_share is None else score_share
         text_of: list[int] = []
@@ -105,6 +106,7 @@ class Scorer:
         self.kw = dict(max_length=max_length, stride=stride)
         self.repair, self.logits_bytes, self.plain_weight = repair, logits_bytes, plain_weight
         self.max_gain = max_gain  # with a repair: a race sets aside cuts whose gain() exceeds it
+        self.tie_break = tie_break  # "scan": a race's statistical ties go to the scan's favourite
         self.max_bridge_texts = bridge_texts  # texts per fold's bridges (at least a quarter); None: the whole fold
         self.tokens_run = 0
         self.windows: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # cut -> window -> (nll sum, tokens)
@@ -368,13 +370,16 @@ class Race:
     min_windows: int = 8
 
 
-def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tuple[tuple[int, ...], dict]:
+def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race(),
+         prior: dict[tuple[int, ...], float] | None = None) -> tuple[tuple[int, ...], dict]:
     """The cut with the lowest calibration loss among ``cuts``, found without scoring every cut on
     every window: all are scored on a first share, then, at each doubling of the share, the
     candidates clearly behind the leader (``z`` paired SEs) are dropped and at most half (at least
     two) survive. Ends early when one is left, else when the survivors have seen every window.
     With ``score.max_gain``, the cuts whose bridge carries them (gain() above it on the first share)
-    are set aside before the first round, unless every cut is.
+    are set aside before the first round, unless every cut is. With ``score.tie_break == "scan"``,
+    survivors that have met on every window with none clearly behind (a statistical tie) are
+    decided by ``prior`` (lower wins: the scan's score, which no bridge or loss fit shapes).
     Returns (winner, {cut: the round it was dropped in, -1 if set aside, None for the winner})."""
     score.prepare(cuts)  # every candidate's bridge from one shared pass
     W = score.num_windows
@@ -396,6 +401,12 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tupl
         if len(alive) == 1 or m == W:
             break
         m, rnd = min(W, 2 * m), rnd + 1
+    if len(alive) > 1 and prior is not None and score.tie_break == "scan":
+        win = min(alive, key=lambda c: prior[c])
+        if win != alive[0]:
+            log.info("race: %s and %s are tied on the calibration loss (within %g paired SE): %s, the scan's "
+                     "favourite, wins", format_layers(alive[0]), format_layers(win), cfg.z, format_layers(win))
+        return win, dropped
     return alive[0], dropped
 
 
@@ -428,7 +439,8 @@ def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 16, cfg: Rac
     picked = pick_candidates(scan, n, top_k)
     for s in picked:
         log.info("candidate block [%d, %d)", s, s + n)
-    win, dropped = race(score, [block(s) for s in picked], cfg)
+    prior = {block(s): v for s, v in enumerate(scan.scores(n))}  # the scan's score breaks ties
+    win, dropped = race(score, [block(s) for s in picked], cfg, prior)
     last = scan.num_layers - n
     shifted = {win[0]}
     while True:  # shift the winner while a neighbour beats it; a neighbour halved out earlier races again
@@ -436,7 +448,7 @@ def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 16, cfg: Rac
         if not new:
             break
         shifted.update(new)
-        w2, d2 = race(score, [win, *map(block, new)], cfg)
+        w2, d2 = race(score, [win, *map(block, new)], cfg, prior)
         dropped.update({c: r for c, r in d2.items() if c[0] in new})
         if w2 == win:
             break
@@ -545,6 +557,10 @@ class SelectOptions(BaseModel):
                                           "bridged one on the first share of the calibration text (unless all are): a "
                                           "bridge that rescues a badly damaged block transfers worse to other text "
                                           "(measured on SmolLM2, bench/transfer_smollm2_gain5.txt)")
+
+    tie_break: Literal["scan", "loss"] = Field("loss", description="--select race: when the last candidates have "
+                                               "met on every calibration window and none is clearly behind (2 paired "
+                                               "SE), take the one the scan ranks first (scan) or the lowest loss (loss)")
 
     @field_validator("select")
     @classmethod

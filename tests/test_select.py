@@ -484,6 +484,25 @@ def test_the_race_sets_aside_a_cut_its_bridge_carries_unless_every_cut_is():
     assert win == (0,) and -1 not in dropped.values()  # every cut over the limit: none set aside
 
 
+def test_with_tie_break_scan_the_scan_decides_only_among_cuts_the_loss_cannot_separate():
+    W = 256
+    tied = {(0,): noisy(2.0, W, 0, sd=0.5), (1,): noisy(2.01, W, 1, sd=0.5), (2,): noisy(3.0, W, 2)}
+    prior = {(0,): 0.3, (1,): 0.2, (2,): 0.1}  # the scan's favourite is clearly worse by loss
+    sc = TableScorer(tied)
+    leader = min(tied, key=lambda c: sum(tied[c]))
+    assert leader == (0,)
+    assert race(sc, list(tied), Race(first_share=1 / 8), prior)[0] == leader  # tie_break "loss": the lowest loss
+    d, se = sc.paired((0,), (1,))
+    assert abs(d) < 2 * se and sc.scored((2,)) < W  # a tie; (2,) dropped early
+    sc = TableScorer(tied)
+    sc.tie_break = "scan"
+    assert race(sc, list(tied), Race(first_share=1 / 8), prior)[0] == (1,)  # the tied cut the scan prefers
+    apart = {**tied, (1,): noisy(2.5, W, 1, sd=0.5)}  # no tie: the loss decides whatever the scan says
+    sc = TableScorer(apart)
+    sc.tie_break = "scan"
+    assert race(sc, list(apart), Race(first_share=1 / 8), prior)[0] == (0,)
+
+
 @pytest.mark.parametrize("name,k", [("ppl", 5), ("race", 16), ("ppl", 2)])
 def test_top_k_defaults_to_the_strategys_own(name, k):
     from slice_with_mergekit.select import STRATEGIES, choose
