@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 RECIPES = {  # name -> HealConfig overrides
-    "lm": {"loss": "lm"},  # HealConfig's defaults: LoRA on every linear layer but the LM head
-    "lm_mlp": {"loss": "lm", "target_modules": ["mlp"]},  # the default before: LoRA on the MLP projections
+    "lm": {"loss": "lm"},  # HealConfig's defaults: LoRA on every linear layer but the LM head, lr 2e-3
+    "lm_mlp": {"loss": "lm", "target_modules": ["mlp"], "lr": 1e-3},  # the default before: LoRA on the MLP only
     "kd": {"loss": "kd"},
     "lm+kd": {"loss": "lm+kd"},
     "layers": {"loss": "lm", "train_layers": "auto", "lr": 1e-4},
     "lm_all": {"loss": "lm", "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                "down_proj"]},
+                                                "down_proj"], "lr": 1e-3},
     "kd_all": {"loss": "kd", "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                 "down_proj"]},
     "paper": {"loss": "lm", "alpha": 8, "lr": 3e-4, "dropout": 0.05},  # the old default (Gromov et al.)
