@@ -205,7 +205,7 @@ def test_prune_heal_rerun_with_another_recipe_starts_over(tiny_models, tmp_path,
             "--work_dir", str(tmp_path / "w")]
     assert slice_main(base) == 0
     first = json.loads((tmp_path / "w" / "n2" / "healed" / "heal.json").read_text())
-    assert first["config"]["lr"] == 1e-3 and first["config"]["max_length"] == 64
+    assert first["config"]["lr"] == 2e-3 and first["config"]["max_length"] == 64
     with caplog.at_level(logging.INFO):
         assert slice_main([*base, "--heal_lr", "3e-3"]) == 0
     second = json.loads((tmp_path / "w" / "n2" / "healed" / "heal.json").read_text())
