@@ -228,9 +228,10 @@ def cut_neighbours(checkpoint: str | Path, num_layers: int) -> list[int]:
 
 def lora_targets(model: torch.nn.Module, names: list[str] | None) -> list[str] | str:
     """--target_modules as PEFT takes it: the names given, 'mlp' -> mlp_targets(), none -> 'all-linear'."""
-    if not names or [n.lower() for n in names] == ["all-linear"]:
-        return "all-linear"
-    return mlp_targets(model) if [n.lower() for n in names] == ["mlp"] else names
+    key = [n.lower() for n in names or ["all-linear"]]
+    if key == ["mlp"]:
+        return mlp_targets(model)
+    return "all-linear" if key == ["all-linear"] else names
 
 
 def mlp_targets(model: torch.nn.Module) -> list[str]:

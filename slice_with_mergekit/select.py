@@ -401,13 +401,11 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race(),
         if len(alive) == 1 or m == W:
             break
         m, rnd = min(W, 2 * m), rnd + 1
-    if len(alive) > 1 and prior is not None and score.tie_break == "scan":
-        win = min(alive, key=lambda c: prior[c])
-        if win != alive[0]:
-            log.info("race: %s and %s are tied on the calibration loss (within %g paired SE): %s, the scan's "
-                     "favourite, wins", format_layers(alive[0]), format_layers(win), cfg.z, format_layers(win))
-        return win, dropped
-    return alive[0], dropped
+    win = min(alive, key=prior.get) if prior is not None and score.tie_break == "scan" else alive[0]
+    if win != alive[0]:
+        log.info("race: %s and %s are tied on the calibration loss (within %g paired SE): %s, the scan's favourite, "
+                 "wins", format_layers(alive[0]), format_layers(win), cfg.z, format_layers(win))
+    return win, dropped
 
 
 def set_aside(score: Scorer, cuts: list[tuple[int, ...]], idx: list[int]) -> list[tuple[int, ...]]:
