@@ -378,8 +378,9 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race(),
     two) survive. Ends early when one is left, else when the survivors have seen every window.
     With ``score.max_gain``, the cuts whose bridge carries them (gain() above it on the first share)
     are set aside before the first round, unless every cut is. With ``score.tie_break == "scan"``,
-    survivors that have met on every window with none clearly behind (a statistical tie) are
-    decided by ``prior`` (lower wins: the scan's score, which no bridge or loss fit shapes).
+    the winner is then challenged by the cuts the loss could not separate from it (halved out, or
+    beside it in the final, never clearly behind), the scan's favourites first (``prior``, lower
+    wins: the scan's score, which no bridge or loss fit shapes); see scan_tie_break().
     Returns (winner, {cut: the round it was dropped in, -1 if set aside, None for the winner})."""
     score.prepare(cuts)  # every candidate's bridge from one shared pass
     W = score.num_windows
@@ -387,7 +388,7 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race(),
     dropped: dict[tuple[int, ...], int | None] = dict.fromkeys(cuts)  # None: still in the race
     alive = set_aside(score, list(dropped), score.share(m))
     dropped.update({c: -1 for c in dropped if c not in alive})
-    rnd = 0
+    rnd, untested = 0, []  # untested: dropped by halving alone, never clearly behind
     while True:
         idx = score.share(m)
         nll = {c: score.score_on(c, idx) for c in alive}
@@ -397,15 +398,38 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race(),
         if m < W:
             keep = keep[: max(2, math.ceil(len(alive) / 2))]  # the last two meet on every window
         dropped.update({c: rnd for c in alive if c not in keep})
+        untested += [c for c in alive if c not in keep and c not in behind]
         alive = keep
         if len(alive) == 1 or m == W:
             break
         m, rnd = min(W, 2 * m), rnd + 1
-    win = min(alive, key=prior.get) if prior is not None and score.tie_break == "scan" else alive[0]
+    if prior is None or score.tie_break != "scan":
+        return alive[0], dropped
+    win = scan_tie_break(score, alive[0], untested + alive[1:], prior, cfg.z)
     if win != alive[0]:
-        log.info("race: %s and %s are tied on the calibration loss (within %g paired SE): %s, the scan's favourite, "
-                 "wins", format_layers(alive[0]), format_layers(win), cfg.z, format_layers(win))
+        dropped[alive[0]], dropped[win] = rnd, None
     return win, dropped
+
+
+def scan_tie_break(score: Scorer, win: tuple[int, ...], rivals: list[tuple[int, ...]], prior: dict, z: float) -> tuple:
+    """The scan's favourite among ``win`` and the ``rivals`` the loss cannot separate from it: each
+    rival the scan ranks above ``win`` (lower ``prior``), best first, is scored beside it on doubling
+    shares of the windows until it is clearly behind (``z`` paired SEs: next rival) or has met it on
+    every window (a tie: the rival wins)."""
+    W = score.num_windows
+    for c in sorted((r for r in rivals if prior[r] < prior[win]), key=prior.get):
+        m = min(W, 2 * score.scored(c))  # it was not clearly behind on the share it has seen
+        while True:
+            idx = score.share(m)
+            score.score_on(win, idx), score.score_on(c, idx)
+            if _clearly_behind(score, c, win, idx, z):
+                break
+            if m == W:
+                log.info("race: %s and %s are tied on the calibration loss (within %g paired SE on every window): "
+                         "%s, the scan's favourite, wins", format_layers(win), format_layers(c), z, format_layers(c))
+                return c
+            m = min(W, 2 * m)
+    return win
 
 
 def set_aside(score: Scorer, cuts: list[tuple[int, ...]], idx: list[int]) -> list[tuple[int, ...]]:

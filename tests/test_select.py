@@ -503,6 +503,33 @@ def test_with_tie_break_scan_the_scan_decides_only_among_cuts_the_loss_cannot_se
     assert race(sc, list(apart), Race(first_share=1 / 8), prior)[0] == (0,)
 
 
+def test_with_tie_break_scan_a_cut_halved_out_early_but_tied_on_every_window_is_the_scans_to_take():
+    W = 256
+    first = TableScorer({(0,): [0.0] * W}).share(16)  # the race's first share (1/16), same order
+    sign = {i: (-1) ** (first.index(i) if i in first else i) for i in range(W)}  # balanced on the first share
+    base = noisy(2.0, W, 0)
+
+    def off(i: int, on_first: float, later: float) -> float:  # a cut's per-window loss minus base's
+        return on_first + 0.2 * sign[i] if i in first else later + 0.05 * sign[i]
+
+    tied = [b + off(i, 0.08, -0.08 * 16 / 240) for i, b in enumerate(base)]  # unlucky at first, even overall
+    table = {(0,): base, (1,): tied, **{(k,): [b + off(i, 0.01 * k, 0.01 * k) for i, b in enumerate(base)]
+                                        for k in range(2, 6)}}  # (2,) ... (5,): ahead of (1,) at first, behind later
+    prior = {(0,): 0.3, (1,): 0.1, (2,): 0.05, (3,): 0.5, (4,): 0.5, (5,): 0.5}  # (2,): the scan's top, but worse
+    sc = TableScorer(table)
+    win, dropped = race(sc, list(table), Race(first_share=1 / 16), prior)
+    assert win == (0,) and dropped[(1,)] == 0  # halved out in the first round ...
+    assert sc.paired((1,), (0,), sc.share(16))[0] < 2 * sc.paired((1,), (0,), sc.share(16))[1]  # ... not clearly behind
+    sc = TableScorer(table)
+    sc.tie_break = "scan"
+    win, dropped = race(sc, list(table), Race(first_share=1 / 16), prior)
+    assert win == (1,) and dropped[(1,)] is None and dropped[(0,)] is not None
+    d, se = sc.paired((1,), (0,))
+    assert sc.scored((1,)) == W and abs(d) < 2 * se  # met on every window: a tie
+    d, se = sc.paired((2,), (0,))
+    assert d > 2 * se  # the scan's top challenged first and clearly behind: the loss overrules the scan
+
+
 @pytest.mark.parametrize("name,k", [("ppl", 5), ("race", 16), ("ppl", 2)])
 def test_top_k_defaults_to_the_strategys_own(name, k):
     from slice_with_mergekit.select import STRATEGIES, choose
