@@ -46,7 +46,7 @@ def main() -> None:
                    "(none: no limit); one race each")
     p.add_argument("--bridge_texts", default="64", help="the race's bridge_texts values (Scorer: texts per fold's "
                    "bridges, at least a quarter; all: the whole other fold), comma-separated; one race each")
-    p.add_argument("--tie_breaks", default="loss", help="the race's --tie_break values, comma-separated; one race each")
+    p.add_argument("--tie_breaks", default="auto", help="the race's --tie_break values (auto, scan, loss), comma-separated; one race each")
     p.add_argument("--json", default=None, help="also write the rows, with every race candidate's calibration "
                    "perplexity and the whole exhaustive table, to this file")
     p.add_argument("--cache", default=None, help="JSON file keeping judged blocks between runs (same flags)")

@@ -93,7 +93,7 @@ class Scorer:
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
                  batch_size: int = 8, repair: str = "none", seed: int = 0, logits_bytes: int = LOGITS_BYTES,
                  score_share: float | None = None, plain_weight: float = 0.0, max_gain: float | None = None,
-                 bridge_texts: int | None = 64, tie_break: str = "loss"):
+                 bridge_texts: int | None = 64, tie_break: str = "auto"):
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.score_share = head_share(model) if score_share is None else score_share
         text_of: list[int] = []
@@ -106,7 +106,8 @@ class Scorer:
         self.kw = dict(max_length=max_length, stride=stride)
         self.repair, self.logits_bytes, self.plain_weight = repair, logits_bytes, plain_weight
         self.max_gain = max_gain  # with a repair: a race sets aside cuts whose gain() exceeds it
-        self.tie_break = tie_break  # "scan": a race's statistical ties go to the scan's favourite
+        # "scan": a race's statistical ties go to the scan's favourite; "auto": so when scored under a bridge
+        self.tie_break = ("scan" if repair != "none" else "loss") if tie_break == "auto" else tie_break
         self.max_bridge_texts = bridge_texts  # texts per fold's bridges (at least a quarter); None: the whole fold
         self.tokens_run = 0
         self.windows: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # cut -> window -> (nll sum, tokens)
@@ -580,9 +581,12 @@ class SelectOptions(BaseModel):
                                           "bridge that rescues a badly damaged block transfers worse to other text "
                                           "(measured on SmolLM2, bench/transfer_smollm2_gain5.txt)")
 
-    tie_break: Literal["scan", "loss"] = Field("loss", description="--select race: when the last candidates have "
-                                               "met on every calibration window and none is clearly behind (2 paired "
-                                               "SE), take the one the scan ranks first (scan) or the lowest loss (loss)")
+    tie_break: Literal["auto", "scan", "loss"] = Field(
+        "auto", description="--select race: the candidates the calibration loss cannot separate from the winner (never "
+        "2 paired SE behind it) challenge it on every window, the scan's favourites first, and a tie goes to the one "
+        "the scan ranks first (scan), or the lowest loss keeps it (loss); auto: scan when the candidates are scored "
+        "under a bridge (--repair), whose fit transfers worse to other text than it scores (measured on SmolLM2, "
+        "bench/race_rules_smollm2.txt), loss for plain cuts")
 
     @field_validator("select")
     @classmethod

@@ -195,6 +195,14 @@ def test_a_folds_bridges_take_up_to_bridge_texts_of_the_other_folds_texts_or_all
             assert len(got) == want and all(j % 2 != f for j in got) and got == sorted(set(got))
 
 
+@pytest.mark.parametrize("repair,tie_break,want", [("linear", "auto", "scan"), ("none", "auto", "loss"),
+                                                    ("linear", "loss", "loss"), ("none", "scan", "scan")])
+def test_tie_break_auto_is_the_scan_under_a_bridge_and_the_loss_for_plain_cuts(tiny_models, repair, tie_break, want):
+    model, tok = load(tiny_models["qwen3"])
+    assert Scorer(model, tok, TEXTS[:4], max_length=64, stride=64, repair=repair,
+                  tie_break=tie_break).tie_break == want
+
+
 def test_confidence_names_the_rival_beaten_least_clearly():
     from slice_with_mergekit.select import Choice, with_confidence
 
