@@ -5,7 +5,7 @@ exhaustive table: every contiguous block cut and bridged on the same calibration
 stdlib test split (in-domain) and on python-package-readmes (out-of-domain).
 
     python bench/bench_race_rules.py --judged TRANSFER_CACHE [--sizes 4,8] [--seeds 8] [--cache F]
-        [--rules "base:;w33:min_windows=33;z3:z=3;scan:tie_break=scan"]
+        [--rules "loss:tie_break=loss;w66:min_windows=66,tie_break=loss;all:first_share=1;scan:"]
 
 TRANSFER_CACHE is bench_transfer.py's --cache file at the same --calib (it holds the exhaustive
 judgement). The race is the library's own `select_race`; only the forwards are replayed: each
@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--judge", type=int, default=32, help="texts of each judging corpus, as in --judged")
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--seeds", type=int, default=8, help="window orders per rule (seed 0 is the live default's)")
-    p.add_argument("--rules", default="base:;w33:min_windows=33;w66:min_windows=66;z3:z=3;all:first_share=1",
+    p.add_argument("--rules", default="loss:tie_break=loss;w33:min_windows=33,tie_break=loss;scan:tie_break=scan",
                    help="name:field=value,... (Race fields, and tie_break=scan|loss), separated by ';'; first_share=1 scores every candidate "
                    "on every window (one order)")
     p.add_argument("--judged", required=True, help="bench_transfer.py --cache file with the exhaustive judgement")
@@ -126,7 +126,7 @@ def main() -> None:
     for item in filter(None, (r.strip() for r in args.rules.split(";"))):
         name, _, kv = item.partition(":")
         fields = dict(x.split("=") for x in kv.split(",") if x)
-        ties[name] = fields.pop("tie_break", "loss")
+        ties[name] = fields.pop("tie_break", "scan")  # the default with a repair (auto)
         rules[name] = Race(**{k: type(getattr(Race, k))(v) for k, v in fields.items()})
 
     t0 = time.perf_counter()
