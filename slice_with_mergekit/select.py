@@ -304,6 +304,11 @@ def with_confidence(c: Choice, score: Scorer, n: int) -> Choice:
         r = min(rivals, key=lambda x: (x["nll_minus_chosen"] / x["se"] if x["se"] else math.inf, x["nll_minus_chosen"]))
         z = r["nll_minus_chosen"] / r["se"] if r["se"] else None
         c.confidence = {"runner_up": r["start"], "nll_gap": r["nll_minus_chosen"], "se": r["se"], "z": z}
+        if r["nll_minus_chosen"] < 0:  # the choice is not the loss leader: a tie given to the scan (--tie_break)
+            log.info("--select %s: %s trails %s by %.4f nats/token (paired SE %.4f, %.1f SE), a tie on the calibration "
+                     "loss, which the scan breaks (--tie_break)", c.strategy, format_layers(c.removed),
+                     format_layers(range(r["start"], r["start"] + n)), -r["nll_minus_chosen"], r["se"] or 0.0, -(z or 0.0))
+            return c
         log.info("--select %s: %s beats the runner-up %s by %.4f nats/token (paired SE %.4f, %.1f SE)%s", c.strategy,
                  format_layers(c.removed), format_layers(range(r["start"], r["start"] + n)), r["nll_minus_chosen"],
                  r["se"] or 0.0, z or 0.0, "" if z is None or z >= 2 else
@@ -422,7 +427,8 @@ def scan_tie_break(score: Scorer, win: tuple[int, ...], rivals: list[tuple[int, 
         m = min(W, 2 * score.scored(c))  # it was not clearly behind on the share it has seen
         while True:
             idx = score.share(m)
-            score.score_on(win, idx), score.score_on(c, idx)
+            for x in (win, c):
+                score.score_on(x, idx)
             if _clearly_behind(score, c, win, idx, z):
                 break
             if m == W:

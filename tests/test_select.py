@@ -4,6 +4,7 @@ scoring on growing shares of the calibration windows."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 
@@ -216,6 +217,20 @@ def test_confidence_names_the_rival_beaten_least_clearly():
     assert c.confidence["runner_up"] == min(z, key=z.get) == 2  # smaller gap-to-noise, though 1 is further behind
     assert c.confidence["z"] == pytest.approx(z[2])
     assert c.candidates[1]["nll_minus_chosen"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_a_choice_behind_its_runner_up_is_logged_as_a_tie_the_scan_broke(caplog):
+    from slice_with_mergekit.select import Choice, with_confidence
+
+    W = 64
+    table = {(0,): noisy(2.0, W, 0), (1,): noisy(2.01, W, 1)}
+    sc = TableScorer(table)
+    for c in table:
+        sc.score_on(c, range(W))
+    with caplog.at_level(logging.INFO, logger="slice_with_mergekit.select"):
+        c = with_confidence(Choice("race", [1], 0, None, [{"start": s} for s in range(2)]), sc, 1)
+    assert c.confidence["runner_up"] == 0 and c.confidence["nll_gap"] < 0
+    assert "[1, 2) trails [0, 1)" in caplog.text and "which the scan breaks" in caplog.text and "beats" not in caplog.text
 
 
 def test_select_strategies(tiny_llama):
