@@ -98,6 +98,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_nll import model_path
+    from common import judged_key
 
     from compute_block_similarity import scan_model
     from compute_block_similarity.data import load_texts
@@ -137,8 +138,7 @@ def main() -> None:
     master.table, master.save, master.fitted, master.gain_order = table, save, set(), list(master.order)
     rows = []
     for n in map(int, args.sizes.split(",")):
-        key_of = lambda b: f"{path}|{args.calib}|{args.judge}|{ml}|{','.join(map(str, b))}"  # noqa: E731
-        ex = {s: judged[key_of(range(s, s + n))] for s in range(L - n + 1)}
+        ex = {s: judged[judged_key(path, args.calib, args.judge, ml, range(s, s + n))] for s in range(L - n + 1)}
         judges = list(ex[0])
         best = {k: min(v[k] for v in ex.values()) for k in judges}
         exhaustive = (L - n + 1) + sum(len(master.bridge_texts(f)) for f in range(2)) / len(calib)

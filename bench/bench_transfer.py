@@ -53,6 +53,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_nll import model_path
+    from common import judged_key
 
     from compute_block_similarity import scan_model
     from compute_block_similarity.data import BUILTIN_DATASET, READMES_DATASET, load_texts
@@ -76,8 +77,8 @@ def main() -> None:
 
     def key_of(removed: list[int]) -> str:
         # the final bridge of a cut is fit_repair on all of the calibration text, as fit_repairs gives it
-        data = "" if args.calib_dataset == BUILTIN_DATASET else f"{args.calib_dataset}|"
-        return f"{path}|{data}{args.calib}|{args.judge}|{ml}|{','.join(map(str, removed))}"
+        data = "" if args.calib_dataset == BUILTIN_DATASET else args.calib_dataset
+        return judged_key(path, args.calib, args.judge, ml, removed, data)
 
     def judge(removed: list[int], fit) -> dict[str, float]:
         key = key_of(removed)

@@ -25,3 +25,13 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, list[str], list[str]]:
 
     model, tok = load_model(args.model_path or default_model_dir(), dtype="float32", device="auto")
     return model, tok, load_texts(size=args.calib), load_texts(split="test", size=args.heldout)
+
+
+JUDGE_VERSION = "readmes2"  # the READMEs judge in hash order (every package), not by package name
+
+
+def judged_key(path: Any, calib: int, judge: int, max_length: int, removed: Any, dataset: str = "") -> str:
+    """bench_transfer.py's --cache key of a block judged under its final bridge (fitted on ``calib``
+    texts of ``dataset``, "" for the default corpus); bench_race_rules.py reads the same keys."""
+    data = f"{dataset}|" if dataset else ""
+    return f"{path}|{data}{calib}|{judge}|{JUDGE_VERSION}|{max_length}|{','.join(map(str, removed))}"

@@ -134,6 +134,17 @@ def test_the_first_python_docs_texts_sample_the_whole_stdlib_and_the_reference()
     assert set(first) & set(reference_paragraphs())  # the language reference is in the mix
 
 
+def test_the_first_package_readme_texts_sample_many_packages_not_the_first_by_name():
+    from itertools import islice
+
+    from compute_block_similarity.data import READMES_DATASET, load_texts, package_paragraphs
+
+    first = load_texts(READMES_DATASET, size=32)
+    by_name = list(islice(package_paragraphs(), 100))  # the packages first by name
+    assert len(set(first)) == 32 and set(first) <= set(package_paragraphs())
+    assert len(set(first) & set(by_name)) < 16
+
+
 def test_atomic_write_leaves_ordinary_permissions_and_no_temp(tmp_path):
     from compute_block_similarity.atomic import write_text
 
