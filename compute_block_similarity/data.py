@@ -15,7 +15,7 @@ import sysconfig
 from functools import lru_cache
 from itertools import chain, islice
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import UserError, first_line, looks_local
 
@@ -76,8 +76,7 @@ def python_docs() -> tuple[str, ...]:
     """The stdlib's docstring paragraphs and the pydoc reference's prose, each once, ordered by a hash
     of the text, so the first N texts of a split sample every module and topic rather than the first
     modules by name. Measured as a default calibration text and not adopted (docs/benchmarks.md)."""
-    paras = dict.fromkeys(chain(stdlib_paragraphs(), reference_paragraphs()))
-    return tuple(sorted(paras, key=lambda t: hashlib.sha256(t.encode()).hexdigest()))
+    return hash_ordered(chain(stdlib_paragraphs(), reference_paragraphs()))
 
 
 @lru_cache(maxsize=1)
@@ -86,8 +85,12 @@ def readme_paragraphs() -> tuple[str, ...]:
     distributions, each once, ordered by a hash of the text: what a project is, how to install and
     cite it, its licence and community. The hash order makes the first N of a split sample every
     package (by package name, the first 32 came from 7 packages, 15 from one)."""
-    paras = dict.fromkeys(package_paragraphs())
-    return tuple(sorted(paras, key=lambda t: hashlib.sha256(t.encode()).hexdigest()))
+    return hash_ordered(package_paragraphs())
+
+
+def hash_ordered(texts: Iterable[str]) -> tuple[str, ...]:
+    """``texts``, each once, ordered by a hash of the text: its first N sample every source evenly."""
+    return tuple(sorted(dict.fromkeys(texts), key=lambda t: hashlib.sha256(t.encode()).hexdigest()))
 
 
 def package_paragraphs(min_chars: int = 200) -> Iterator[str]:
