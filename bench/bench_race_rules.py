@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import random
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from slice_with_mergekit.select import Race, Scorer  # noqa: E402
+from slice_with_mergekit.select import Race, Scorer, SelectOptions  # noqa: E402
 
 
 class Replay(Scorer):
@@ -90,7 +91,7 @@ def main() -> None:
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--seeds", type=int, default=8, help="window orders per rule (seed 0 is the live default's)")
     p.add_argument("--rules", default="loss:tie_break=loss;w33:min_windows=33,tie_break=loss;scan:tie_break=scan",
-                   help="name:field=value,... (Race fields, and tie_break=scan|loss), separated by ';'; first_share=1 scores every candidate "
+                   help="name:field=value,... (Race fields, tie_break=scan|loss, tie_margin=RATIO), separated by ';'; first_share=1 scores every candidate "
                    "on every window (one order)")
     p.add_argument("--judged", required=True, help="bench_transfer.py --cache file with the exhaustive judgement")
     p.add_argument("--cache", default=None, help="JSON file keeping the per-window calibration losses")
@@ -123,11 +124,12 @@ def main() -> None:
             tmp.write_text(json.dumps(store))
             os.replace(tmp, args.cache)
 
-    rules, ties = {}, {}  # name -> Race; name -> the scorer's tie_break
+    rules, ties, margins = {}, {}, {}  # name -> Race; name -> the scorer's tie_break, tie_margin
     for item in filter(None, (r.strip() for r in args.rules.split(";"))):
         name, _, kv = item.partition(":")
         fields = dict(x.split("=") for x in kv.split(",") if x)
         ties[name] = fields.pop("tie_break", "scan")  # the default with a repair (auto)
+        margins[name] = float(fields.pop("tie_margin", SelectOptions().tie_margin))
         rules[name] = Race(**{k: type(getattr(Race, k))(v) for k, v in fields.items()})
 
     t0 = time.perf_counter()
@@ -145,7 +147,7 @@ def main() -> None:
         for name, cfg in rules.items():
             for seed in range(1 if cfg.first_share >= 1 else args.seeds):  # every window first: order moot
                 sc = replay(master, seed)
-                sc.tie_break = ties[name]
+                sc.tie_break, sc.tie_margin = ties[name], math.log(margins[name])
                 c = bridge_dependence(sc, select_race(scan, n, sc, 16, cfg))  # as choose() runs it
                 rows.append({"n": n, "rule": name, "seed": seed, "ours": format_layers(c.removed), "passes": c.passes,
                              "cost": c.passes / exhaustive,
@@ -161,7 +163,7 @@ def main() -> None:
           f"{args.seeds} window orders per rule; judges: {args.judge} texts each, ratio = the winner's perplexity "
           "over the best block's (cut and bridged on the same calibration text)")
     for name, cfg in rules.items():
-        print(f"rule {name}: {cfg}, tie_break {ties[name]}")
+        print(f"rule {name}: {cfg}, tie_break {ties[name]}, tie_margin {margins[name]:g}")
     short = {judges[0]: "in-domain", judges[1]: "out-of-domain"}
     print(f"{'n':>2} {'rule':<6} {'winners (orders)':<40} " + " ".join(f"{short[k] + ' mean/max':>22}" for k in judges)
           + f" {'both <= 1.05':>12} {'cost mean/max':>14}")

@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--bridge_texts", default="64", help="the race's bridge_texts values (Scorer: texts per fold's "
                    "bridges, at least a quarter; all: the whole other fold), comma-separated; one race each")
     p.add_argument("--tie_breaks", default="auto", help="the race's --tie_break values (auto, scan, loss), comma-separated; one race each")
+    p.add_argument("--tie_margins", default=None, help="the race's --tie_margin values (perplexity ratios), "
+                   "comma-separated; one race each (default: the library's)")
     p.add_argument("--json", default=None, help="also write the rows, with every race candidate's calibration "
                    "perplexity and the whole exhaustive table, to this file")
     p.add_argument("--cache", default=None, help="JSON file keeping judged blocks between runs (same flags)")
@@ -64,7 +66,7 @@ def main() -> None:
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
     from slice_with_mergekit.repair_fit import fit_repairs
-    from slice_with_mergekit.select import Scorer, bridge_dependence, select_race
+    from slice_with_mergekit.select import Scorer, SelectOptions, bridge_dependence, select_race
 
     path = model_path(args.model)
     model, tok = load_model(path, dtype="float32", device="auto")
@@ -101,24 +103,26 @@ def main() -> None:
         fits = fit_repairs(model, tok, calib, todo, method="linear", max_length=ml, skip_unfoldable=True,
                            progress=False) if todo else {}
         ex = {b[0]: judge(b, fits.get(tuple(b))) for b in blocks}
-        for g, bt, tb in [(g, bt, tb) for g in args.gains.split(",") for bt in args.bridge_texts.split(",")
-                          for tb in args.tie_breaks.split(",")]:
+        margins = args.tie_margins.split(",") if args.tie_margins else [str(SelectOptions().tie_margin)]
+        for g, bt, tb, tm in [(g, bt, tb, tm) for g in args.gains.split(",") for bt in args.bridge_texts.split(",")
+                              for tb in args.tie_breaks.split(",") for tm in margins]:
             gain = None if g == "none" else float(g)
             cal = Scorer(model, tok, calib, max_length=ml, stride=ml, repair="linear", plain_weight=args.plain_weight,
-                         max_gain=gain, bridge_texts=None if bt == "all" else int(bt), tie_break=tb)
+                         max_gain=gain, bridge_texts=None if bt == "all" else int(bt), tie_break=tb,
+                         tie_margin=float(tm))
             c = bridge_dependence(cal, select_race(scan, n, cal, 16))
             exhaustive = (L - n + 1) + sum(len(cal.bridge_texts(f)) for f in range(2)) / len(calib)
             ours = ex[c.removed[0]]  # judged under the final bridge: fit_repair on all of the calibration text
             for k in judges:
                 best = min(ex, key=lambda s: ex[s][k])
-                rows.append({"n": n, "gain": g, "bridge_texts": bt, "tie_break": tb, "judge": k, "ours": format_layers(c.removed), "ours_ppl": ours[k],
+                rows.append({"n": n, "gain": g, "bridge_texts": bt, "tie_break": tb, "tie_margin": tm, "judge": k, "ours": format_layers(c.removed), "ours_ppl": ours[k],
                              "best": format_layers(range(best, best + n)), "best_ppl": ex[best][k],
                              "ratio": ours[k] / ex[best][k], "passes": c.passes, "exhaustive_passes": exhaustive,
                              "dependent": bool(c.bridge and c.bridge["dependent"]),
                              "plain_over_bridged": c.bridge["ratio"] if c.bridge else None,
                              "set_aside": [x["removed"] for x in c.candidates if x.get("set_aside")],
                              "candidates": c.candidates, "exhaustive": {format_layers(range(b, b + n)): v for b, v in ex.items()}})
-                print(f"n={n} gain {g} bridge_texts {bt} tie_break {tb} {k}: {rows[-1]['ours']} ratio {rows[-1]['ratio']:.3f} "
+                print(f"n={n} gain {g} bridge_texts {bt} tie_break {tb} tie_margin {tm} {k}: {rows[-1]['ours']} ratio {rows[-1]['ratio']:.3f} "
                       f"passes {c.passes:.2f} of {exhaustive:.2f}", file=sys.stderr, flush=True)  # progress
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
@@ -128,11 +132,11 @@ def main() -> None:
           f"max_length {ml}; default: --select race --repair linear --plain_weight {args.plain_weight:g}, "
           f"--max_bridge_gain as in the gain column, the race's bridge_texts as in the fold column, --tie_break as in the tie column; judges: {args.judge} texts each of the stdlib test split and of the package READMEs")
     print("dense perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()))
-    print(f"{'n':>2} {'gain':>4} {'fold':>4} {'tie':>4} {'judge':<32} {'default':<9} {'ppl':>8} {'best bridged':<13} {'ppl':>8} {'ratio':>6} "
+    print(f"{'n':>2} {'gain':>4} {'fold':>4} {'tie':>4} {'marg':>5} {'judge':<32} {'default':<9} {'ppl':>8} {'best bridged':<13} {'ppl':>8} {'ratio':>6} "
           f"{'passes':>7} {'of exhaustive':>13} {'plain/bridged':>13}")
     for r in rows:
         dep = f"{r['plain_over_bridged']:.2f}x" + (" dep." if r["dependent"] else "") if r["plain_over_bridged"] else "-"
-        print(f"{r['n']:>2} {r['gain']:>4} {r['bridge_texts']:>4} {r['tie_break']:>4} {r['judge']:<32} {r['ours']:<9} {r['ours_ppl']:8.2f} {r['best']:<13} {r['best_ppl']:8.2f} "
+        print(f"{r['n']:>2} {r['gain']:>4} {r['bridge_texts']:>4} {r['tie_break']:>4} {r['tie_margin']:>5} {r['judge']:<32} {r['ours']:<9} {r['ours_ppl']:8.2f} {r['best']:<13} {r['best_ppl']:8.2f} "
               f"{r['ratio']:6.3f} {r['passes']:7.2f} {r['passes'] / r['exhaustive_passes']:13.0%} {dep:>13}")
     for r in rows[::2]:
         if r["set_aside"]:

@@ -111,7 +111,8 @@ def calibration_scorer(scan: ScanFile, model: str, choice: SelectOptions | None 
     ml = min(int(ds.max_length or 256), 1024)
     return Scorer(m, tok, texts, max_length=ml, stride=ml, repair=repair, logits_bytes=choice.logits_bytes,
                   score_share=choice.score_share, plain_weight=choice.plain_weight,
-                  max_gain=choice.max_bridge_gain, tie_break=choice.tie_break)
+                  max_gain=choice.max_bridge_gain, tie_break=choice.tie_break,
+                  tie_margin=choice.tie_margin)
 
 
 def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None = None, remove: str | None = None,

@@ -88,12 +88,13 @@ class Scorer:
 
     max_gain: float | None = None
     tie_break: str = "loss"
+    tie_margin: float = 0.0  # nats/token: a rival not clearly this far above the loss leader is tied with it
     _plain: "Scorer | None" = None  # plain cuts on the same windows, made by plain()
 
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
                  batch_size: int = 8, repair: str = "none", seed: int = 0, logits_bytes: int = LOGITS_BYTES,
                  score_share: float | None = None, plain_weight: float = 0.0, max_gain: float | None = None,
-                 bridge_texts: int | None = 64, tie_break: str = "auto"):
+                 bridge_texts: int | None = 64, tie_break: str = "auto", tie_margin: float = 1.0):
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.score_share = head_share(model) if score_share is None else score_share
         text_of: list[int] = []
@@ -108,6 +109,7 @@ class Scorer:
         self.max_gain = max_gain  # with a repair: a race sets aside cuts whose gain() exceeds it
         # "scan": a race's statistical ties go to the scan's favourite; "auto": so when scored under a bridge
         self.tie_break = ("scan" if repair != "none" else "loss") if tie_break == "auto" else tie_break
+        self.tie_margin = math.log(tie_margin)  # given as a perplexity ratio
         self.max_bridge_texts = bridge_texts  # texts per fold's bridges (at least a quarter); None: the whole fold
         self.tokens_run = 0
         self.windows: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # cut -> window -> (nll sum, tokens)
@@ -375,6 +377,10 @@ class Race:
     z: float = 2.0  # a candidate more than z paired standard errors behind the leader is dropped
     min_windows: int = 8
 
+    def first(self, W: int) -> int:
+        """How many of ``W`` windows the first round scores."""
+        return min(W, max(self.min_windows, math.ceil(W * self.first_share)))
+
 
 def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race(),
          prior: dict[tuple[int, ...], float] | None = None) -> tuple[tuple[int, ...], dict]:
@@ -383,18 +389,17 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race(),
     candidates clearly behind the leader (``z`` paired SEs) are dropped and at most half (at least
     two) survive. Ends early when one is left, else when the survivors have seen every window.
     With ``score.max_gain``, the cuts whose bridge carries them (gain() above it on the first share)
-    are set aside before the first round, unless every cut is. With ``score.tie_break == "scan"``,
-    the winner is then challenged by the cuts the loss could not separate from it (halved out, or
-    beside it in the final, never clearly behind), the scan's favourites first (``prior``, lower
-    wins: the scan's score, which no bridge or loss fit shapes); see scan_tie_break().
-    Returns (winner, {cut: the round it was dropped in, -1 if set aside, None for the winner})."""
+    are set aside before the first round, unless every cut is. With ``prior`` and
+    ``score.tie_break == "scan"``, the winner is then challenged by the cuts tied with it, the scan's
+    favourites first (``prior``, lower wins); see settle_ties() (select_race calls it once, after
+    shifting the loss leader). Returns (winner, {cut: the round it was dropped in, -1 if set aside, None for the winner})."""
     score.prepare(cuts)  # every candidate's bridge from one shared pass
     W = score.num_windows
-    m = min(W, max(cfg.min_windows, math.ceil(W * cfg.first_share)))
+    m = cfg.first(W)
     dropped: dict[tuple[int, ...], int | None] = dict.fromkeys(cuts)  # None: still in the race
     alive = set_aside(score, list(dropped), score.share(m))
     dropped.update({c: -1 for c in dropped if c not in alive})
-    rnd, untested = 0, []  # untested: dropped by halving alone, never clearly behind
+    rnd = 0
     while True:
         idx = score.share(m)
         nll = {c: score.score_on(c, idx) for c in alive}
@@ -404,36 +409,44 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race(),
         if m < W:
             keep = keep[: max(2, math.ceil(len(alive) / 2))]  # the last two meet on every window
         dropped.update({c: rnd for c in alive if c not in keep})
-        untested += [c for c in alive if c not in keep and c not in behind]
         alive = keep
         if len(alive) == 1 or m == W:
             break
         m, rnd = min(W, 2 * m), rnd + 1
     if prior is None or score.tie_break != "scan":
         return alive[0], dropped
-    win = scan_tie_break(score, alive[0], untested + alive[1:], prior, cfg.z)
-    if win != alive[0]:
-        dropped[alive[0]], dropped[win] = rnd, None
-    return win, dropped
+    return settle_ties(score, alive[0], dropped, prior, cfg.z)
+
+
+def settle_ties(score: Scorer, win: tuple[int, ...], dropped: dict, prior: dict, z: float) -> tuple[tuple, dict]:
+    """``win`` (the loss leader) or the scan's favourite among the raced cuts tied with it (not set
+    aside); see scan_tie_break(). Returns (winner, ``dropped`` updated as race() gives it)."""
+    rivals = [c for c, r in dropped.items() if c != win and r != -1]
+    new = scan_tie_break(score, win, rivals, prior, z)
+    if new != win:
+        dropped[win], dropped[new] = max((r for r in dropped.values() if r is not None), default=0), None
+    return new, dropped
 
 
 def scan_tie_break(score: Scorer, win: tuple[int, ...], rivals: list[tuple[int, ...]], prior: dict, z: float) -> tuple:
-    """The scan's favourite among ``win`` and the ``rivals`` the loss cannot separate from it: each
-    rival the scan ranks above ``win`` (lower ``prior``), best first, is scored beside it on doubling
-    shares of the windows until it is clearly behind (``z`` paired SEs: next rival) or has met it on
-    every window (a tie: the rival wins)."""
-    W = score.num_windows
+    """The scan's favourite among ``win`` (the loss leader) and the ``rivals`` tied with it: a rival
+    is tied unless its calibration loss is clearly (``z`` paired SEs) more than ``score.tie_margin``
+    nats/token above the leader's. Each rival the scan ranks above ``win`` (lower ``prior``), best
+    first, is scored beside it on doubling shares of the windows from the share it has seen, until
+    it is clearly beyond the margin (next rival) or has met it on every window (tied: it wins)."""
+    W, margin = score.num_windows, score.tie_margin
     for c in sorted((r for r in rivals if prior[r] < prior[win]), key=prior.get):
-        m = min(W, 2 * score.scored(c))  # it was not clearly behind on the share it has seen
+        m = score.scored(c)
         while True:
             idx = score.share(m)
             for x in (win, c):
                 score.score_on(x, idx)
-            if _clearly_behind(score, c, win, idx, z):
+            if _clearly_behind(score, c, win, idx, z, margin):
                 break
             if m == W:
-                log.info("race: %s and %s are tied on the calibration loss (within %g paired SE on every window): "
-                         "%s, the scan's favourite, wins", format_layers(win), format_layers(c), z, format_layers(c))
+                log.info("race: %s is within %.3fx of %s's calibration perplexity (%g paired SE on every window), a "
+                         "tie (--tie_margin %.3g): %s, the scan's favourite, wins", format_layers(c),
+                         math.exp(score.paired(c, win)[0]), format_layers(win), z, math.exp(margin), format_layers(c))
                 return c
             m = min(W, 2 * m)
     return win
@@ -453,9 +466,10 @@ def set_aside(score: Scorer, cuts: list[tuple[int, ...]], idx: list[int]) -> lis
     return keep or cuts
 
 
-def _clearly_behind(score: Scorer, c: tuple, leader: tuple, idx: list[int], z: float) -> bool:
+def _clearly_behind(score: Scorer, c: tuple, leader: tuple, idx: list[int], z: float, margin: float = 0.0) -> bool:
+    """Cut ``c``'s loss on windows ``idx`` more than ``margin`` nats/token above the leader's, by ``z`` paired SEs."""
     d, se = score.paired(c, leader, idx)
-    return d > z * se
+    return d - margin > z * se
 
 
 @strategy("race", cost="about 3.5 + 1 per shift (top_k candidates, most dropped on a share of the text)",
@@ -468,8 +482,7 @@ def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 16, cfg: Rac
     picked = pick_candidates(scan, n, top_k)
     for s in picked:
         log.info("candidate block [%d, %d)", s, s + n)
-    prior = {block(s): v for s, v in enumerate(scan.scores(n))}  # the scan's score breaks ties
-    win, dropped = race(score, [block(s) for s in picked], cfg, prior)
+    win, dropped = race(score, [block(s) for s in picked], cfg)  # the loss leader
     last = scan.num_layers - n
     shifted = {win[0]}
     while True:  # shift the winner while a neighbour beats it; a neighbour halved out earlier races again
@@ -477,12 +490,14 @@ def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 16, cfg: Rac
         if not new:
             break
         shifted.update(new)
-        w2, d2 = race(score, [win, *map(block, new)], cfg, prior)
+        w2, d2 = race(score, [win, *map(block, new)], cfg)
         dropped.update({c: r for c, r in d2.items() if c[0] in new})
         if w2 == win:
             break
         log.info("race: block [%d, %d) beats its neighbour [%d, %d)", w2[0], w2[0] + n, win[0], win[0] + n)
         win = w2
+    if score.tie_break == "scan":  # the scan's score, which no bridge or loss fit shapes, breaks ties
+        win, dropped = settle_ties(score, win, dropped, {block(s): v for s, v in enumerate(scan.scores(n))}, cfg.z)
     cands = [{"start": c[0], "removed": format_layers(c), "windows": score.scored(c),
               "perplexity": score.seen_perplexity(c),  # on the windows each one was scored on
               "score": scan.scores(n)[c[0]], "dropped_in_round": r,
@@ -520,14 +535,15 @@ def exhaustive(num_layers: int, n: int, score: Scorer) -> dict[int, float]:
 BRIDGE_DEPENDENT = 2.0  # a cut whose plain perplexity is this many times its bridged one leans on its bridge
 
 
-def bridge_dependence(score: Scorer, c: Choice) -> Choice:
-    """With a repair: the chosen cut's plain loss on the windows it was scored on, beside its bridged
-    one; a warning when the bridge carries it (plain / bridged perplexity > BRIDGE_DEPENDENT), because a
-    bridge rescues a badly damaged block less on other text than on the calibration text."""
+def bridge_dependence(score: Scorer, c: Choice, cfg: Race = Race()) -> Choice:
+    """With a repair: the chosen cut's plain loss beside its bridged one on the race's first share of
+    the windows (where the race's set-aside test scored it already); a warning when the bridge carries
+    it (plain / bridged perplexity > BRIDGE_DEPENDENT), because a bridge rescues a badly damaged block
+    less on other text than on the calibration text."""
     key = tuple(c.removed)
     if score.repair == "none" or key not in score.bridged:
         return c
-    idx = sorted(score.bridged[key])
+    idx = score.share(cfg.first(score.num_windows))
     passes0 = score.passes
     seen = score.bridged[key]
     b = math.exp(sum(seen[i][0] for i in idx) / sum(seen[i][1] for i in idx))
@@ -593,6 +609,10 @@ class SelectOptions(BaseModel):
         "the scan ranks first (scan), or the lowest loss keeps it (loss); auto: scan when the candidates are scored "
         "under a bridge (--repair), whose fit transfers worse to other text than it scores (measured on SmolLM2, "
         "bench/race_rules_smollm2.txt), loss for plain cuts")
+
+    tie_margin: float = Field(1.03, ge=1, description="with --tie_break scan: a candidate whose calibration "
+                              "perplexity is not clearly (2 paired SE) more than this many times the loss leader's is "
+                              "tied with it, and the scan's favourite among the tied wins (1: only statistical ties)")
 
     @field_validator("select")
     @classmethod

@@ -17,7 +17,7 @@ CHANGES = {  # group -> field -> another valid value
     "scan": {"metric": "angular_mean_token", "metrics": "last_token", "tokens_per_text": 0, "gram_bytes": 2**20,
              "padding_side": "left"},
     "choice": {"select": "ppl", "top_k": 4, "select_texts": 32, "logits_bytes": 2**20, "score_share": 0.5,
-               "plain_weight": 0.5, "max_bridge_gain": 3.0, "tie_break": "scan"},
+               "plain_weight": 0.5, "max_bridge_gain": 3.0, "tie_break": "scan", "tie_margin": 1.0},
     "fix": {"repair": "none"},
     "bench": {"tasks": ["arc_easy"], "include_path": ".", "num_fewshot": 5, "limit": 10, "task_batch_size": 2},
 }

@@ -421,7 +421,10 @@ def test_the_choice_says_how_much_it_leans_on_its_bridge(tiny_models, scans, mon
     with caplog.at_level(logging.WARNING):
         c = choose("ppl", scan, 2, bridged, top_k=3)
     b = c.bridge
-    plain, ref = Scorer(model, tok, texts, max_length=64, stride=64)(c.removed), bridged()(c.removed)
+    idx = bridged().share(b["windows"])  # the race's first share, as bridge_dependence() takes it
+    assert b["windows"] == select.Race().first(bridged().num_windows) < bridged().num_windows
+    plain, ref = (math.exp(s.score_on(c.removed, idx)) for s in (Scorer(model, tok, texts, max_length=64, stride=64),
+                                                                   bridged()))
     assert b["plain_perplexity"] == pytest.approx(plain, rel=1e-6) and b["bridged_perplexity"] == pytest.approx(ref, rel=1e-6)
     assert b["ratio"] == pytest.approx(plain / ref) and b["dependent"] == (plain / ref > 1.0)
     assert ("bridge-dependent" in caplog.text) == b["dependent"]
@@ -459,8 +462,9 @@ def test_plain_weight_ranks_by_a_blend_of_bridged_and_plain_loss(tiny_models):
     from slice_with_mergekit.select import Choice, bridge_dependence
 
     c = bridge_dependence(sc, Choice("x", list(cut), 0))  # still reports the bridged loss alone against the plain
-    assert c.bridge["bridged_perplexity"] == pytest.approx(math.exp(bridged)) and \
-        c.bridge["plain_perplexity"] == pytest.approx(math.exp(plain))
+    idx = sc.share(c.bridge["windows"])  # on the race's first share
+    assert c.bridge["bridged_perplexity"] == pytest.approx(math.exp(mk(repair="linear").score_on(cut, idx))) and \
+        c.bridge["plain_perplexity"] == pytest.approx(math.exp(mk().score_on(cut, idx)))
 
 
 def test_gain_is_the_plain_over_the_bridged_perplexity_on_the_same_windows(tiny_models):
@@ -551,6 +555,22 @@ def test_with_tie_break_scan_a_cut_halved_out_early_but_tied_on_every_window_is_
     assert sc.scored((1,)) == W and abs(d) < 2 * se  # met on every window: a tie
     d, se = sc.paired((2,), (0,))
     assert d > 2 * se  # the scan's top challenged first and clearly behind: the loss overrules the scan
+
+
+def test_with_a_tie_margin_the_scan_takes_a_cut_clearly_behind_but_within_the_margin_and_no_other():
+    W = 256
+    table = {(0,): noisy(2.0, W, 0, sd=0.02), (1,): noisy(2.02, W, 1, sd=0.02), (2,): noisy(2.1, W, 2, sd=0.02)}
+    prior = {(0,): 0.3, (1,): 0.2, (2,): 0.1}  # the scan prefers (2,), then (1,)
+    sc = TableScorer(table)
+    sc.tie_break = "scan"
+    assert race(sc, list(table), Race(first_share=1 / 8), prior)[0] == (0,)  # no margin: (1,) is clearly behind
+    d, se = sc.paired((1,), (0,))
+    assert d > 2 * se
+    sc = TableScorer(table)
+    sc.tie_break, sc.tie_margin = "scan", math.log(1.03)  # 0.0296 nats/token
+    win, dropped = race(sc, list(table), Race(first_share=1 / 8), prior)
+    assert win == (1,) and dropped[(1,)] is None and dropped[(0,)] is not None  # 0.02 nats behind: within 1.03x
+    assert sc.scored((1,)) == W and sc.scored((2,)) == 32  # (2,), 0.1 nats behind, not chased past the first share
 
 
 @pytest.mark.parametrize("name,k", [("ppl", 5), ("race", 16), ("ppl", 2)])
