@@ -610,9 +610,11 @@ class SelectOptions(BaseModel):
         "under a bridge (--repair), whose fit transfers worse to other text than it scores (measured on SmolLM2, "
         "bench/race_rules_smollm2.txt), loss for plain cuts")
 
-    tie_margin: float = Field(1.03, ge=1, description="with --tie_break scan: a candidate whose calibration "
-                              "perplexity is not clearly (2 paired SE) more than this many times the loss leader's is "
-                              "tied with it, and the scan's favourite among the tied wins (1: only statistical ties)")
+    tie_margin: float = Field(1.03, ge=1, description="with --tie_break scan (auto under a repair): a candidate whose "
+                              "calibration perplexity is not clearly (2 paired SE) more than this many times the loss "
+                              "leader's is tied with it, and the scan's favourite among the tied wins (1: only "
+                              "statistical ties); a few per cent of calibration loss says little about other text "
+                              "(measured on SmolLM2 and Gemma-3-270M, bench/race_rules_*_margin.txt)")
 
     @field_validator("select")
     @classmethod
