@@ -124,12 +124,12 @@ def main() -> None:
             tmp.write_text(json.dumps(store))
             os.replace(tmp, args.cache)
 
-    rules, ties, margins = {}, {}, {}  # name -> Race; name -> the scorer's tie_break, tie_margin
+    rules, policy = {}, {}  # name -> Race; name -> the scorer's (tie_break, tie_margin ratio)
     for item in filter(None, (r.strip() for r in args.rules.split(";"))):
         name, _, kv = item.partition(":")
         fields = dict(x.split("=") for x in kv.split(",") if x)
-        ties[name] = fields.pop("tie_break", "scan")  # the default with a repair (auto)
-        margins[name] = float(fields.pop("tie_margin", SelectOptions().tie_margin))
+        policy[name] = (fields.pop("tie_break", "scan"),  # the default with a repair (auto)
+                        float(fields.pop("tie_margin", SelectOptions().tie_margin)))
         rules[name] = Race(**{k: type(getattr(Race, k))(v) for k, v in fields.items()})
 
     t0 = time.perf_counter()
@@ -147,7 +147,7 @@ def main() -> None:
         for name, cfg in rules.items():
             for seed in range(1 if cfg.first_share >= 1 else args.seeds):  # every window first: order moot
                 sc = replay(master, seed)
-                sc.tie_break, sc.tie_margin = ties[name], math.log(margins[name])
+                sc.tie_break, sc.tie_margin = policy[name][0], math.log(policy[name][1])
                 c = bridge_dependence(sc, select_race(scan, n, sc, 16, cfg))  # as choose() runs it
                 rows.append({"n": n, "rule": name, "seed": seed, "ours": format_layers(c.removed), "passes": c.passes,
                              "cost": c.passes / exhaustive,
@@ -163,7 +163,7 @@ def main() -> None:
           f"{args.seeds} window orders per rule; judges: {args.judge} texts each, ratio = the winner's perplexity "
           "over the best block's (cut and bridged on the same calibration text)")
     for name, cfg in rules.items():
-        print(f"rule {name}: {cfg}, tie_break {ties[name]}, tie_margin {margins[name]:g}")
+        print(f"rule {name}: {cfg}, tie_break {policy[name][0]}, tie_margin {policy[name][1]:g}")
     short = {judges[0]: "in-domain", judges[1]: "out-of-domain"}
     print(f"{'n':>2} {'rule':<6} {'winners (orders)':<40} " + " ".join(f"{short[k] + ' mean/max':>22}" for k in judges)
           + f" {'both <= 1.05':>12} {'cost mean/max':>14}")

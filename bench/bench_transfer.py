@@ -96,6 +96,7 @@ def main() -> None:
     scan = ScanFile.model_validate({**json_payload(res, 1), "model": str(path)})
     L = res.num_layers
     dense = judge([], None)
+    margins = args.tie_margins.split(",") if args.tie_margins else [str(SelectOptions().tie_margin)]
     rows = []
     for n in map(int, args.sizes.split(",")):
         blocks = [list(range(s, s + n)) for s in range(L - n + 1)]
@@ -103,7 +104,6 @@ def main() -> None:
         fits = fit_repairs(model, tok, calib, todo, method="linear", max_length=ml, skip_unfoldable=True,
                            progress=False) if todo else {}
         ex = {b[0]: judge(b, fits.get(tuple(b))) for b in blocks}
-        margins = args.tie_margins.split(",") if args.tie_margins else [str(SelectOptions().tie_margin)]
         for g, bt, tb, tm in [(g, bt, tb, tm) for g in args.gains.split(",") for bt in args.bridge_texts.split(",")
                               for tb in args.tie_breaks.split(",") for tm in margins]:
             gain = None if g == "none" else float(g)

@@ -382,17 +382,14 @@ class Race:
         return min(W, max(self.min_windows, math.ceil(W * self.first_share)))
 
 
-def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race(),
-         prior: dict[tuple[int, ...], float] | None = None) -> tuple[tuple[int, ...], dict]:
+def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tuple[tuple[int, ...], dict]:
     """The cut with the lowest calibration loss among ``cuts``, found without scoring every cut on
     every window: all are scored on a first share, then, at each doubling of the share, the
     candidates clearly behind the leader (``z`` paired SEs) are dropped and at most half (at least
     two) survive. Ends early when one is left, else when the survivors have seen every window.
     With ``score.max_gain``, the cuts whose bridge carries them (gain() above it on the first share)
-    are set aside before the first round, unless every cut is. With ``prior`` and
-    ``score.tie_break == "scan"``, the winner is then challenged by the cuts tied with it, the scan's
-    favourites first (``prior``, lower wins); see settle_ties() (select_race calls it once, after
-    shifting the loss leader). Returns (winner, {cut: the round it was dropped in, -1 if set aside, None for the winner})."""
+    are set aside before the first round, unless every cut is. Ties are settle_ties()'s (select_race
+    calls it once, after shifting the loss leader). Returns (winner, {cut: the round it was dropped in, -1 if set aside, None for the winner})."""
     score.prepare(cuts)  # every candidate's bridge from one shared pass
     W = score.num_windows
     m = cfg.first(W)
@@ -413,14 +410,15 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race(),
         if len(alive) == 1 or m == W:
             break
         m, rnd = min(W, 2 * m), rnd + 1
-    if prior is None or score.tie_break != "scan":
-        return alive[0], dropped
-    return settle_ties(score, alive[0], dropped, prior, cfg.z)
+    return alive[0], dropped
 
 
 def settle_ties(score: Scorer, win: tuple[int, ...], dropped: dict, prior: dict, z: float) -> tuple[tuple, dict]:
-    """``win`` (the loss leader) or the scan's favourite among the raced cuts tied with it (not set
-    aside); see scan_tie_break(). Returns (winner, ``dropped`` updated as race() gives it)."""
+    """``win`` (the loss leader) or, with ``score.tie_break == "scan"``, the scan's favourite among the
+    raced cuts tied with it (not set aside; ``prior``: the scan's score, lower wins); see
+    scan_tie_break(). Returns (winner, ``dropped`` updated as race() gives it)."""
+    if score.tie_break != "scan":
+        return win, dropped
     rivals = [c for c, r in dropped.items() if c != win and r != -1]
     new = scan_tie_break(score, win, rivals, prior, z)
     if new != win:
@@ -496,8 +494,8 @@ def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 16, cfg: Rac
             break
         log.info("race: block [%d, %d) beats its neighbour [%d, %d)", w2[0], w2[0] + n, win[0], win[0] + n)
         win = w2
-    if score.tie_break == "scan":  # the scan's score, which no bridge or loss fit shapes, breaks ties
-        win, dropped = settle_ties(score, win, dropped, {block(s): v for s, v in enumerate(scan.scores(n))}, cfg.z)
+    prior = {block(s): v for s, v in enumerate(scan.scores(n))}  # the scan's score: no bridge or loss fit shapes it
+    win, dropped = settle_ties(score, win, dropped, prior, cfg.z)
     cands = [{"start": c[0], "removed": format_layers(c), "windows": score.scored(c),
               "perplexity": score.seen_perplexity(c),  # on the windows each one was scored on
               "score": scan.scores(n)[c[0]], "dropped_in_round": r,

@@ -25,6 +25,7 @@ from slice_with_mergekit.select import (
     select_iterative,
     select_ppl,
     select_race,
+    settle_ties,
 )
 
 
@@ -80,6 +81,11 @@ class TableScorer(Scorer):
                 have[i] = (self.table[key][i] * 9, 9)
                 self.tokens_run += 10
         return sum(have[i][0] for i in idx) / sum(have[i][1] for i in idx)
+
+
+def raced(sc: Scorer, cuts: list, cfg: Race, prior: dict) -> tuple:
+    """The race, then its ties settled, as select_race runs them (without the shift)."""
+    return settle_ties(sc, *race(sc, cuts, cfg), prior, cfg.z)
 
 
 def noisy(mean: float, W: int, seed: int, sd: float = 0.3) -> list[float]:
@@ -518,16 +524,16 @@ def test_with_tie_break_scan_the_scan_decides_only_among_cuts_the_loss_cannot_se
     sc = TableScorer(tied)
     leader = min(tied, key=lambda c: sum(tied[c]))
     assert leader == (0,)
-    assert race(sc, list(tied), Race(first_share=1 / 8), prior)[0] == leader  # tie_break "loss": the lowest loss
+    assert raced(sc, list(tied), Race(first_share=1 / 8), prior)[0] == leader  # tie_break "loss": the lowest loss
     d, se = sc.paired((0,), (1,))
     assert abs(d) < 2 * se and sc.scored((2,)) < W  # a tie; (2,) dropped early
     sc = TableScorer(tied)
     sc.tie_break = "scan"
-    assert race(sc, list(tied), Race(first_share=1 / 8), prior)[0] == (1,)  # the tied cut the scan prefers
+    assert raced(sc, list(tied), Race(first_share=1 / 8), prior)[0] == (1,)  # the tied cut the scan prefers
     apart = {**tied, (1,): noisy(2.5, W, 1, sd=0.5)}  # no tie: the loss decides whatever the scan says
     sc = TableScorer(apart)
     sc.tie_break = "scan"
-    assert race(sc, list(apart), Race(first_share=1 / 8), prior)[0] == (0,)
+    assert raced(sc, list(apart), Race(first_share=1 / 8), prior)[0] == (0,)
 
 
 def test_with_tie_break_scan_a_cut_halved_out_early_but_tied_on_every_window_is_the_scans_to_take():
@@ -544,12 +550,12 @@ def test_with_tie_break_scan_a_cut_halved_out_early_but_tied_on_every_window_is_
                                         for k in range(2, 6)}}  # (2,) ... (5,): ahead of (1,) at first, behind later
     prior = {(0,): 0.3, (1,): 0.1, (2,): 0.05, (3,): 0.5, (4,): 0.5, (5,): 0.5}  # (2,): the scan's top, but worse
     sc = TableScorer(table)
-    win, dropped = race(sc, list(table), Race(first_share=1 / 16), prior)
+    win, dropped = raced(sc, list(table), Race(first_share=1 / 16), prior)
     assert win == (0,) and dropped[(1,)] == 0  # halved out in the first round ...
     assert sc.paired((1,), (0,), sc.share(16))[0] < 2 * sc.paired((1,), (0,), sc.share(16))[1]  # ... not clearly behind
     sc = TableScorer(table)
     sc.tie_break = "scan"
-    win, dropped = race(sc, list(table), Race(first_share=1 / 16), prior)
+    win, dropped = raced(sc, list(table), Race(first_share=1 / 16), prior)
     assert win == (1,) and dropped[(1,)] is None and dropped[(0,)] is not None
     d, se = sc.paired((1,), (0,))
     assert sc.scored((1,)) == W and abs(d) < 2 * se  # met on every window: a tie
@@ -563,12 +569,12 @@ def test_with_a_tie_margin_the_scan_takes_a_cut_clearly_behind_but_within_the_ma
     prior = {(0,): 0.3, (1,): 0.2, (2,): 0.1}  # the scan prefers (2,), then (1,)
     sc = TableScorer(table)
     sc.tie_break = "scan"
-    assert race(sc, list(table), Race(first_share=1 / 8), prior)[0] == (0,)  # no margin: (1,) is clearly behind
+    assert raced(sc, list(table), Race(first_share=1 / 8), prior)[0] == (0,)  # no margin: (1,) is clearly behind
     d, se = sc.paired((1,), (0,))
     assert d > 2 * se
     sc = TableScorer(table)
     sc.tie_break, sc.tie_margin = "scan", math.log(1.03)  # 0.0296 nats/token
-    win, dropped = race(sc, list(table), Race(first_share=1 / 8), prior)
+    win, dropped = raced(sc, list(table), Race(first_share=1 / 8), prior)
     assert win == (1,) and dropped[(1,)] is None and dropped[(0,)] is not None  # 0.02 nats behind: within 1.03x
     assert sc.scored((1,)) == W and sc.scored((2,)) == 32  # (2,), 0.1 nats behind, not chased past the first share
 
