@@ -62,21 +62,23 @@ class Replay(Scorer):
         todo = [c for c in dict.fromkeys(tuple(sorted(c)) for c in cuts if c) if c not in self.fitted]
         if not todo:
             return
+        before = self.tokens_run
         if missing := [c for c in todo if (c, 0) not in self.bridges]:
             self._fit(missing)  # counts its pass
         else:
             self.tokens_run += sum(self.total_tokens * len(self.bridge_texts(f)) / len(self.texts)
                                    for f in range(self.folds))
+        self.fit_tokens += self.tokens_run - before
         self.fitted |= set(todo)
 
-    def gain(self, removed: Any, idx: Any) -> float:
-        return super().gain(removed, sorted(self.gain_order[: len(idx)]))
+    def log_gain(self, removed: Any, idx: Any) -> tuple[float, float]:
+        return super().log_gain(removed, sorted(self.gain_order[: len(idx)]))
 
 
 def replay(master: Replay, seed: int) -> Replay:
     """A fresh scorer with ``master``'s windows, bridges and table, the windows in ``seed``'s order."""
     s = copy.copy(master)
-    s.windows, s.bridged, s._plain, s.tokens_run, s.fitted = {}, {}, None, 0, set()
+    s.windows, s.bridged, s._plain, s.tokens_run, s.fitted, s.fit_tokens = {}, {}, None, 0, set(), 0
     s.order = list(range(len(s.wins)))
     random.Random(seed).shuffle(s.order)
     return s
@@ -138,6 +140,7 @@ def main() -> None:
     L = res.num_layers
     master = Replay(model, tok, calib, max_length=ml, stride=ml, repair="linear", max_gain=5.0)
     master.table, master.save, master.fitted, master.gain_order = table, save, set(), list(master.order)
+    master.fit_tokens = 0
     rows = []
     for n in map(int, args.sizes.split(",")):
         ex = {s: judged[judged_key(path, args.calib, args.judge, ml, range(s, s + n))] for s in range(L - n + 1)}
@@ -149,11 +152,14 @@ def main() -> None:
                 sc = replay(master, seed)
                 sc.tie_break, sc.tie_margin = policy[name][0], math.log(policy[name][1])
                 c = bridge_dependence(sc, select_race(scan, n, sc, 16, cfg))  # as choose() runs it
+                fit, plain = sc.fit_tokens / sc.total_tokens, sc.plain().tokens_run / sc.total_tokens
                 rows.append({"n": n, "rule": name, "seed": seed, "ours": format_layers(c.removed), "passes": c.passes,
-                             "cost": c.passes / exhaustive,
+                             "cost": c.passes / exhaustive, "fit": fit, "plain": plain,
+                             "windows": {x["removed"]: x["windows"] for x in c.candidates},
                              **{k: ex[c.removed[0]][k] / best[k] for k in judges}})
-                print(f"n={n} {name} seed {seed}: {rows[-1]['ours']} passes {c.passes:.2f} "
-                      f"({len(table)} losses kept, {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+                print(f"n={n} {name} seed {seed}: {rows[-1]['ours']} passes {c.passes:.2f} = bridge fits {fit:.2f} + "
+                      f"bridged {c.passes - fit - plain:.2f} + plain {plain:.2f} ({len(table)} losses kept, "
+                      f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"

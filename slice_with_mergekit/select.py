@@ -71,6 +71,21 @@ class Choice:
 FOLDS = 2  # cross-fitting: text j is in fold j % FOLDS
 
 
+def paired_diff(wa: dict[int, tuple[float, int]], wb: dict[int, tuple[float, int]],
+                idx: Sequence[int]) -> tuple[float, float]:
+    """(mean per-token NLL of ``wa`` minus ``wb`` over windows ``idx``, its standard error): a ratio
+    estimator, windows as the sampling unit. ``wa``, ``wb``: window -> (NLL sum, tokens), the same
+    tokens in both."""
+    d = [wa[i][0] - wb[i][0] for i in idx]  # per-window NLL difference
+    t = [wa[i][1] for i in idx]
+    T, k = sum(t), len(d)
+    diff = sum(d) / T
+    if k < 2:
+        return diff, math.inf
+    var = k / (k - 1) * sum((di - ti * diff) ** 2 for di, ti in zip(d, t)) / T**2
+    return diff, math.sqrt(var)
+
+
 class Scorer:
     """Perplexity of the model with some layers removed, on fixed calibration windows; with
     ``repair`` (see repair.REPAIRS), of the model with the layers removed and the cut bridged,
@@ -125,13 +140,18 @@ class Scorer:
             self._plain = s
         return self._plain
 
+    def log_gain(self, removed: Sequence[int], idx: Sequence[int]) -> tuple[float, float]:
+        """(log gain() on windows ``idx``, its paired SE over them); runs the windows not yet scored
+        either way."""
+        key = tuple(sorted(removed))
+        self.score_on(key, idx)
+        self.plain().score_on(key, idx)
+        return paired_diff(self.plain().windows[key], self.bridged[key], idx)
+
     def gain(self, removed: Sequence[int], idx: Sequence[int]) -> float:
         """How much the bridge carries the cut: its plain perplexity over its bridged one on windows
         ``idx`` (runs the windows not yet scored either way)."""
-        key = tuple(sorted(removed))
-        self.score_on(key, idx)
-        b = self.bridged[key]
-        return math.exp(self.plain().score_on(key, idx) - sum(b[i][0] for i in idx) / sum(b[i][1] for i in idx))
+        return math.exp(self.log_gain(removed, idx)[0])
 
     @property
     def passes(self) -> float:
@@ -191,18 +211,9 @@ class Scorer:
 
     def paired(self, a: Sequence[int], b: Sequence[int], idx: Sequence[int] | None = None) -> tuple[float, float]:
         """(mean per-token NLL of cut ``a`` minus cut ``b``, its standard error), paired over the same
-        calibration windows (``idx``, default: every window both were scored on): a ratio
-        estimator, windows as the sampling unit."""
+        calibration windows (``idx``, default: every window both were scored on)."""
         wa, wb = self.windows[tuple(sorted(a))], self.windows[tuple(sorted(b))]
-        idx = sorted(set(wa) & set(wb)) if idx is None else list(idx)
-        d = [wa[i][0] - wb[i][0] for i in idx]  # per-window NLL difference
-        t = [wa[i][1] for i in idx]
-        T, k = sum(t), len(d)
-        diff = sum(d) / T
-        if k < 2:
-            return diff, math.inf
-        var = k / (k - 1) * sum((di - ti * diff) ** 2 for di, ti in zip(d, t)) / T**2
-        return diff, math.sqrt(var)
+        return paired_diff(wa, wb, sorted(set(wa) & set(wb)) if idx is None else list(idx))
 
     def bridge_texts(self, fold: int) -> list[int]:
         """The texts (indices) whose bridges score the windows of ``fold``: the other folds' texts, at
@@ -387,25 +398,25 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tupl
     every window: all are scored on a first share, then, at each doubling of the share, the
     candidates clearly behind the leader (``z`` paired SEs) are dropped and at most half (at least
     two) survive. Ends early when one is left, else when the survivors have seen every window.
-    With ``score.max_gain``, the cuts whose bridge carries them (gain() above it on the first share)
-    are set aside before the first round, unless every cut is. Ties are settle_ties()'s (select_race
-    calls it once, after shifting the loss leader). Returns (winner, {cut: the round it was dropped in, -1 if set aside, None for the winner})."""
+    With ``score.max_gain``, the first round skips the cuts its bridge carries (see first_round()).
+    Ties are settle_ties()'s (select_race calls it once, after shifting the loss leader). Returns
+    (winner, {cut: the round it was dropped in, -1 if set aside, None for the winner})."""
     score.prepare(cuts)  # every candidate's bridge from one shared pass
     W = score.num_windows
     m = cfg.first(W)
     dropped: dict[tuple[int, ...], int | None] = dict.fromkeys(cuts)  # None: still in the race
-    alive = set_aside(score, list(dropped), score.share(m))
-    dropped.update({c: -1 for c in dropped if c not in alive})
-    rnd = 0
+    alive, rnd = list(dropped), 0
     while True:
         idx = score.share(m)
         nll = {c: score.score_on(c, idx) for c in alive}
-        leader = min(alive, key=lambda c: nll[c])
-        behind = {c for c in alive if c != leader and _clearly_behind(score, c, leader, idx, cfg.z)}
-        keep = sorted((c for c in alive if c not in behind), key=lambda c: nll[c])
-        if m < W:
-            keep = keep[: max(2, math.ceil(len(alive) / 2))]  # the last two meet on every window
-        dropped.update({c: rnd for c in alive if c not in keep})
+        ranked = sorted(alive, key=lambda c: nll[c])
+        k = len(alive) if m == W else max(2, math.ceil(len(alive) / 2))  # the last two meet on every window
+        if rnd == 0:
+            keep, aside = first_round(score, ranked, idx, k, cfg)
+            dropped.update(dict.fromkeys(aside, -1))
+        else:
+            keep = [c for c in ranked if c == ranked[0] or not _clearly_behind(score, c, ranked[0], idx, cfg.z)][:k]
+        dropped.update({c: rnd for c in alive if c not in keep and dropped[c] != -1})
         alive = keep
         if len(alive) == 1 or m == W:
             break
@@ -413,55 +424,90 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tupl
     return alive[0], dropped
 
 
-def settle_ties(score: Scorer, win: tuple[int, ...], dropped: dict, prior: dict, z: float) -> tuple[tuple, dict]:
+def first_round(score: Scorer, ranked: list[tuple[int, ...]], idx: list[int], k: int,
+                cfg: Race = Race()) -> tuple[list, list]:
+    """The first round's survivors among ``ranked`` (best first on windows ``idx``): the best cut a
+    bridge does not carry (carried()) leads, and up to ``k`` in all not clearly behind it survive. The
+    cuts are walked best first, so only those walked past pay carried()'s plain forward; one ranked
+    too low to survive is dropped without it. When every cut is carried, none is set aside.
+    Returns (survivors, set aside)."""
+    keep: list[tuple[int, ...]] = []
+    aside: list[tuple[int, ...]] = []
+    for c in ranked:
+        if len(keep) == k:
+            break
+        if keep and _clearly_behind(score, c, keep[0], idx, cfg.z):
+            continue
+        (aside if len(ranked) > 1 and carried(score, c, idx, cfg) else keep).append(c)
+    if not keep:  # every cut carried: race them all
+        return [c for c in ranked if c == ranked[0] or not _clearly_behind(score, c, ranked[0], idx, cfg.z)][:k], []
+    return keep, aside
+
+
+def settle_ties(score: Scorer, win: tuple[int, ...], dropped: dict, prior: dict, cfg: Race = Race()) -> tuple[tuple, dict]:
     """``win`` (the loss leader) or, with ``score.tie_break == "scan"``, the scan's favourite among the
     raced cuts tied with it (not set aside; ``prior``: the scan's score, lower wins); see
     scan_tie_break(). Returns (winner, ``dropped`` updated as race() gives it)."""
     if score.tie_break != "scan":
         return win, dropped
     rivals = [c for c, r in dropped.items() if c != win and r != -1]
-    new = scan_tie_break(score, win, rivals, prior, z)
+    new, aside = scan_tie_break(score, win, rivals, prior, cfg)
+    dropped.update(dict.fromkeys(aside, -1))
     if new != win:
         dropped[win], dropped[new] = max((r for r in dropped.values() if r is not None), default=0), None
     return new, dropped
 
 
-def scan_tie_break(score: Scorer, win: tuple[int, ...], rivals: list[tuple[int, ...]], prior: dict, z: float) -> tuple:
+def scan_tie_break(score: Scorer, win: tuple[int, ...], rivals: list[tuple[int, ...]], prior: dict,
+                   cfg: Race = Race()) -> tuple[tuple, list]:
     """The scan's favourite among ``win`` (the loss leader) and the ``rivals`` tied with it: a rival
     is tied unless its calibration loss is clearly (``z`` paired SEs) more than ``score.tie_margin``
     nats/token above the leader's. Each rival the scan ranks above ``win`` (lower ``prior``), best
     first, is scored beside it on doubling shares of the windows from the share it has seen, until
-    it is clearly beyond the margin (next rival) or has met it on every window (tied: it wins)."""
-    W, margin = score.num_windows, score.tie_margin
+    it is clearly beyond the margin (next rival) or has met it on every window (tied: it wins). A
+    rival its bridge carries (carried() on the first share, tested once it is not clearly beyond
+    the margin on the windows it has seen) is passed over, as the race sets such cuts aside.
+    Returns (the winner, the rivals set aside)."""
+    W, margin, z = score.num_windows, score.tie_margin, cfg.z
+    first, aside = score.share(cfg.first(W)), []
     for c in sorted((r for r in rivals if prior[r] < prior[win]), key=prior.get):
-        m = score.scored(c)
+        m, tested = score.scored(c), False
         while True:
             idx = score.share(m)
             for x in (win, c):
                 score.score_on(x, idx)
             if _clearly_behind(score, c, win, idx, z, margin):
                 break
+            if not tested:  # once, when the margin alone does not settle it
+                tested = True
+                if carried(score, c, first, cfg):
+                    aside.append(c)
+                    break
             if m == W:
                 log.info("race: %s is within %.3fx of %s's calibration perplexity (%g paired SE on every window), a "
                          "tie (--tie_margin %.3g): %s, the scan's favourite, wins", format_layers(c),
                          math.exp(score.paired(c, win)[0]), format_layers(win), z, math.exp(margin), format_layers(c))
-                return c
+                return c, aside
             m = min(W, 2 * m)
-    return win
+    return win, aside
 
 
-def set_aside(score: Scorer, cuts: list[tuple[int, ...]], idx: list[int]) -> list[tuple[int, ...]]:
-    """The cuts a bridge does not carry: gain() on windows ``idx`` at most ``score.max_gain`` (all of
-    them when none is, or without a repair or a limit)."""
-    if score.max_gain is None or score.repair == "none" or len(cuts) < 2:
-        return cuts
-    gain = {c: score.gain(c, idx) for c in cuts}
-    keep = [c for c in cuts if gain[c] <= score.max_gain]
-    for c in cuts:
-        if c not in keep and keep:
-            log.info("race: %s set aside: bridge-dependent (plain cut %.1fx its bridged perplexity, over "
-                     "--max_bridge_gain %g)", format_layers(c), gain[c], score.max_gain)
-    return keep or cuts
+def carried(score: Scorer, c: tuple[int, ...], idx: list[int], cfg: Race = Race()) -> bool:
+    """Whether ``c``'s bridge carries it: gain() on windows ``idx`` over ``score.max_gain`` (never
+    without a repair or a limit). Tested on the first ``cfg.min_windows`` of them first, and on all
+    only when those leave it within ``cfg.z`` paired SEs of the limit. Such a cut is set aside: a
+    bridge rescues a badly damaged block less on other text than on the calibration text."""
+    if score.max_gain is None or score.repair == "none":
+        return False
+    limit = math.log(score.max_gain)
+    for part in (score.share(min(cfg.min_windows, len(idx))), idx):
+        lg, se = score.log_gain(c, part)
+        if abs(lg - limit) > cfg.z * se:
+            break
+    if lg > limit:
+        log.info("race: %s set aside: bridge-dependent (plain cut %.1fx its bridged perplexity on %d windows, over "
+                 "--max_bridge_gain %g)", format_layers(c), math.exp(lg), len(part), score.max_gain)
+    return lg > limit
 
 
 def _clearly_behind(score: Scorer, c: tuple, leader: tuple, idx: list[int], z: float, margin: float = 0.0) -> bool:
@@ -495,7 +541,7 @@ def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 16, cfg: Rac
         log.info("race: block [%d, %d) beats its neighbour [%d, %d)", w2[0], w2[0] + n, win[0], win[0] + n)
         win = w2
     prior = {block(s): v for s, v in enumerate(scan.scores(n))}  # the scan's score: no bridge or loss fit shapes it
-    win, dropped = settle_ties(score, win, dropped, prior, cfg.z)
+    win, dropped = settle_ties(score, win, dropped, prior, cfg)
     cands = [{"start": c[0], "removed": format_layers(c), "windows": score.scored(c),
               "perplexity": score.seen_perplexity(c),  # on the windows each one was scored on
               "score": scan.scores(n)[c[0]], "dropped_in_round": r,

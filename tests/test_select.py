@@ -85,7 +85,7 @@ class TableScorer(Scorer):
 
 def raced(sc: Scorer, cuts: list, cfg: Race, prior: dict) -> tuple:
     """The race, then its ties settled, as select_race runs them (without the shift)."""
-    return settle_ties(sc, *race(sc, cuts, cfg), prior, cfg.z)
+    return settle_ties(sc, *race(sc, cuts, cfg), prior, cfg)
 
 
 def noisy(mean: float, W: int, seed: int, sd: float = 0.3) -> list[float]:
@@ -501,9 +501,11 @@ class GainTable(TableScorer):
     def prepare(self, cuts):
         pass
 
-    def gain(self, removed, idx):
+    se = 0.0  # the log gain's paired SE: every gate decided on its first windows
+
+    def log_gain(self, removed, idx):
         self.score_on(removed, idx)
-        return self.gains[tuple(sorted(removed))]
+        return math.log(self.gains[tuple(sorted(removed))]), self.se
 
 
 def test_the_race_sets_aside_a_cut_its_bridge_carries_unless_every_cut_is():
@@ -515,6 +517,61 @@ def test_the_race_sets_aside_a_cut_its_bridge_carries_unless_every_cut_is():
     assert race(GainTable(table, gains, max_gain=None), list(table), Race(first_share=1 / 8))[0] == (0,)
     win, dropped = race(GainTable(table, gains, max_gain=1.2), list(table), Race(first_share=1 / 8))
     assert win == (0,) and -1 not in dropped.values()  # every cut over the limit: none set aside
+
+
+class CountingGains(GainTable):
+    """A GainTable that records which cuts log_gain() was asked about (each a plain forward, live),
+    and on how many windows."""
+
+    def log_gain(self, removed, idx):
+        self.asked = [*getattr(self, "asked", []), tuple(sorted(removed))]
+        self.sizes = [*getattr(self, "sizes", []), len(idx)]
+        return super().log_gain(removed, idx)
+
+
+def test_a_cut_is_tested_for_its_bridge_on_a_few_windows_and_on_more_only_when_near_the_limit():
+    from slice_with_mergekit.select import carried
+
+    table = {(0,): noisy(2.0, 256, 0), (1,): noisy(2.0, 256, 1), (2,): noisy(2.0, 256, 2)}
+    sc = CountingGains(table, {(0,): 1.5, (1,): 4.5, (2,): 6.0}, max_gain=5.0)
+    sc.se, first = 0.06, sc.share(32)  # log 4.5 and log 6 are 0.105 and 0.182 from log 5; 2 SE = 0.12
+    cfg = Race(first_share=1 / 8, min_windows=8)
+    assert [carried(sc, c, first, cfg) for c in table] == [False, False, True]
+    assert sc.sizes == [8, 8, 32, 8]  # (0,): far under on 8 windows; (1,): near, so on the first share; (2,): over
+    sc.se, sc.asked, sc.sizes = 0.1, [], []
+    assert carried(sc, (2,), first, cfg) and sc.sizes == [8, 32]
+    sc.max_gain = None
+    assert not carried(sc, (2,), first, cfg) and sc.sizes == [8, 32]  # no limit: no test
+
+
+def test_the_first_round_tests_only_the_cuts_that_could_survive_it_for_their_bridge():
+    W = 256
+    means = [1.9, 2.07, 2.06, 2.05, 2.04, 2.03, 2.02, 2.01]  # within 50 SE: only halving drops
+    table = {(i,): noisy(m, W, i, sd=0.01) for i, m in enumerate(means)}
+    gains = {(i,): 1.5 for i in range(8)} | {(0,): 17.5}  # the best bridged cut leans on its bridge
+    sc = CountingGains(table, gains, max_gain=5.0)
+    win, dropped = race(sc, list(table), Race(first_share=1 / 8, z=50))
+    ranked = [(0,), (7,), (6,), (5,), (4,), (3,), (2,), (1,)]  # by loss on the first share
+    survivors = ranked[1:5]  # the best half of 8, the carried cut skipped
+    assert dropped[(0,)] == -1 and sorted(sc.asked) == sorted([(0,), *survivors])  # the other 3: no plain forward
+    assert all(dropped[c] == 0 for c in ranked if c not in survivors and c != (0,))
+    assert all(dropped[c] != 0 for c in survivors) and win in survivors
+    ref = GainTable(table, gains, max_gain=5.0)
+    ref.log_gain = lambda removed, idx: (math.log(gains[tuple(sorted(removed))]), 0.0)  # for free: the same race
+    assert race(ref, list(table), Race(first_share=1 / 8, z=50)) == (win, dropped)
+
+
+def test_with_tie_break_scan_a_tied_rival_its_bridge_carries_is_passed_over():
+    W = 256
+    means = {(0,): 2.0, (1,): 2.005, (3,): 2.01, (2,): 2.02}  # all within a 1.03x margin of (0,)
+    table = {c: noisy(m, W, c[0], sd=0.01) for c, m in means.items()}
+    prior = {(0,): 0.3, (1,): 0.2, (2,): 0.1, (3,): 0.5}  # the scan prefers (2,), then (1,)
+    for g2, want in ((1.5, (2,)), (17.5, (1,))):
+        sc = CountingGains(table, {c: 1.5 for c in table} | {(2,): g2}, max_gain=5.0)
+        sc.tie_break, sc.tie_margin = "scan", math.log(1.03)
+        win, dropped = raced(sc, list(table), Race(first_share=1 / 8), prior)
+        assert win == want and sc.asked[:2] == [(0,), (1,)]  # (3,), (2,): out in the first round, untested
+        assert (dropped[(2,)] == -1) == (g2 > 5.0)  # tested when challenging: carried, passed over
 
 
 def test_with_tie_break_scan_the_scan_decides_only_among_cuts_the_loss_cannot_separate():
