@@ -643,7 +643,8 @@ class SelectOptions(BaseModel):
 
     max_bridge_gain: float | None = Field(5.0, gt=1, description="with a repair: --select race sets aside the "
                                           "candidates whose plain cut's perplexity is more than this many times their "
-                                          "bridged one on the first share of the calibration text (unless all are): a "
+                                          "bridged one on the first share of the calibration text (unless all are; "
+                                          "only those that could survive the first round are tested): a "
                                           "bridge that rescues a badly damaged block transfers worse to other text "
                                           "(measured on SmolLM2, bench/transfer_smollm2_gain5.txt)")
 
