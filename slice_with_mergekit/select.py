@@ -415,13 +415,18 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tupl
             keep, aside = first_round(score, ranked, idx, k, cfg)
             dropped.update(dict.fromkeys(aside, -1))
         else:
-            keep = [c for c in ranked if c == ranked[0] or not _clearly_behind(score, c, ranked[0], idx, cfg.z)][:k]
+            keep = survivors(score, ranked, idx, k, cfg.z)
         dropped.update({c: rnd for c in alive if c not in keep and dropped[c] != -1})
         alive = keep
         if len(alive) == 1 or m == W:
             break
         m, rnd = min(W, 2 * m), rnd + 1
     return alive[0], dropped
+
+
+def survivors(score: Scorer, ranked: list[tuple[int, ...]], idx: list[int], k: int, z: float) -> list[tuple[int, ...]]:
+    """The best ``k`` of ``ranked`` (best first on windows ``idx``) not clearly behind the first."""
+    return [c for c in ranked if c == ranked[0] or not _clearly_behind(score, c, ranked[0], idx, z)][:k]
 
 
 def first_round(score: Scorer, ranked: list[tuple[int, ...]], idx: list[int], k: int,
@@ -440,7 +445,7 @@ def first_round(score: Scorer, ranked: list[tuple[int, ...]], idx: list[int], k:
             continue
         (aside if len(ranked) > 1 and carried(score, c, idx, cfg) else keep).append(c)
     if not keep:  # every cut carried: race them all
-        return [c for c in ranked if c == ranked[0] or not _clearly_behind(score, c, ranked[0], idx, cfg.z)][:k], []
+        return survivors(score, ranked, idx, k, cfg.z), []
     return keep, aside
 
 
