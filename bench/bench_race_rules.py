@@ -151,7 +151,7 @@ def main() -> None:
             for seed in range(1 if cfg.first_share >= 1 else args.seeds):  # every window first: order moot
                 sc = replay(master, seed)
                 sc.tie_break, sc.tie_margin = policy[name][0], math.log(policy[name][1])
-                c = bridge_dependence(sc, select_race(scan, n, sc, 16, cfg))  # as choose() runs it
+                c = bridge_dependence(sc, select_race(scan, n, sc, 16, cfg), cfg)  # as choose() runs it
                 fit, plain = sc.fit_tokens / sc.total_tokens, sc.plain().tokens_run / sc.total_tokens
                 rows.append({"n": n, "rule": name, "seed": seed, "ours": format_layers(c.removed), "passes": c.passes,
                              "cost": c.passes / exhaustive, "fit": fit, "plain": plain,

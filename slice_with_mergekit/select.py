@@ -594,9 +594,10 @@ def bridge_dependence(score: Scorer, c: Choice, cfg: Race = Race()) -> Choice:
         return c
     idx = score.share(cfg.first(score.num_windows))
     passes0 = score.passes
+    lg, _ = score.log_gain(key, idx)  # runs the windows not yet scored either way
     seen = score.bridged[key]
     b = math.exp(sum(seen[i][0] for i in idx) / sum(seen[i][1] for i in idx))
-    p = b * score.gain(key, idx)
+    p = b * math.exp(lg)
     c.passes += score.passes - passes0
     c.bridge = {"plain_perplexity": p, "bridged_perplexity": b, "ratio": p / b, "dependent": p / b > BRIDGE_DEPENDENT,
                 "windows": len(idx)}

@@ -435,6 +435,10 @@ def test_the_choice_says_how_much_it_leans_on_its_bridge(tiny_models, scans, mon
     assert b["ratio"] == pytest.approx(plain / ref) and b["dependent"] == (plain / ref > 1.0)
     assert ("bridge-dependent" in caplog.text) == b["dependent"]
     assert choose("ppl", scan, 2, lambda: Scorer(model, tok, texts, max_length=64, stride=64), top_k=3).bridge is None
+    sc = bridged()
+    sc.score_on(c.removed, sc.share(2))  # a cut seen on fewer windows than the first share: the rest are run
+    again = select.bridge_dependence(sc, select.Choice("x", list(c.removed), 0)).bridge
+    assert again["windows"] == b["windows"] and again["ratio"] == pytest.approx(b["ratio"], rel=1e-6)
 
 
 def test_too_little_text_to_cross_fit_falls_back_in_sample_and_says_so(tiny_models, caplog):
