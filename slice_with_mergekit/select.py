@@ -384,7 +384,7 @@ def pick_candidates(scan: ScanFile, n: int, k: int) -> list[int]:
 class Race:
     """Successive halving on growing shares of the calibration windows, with early stopping."""
 
-    first_share: float = 1 / 16  # windows every candidate is scored on first
+    first_share: float = 0.03  # windows every candidate is scored on first (8 of prune's 264: min_windows)
     z: float = 2.0  # a candidate more than z paired standard errors behind the leader is dropped
     min_windows: int = 8
 
@@ -521,7 +521,7 @@ def _clearly_behind(score: Scorer, c: tuple, leader: tuple, idx: list[int], z: f
     return d - margin > z * se
 
 
-@strategy("race", cost="about 3.5 + 1 per shift (top_k candidates, most dropped on a share of the text)",
+@strategy("race", cost="1 to 4.5 passes measured (top_k candidates, most dropped on a share of the text)",
           help="the scan's candidates from every metric, one per region of the depth, raced by real loss on a "
                "growing share of the calibration text (successive halving, clear losers dropped early), then "
                "the winner shifted a layer while a neighbour wins", needs_scorer=True, top_k=16)
