@@ -44,6 +44,7 @@ class Replay(Scorer):
 
     table: dict[str, list[float]]
     save: Any
+    fit_tokens: float = 0  # tokens_run spent on bridge fits
 
     def _run(self, key: tuple[int, ...], part: list[int], bridge: Any) -> list[tuple[float, int]]:
         kind = "p" if isinstance(bridge, nullcontext) else "b"
@@ -140,7 +141,6 @@ def main() -> None:
     L = res.num_layers
     master = Replay(model, tok, calib, max_length=ml, stride=ml, repair="linear", max_gain=5.0)
     master.table, master.save, master.fitted, master.gain_order = table, save, set(), list(master.order)
-    master.fit_tokens = 0
     rows = []
     for n in map(int, args.sizes.split(",")):
         ex = {s: judged[judged_key(path, args.calib, args.judge, ml, range(s, s + n))] for s in range(L - n + 1)}

@@ -505,7 +505,8 @@ def carried(score: Scorer, c: tuple[int, ...], idx: list[int], cfg: Race = Race(
     if score.max_gain is None or score.repair == "none":
         return False
     limit = math.log(score.max_gain)
-    for part in (score.share(min(cfg.min_windows, len(idx))), idx):
+    few = score.share(min(cfg.min_windows, len(idx)))
+    for part in (few, idx) if len(idx) > len(few) else (idx,):
         lg, se = score.log_gain(c, part)
         if abs(lg - limit) > cfg.z * se:
             break
@@ -586,7 +587,7 @@ BRIDGE_DEPENDENT = 2.0  # a cut whose plain perplexity is this many times its br
 
 def bridge_dependence(score: Scorer, c: Choice, cfg: Race = Race()) -> Choice:
     """With a repair: the chosen cut's plain loss beside its bridged one on the race's first share of
-    the windows (where the race's set-aside test scored it already); a warning when the bridge carries
+    the windows (where the race's set-aside test has usually scored it); a warning when the bridge carries
     it (plain / bridged perplexity > BRIDGE_DEPENDENT), because a bridge rescues a badly damaged block
     less on other text than on the calibration text."""
     key = tuple(c.removed)
