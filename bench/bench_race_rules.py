@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import random
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from slice_with_mergekit.select import Race, Scorer, SelectOptions  # noqa: E402
+from slice_with_mergekit.select import Race, Scorer  # noqa: E402
 
 
 class Replay(Scorer):
@@ -94,7 +93,7 @@ def main() -> None:
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--seeds", type=int, default=8, help="window orders per rule (seed 0 is the live default's)")
     p.add_argument("--rules", default="loss:tie_break=loss;w33:min_windows=33,tie_break=loss;scan:tie_break=scan",
-                   help="name:field=value,... (Race fields, tie_break=scan|loss, tie_margin=RATIO), separated by ';'; first_share=1 scores every candidate "
+                   help="name:field=value,... (Race fields: first_share, z, min_windows, max_gain, tie_break, tie_margin), separated by ';'; first_share=1 scores every candidate "
                    "on every window (one order)")
     p.add_argument("--judged", required=True, help="bench_transfer.py --cache file with the exhaustive judgement")
     p.add_argument("--cache", default=None, help="JSON file keeping the per-window calibration losses")
@@ -127,19 +126,17 @@ def main() -> None:
             tmp.write_text(json.dumps(store))
             os.replace(tmp, args.cache)
 
-    rules, policy = {}, {}  # name -> Race; name -> the scorer's (tie_break, tie_margin ratio)
+    rules = {}  # name -> Race (prune's defaults but the fields given)
     for item in filter(None, (r.strip() for r in args.rules.split(";"))):
         name, _, kv = item.partition(":")
         fields = dict(x.split("=") for x in kv.split(",") if x)
-        policy[name] = (fields.pop("tie_break", "scan"),  # the default with a repair (auto)
-                        float(fields.pop("tie_margin", SelectOptions().tie_margin)))
         rules[name] = Race(**{k: type(getattr(Race, k))(v) for k, v in fields.items()})
 
     t0 = time.perf_counter()
     res = scan_model(model, tok, calib, batch_size=8, max_length=ml, progress=False)
     scan = ScanFile.model_validate({**json_payload(res, 1), "model": str(path)})
     L = res.num_layers
-    master = Replay(model, tok, calib, max_length=ml, stride=ml, repair="linear", max_gain=5.0)
+    master = Replay(model, tok, calib, max_length=ml, stride=ml, repair="linear")
     master.table, master.save, master.fitted, master.gain_order = table, save, set(), list(master.order)
     rows = []
     for n in map(int, args.sizes.split(",")):
@@ -150,7 +147,6 @@ def main() -> None:
         for name, cfg in rules.items():
             for seed in range(1 if cfg.first_share >= 1 else args.seeds):  # every window first: order moot
                 sc = replay(master, seed)
-                sc.tie_break, sc.tie_margin = policy[name][0], math.log(policy[name][1])
                 c = bridge_dependence(sc, select_race(scan, n, sc, 16, cfg), cfg)  # as choose() runs it
                 fit, plain = sc.fit_tokens / sc.total_tokens, sc.plain().tokens_run / sc.total_tokens
                 rows.append({"n": n, "rule": name, "seed": seed, "ours": format_layers(c.removed), "passes": c.passes,
@@ -169,7 +165,7 @@ def main() -> None:
           f"{args.seeds} window orders per rule; judges: {args.judge} texts each, ratio = the winner's perplexity "
           "over the best block's (cut and bridged on the same calibration text)")
     for name, cfg in rules.items():
-        print(f"rule {name}: {cfg}, tie_break {policy[name][0]}, tie_margin {policy[name][1]:g}")
+        print(f"rule {name}: {cfg}")
     short = {judges[0]: "in-domain", judges[1]: "out-of-domain"}
     print(f"{'n':>2} {'rule':<6} {'winners (orders)':<40} " + " ".join(f"{short[k] + ' mean/max':>22}" for k in judges)
           + f" {'both <= 1.05':>12} {'cost mean/max':>14}")

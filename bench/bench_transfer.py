@@ -66,7 +66,7 @@ def main() -> None:
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
     from slice_with_mergekit.repair_fit import fit_repairs
-    from slice_with_mergekit.select import Scorer, SelectOptions, bridge_dependence, select_race
+    from slice_with_mergekit.select import Race, Scorer, SelectOptions, bridge_dependence, select_race
 
     path = model_path(args.model)
     model, tok = load_model(path, dtype="float32", device="auto")
@@ -108,9 +108,9 @@ def main() -> None:
                               for tb in args.tie_breaks.split(",") for tm in margins]:
             gain = None if g == "none" else float(g)
             cal = Scorer(model, tok, calib, max_length=ml, stride=ml, repair="linear", plain_weight=args.plain_weight,
-                         max_gain=gain, bridge_texts=None if bt == "all" else int(bt), tie_break=tb,
-                         tie_margin=float(tm))
-            c = bridge_dependence(cal, select_race(scan, n, cal, 16))
+                         bridge_texts=None if bt == "all" else int(bt))
+            cfg = Race(max_gain=gain, tie_break=tb, tie_margin=float(tm))
+            c = bridge_dependence(cal, select_race(scan, n, cal, 16, cfg), cfg)  # as choose() runs it
             exhaustive = (L - n + 1) + sum(len(cal.bridge_texts(f)) for f in range(2)) / len(calib)
             ours = ex[c.removed[0]]  # judged under the final bridge: fit_repair on all of the calibration text
             for k in judges:

@@ -247,7 +247,7 @@ def plan_stage(a: PruneArgs, scan_json: Path, n: int, plan_path: Path, removed: 
 def budget_stage(a: PruneArgs, scan_json: Path, out: Path) -> None:
     scan = scanfile.load(scan_json)
     score = calibration_scorer(scan, a.model, a.choice, a.load, a.repair)
-    b = budget_search(scan, score, a.max_ppl_ratio, a.choice.select, a.choice.top_k, a.max_layers)
+    b = budget_search(scan, score, a.max_ppl_ratio, a.choice.select, a.choice.top_k, a.max_layers, a.choice.race())
     write_text(out, json.dumps({**asdict(b), "passes": score.passes}, indent=1) + "\n")
 
 

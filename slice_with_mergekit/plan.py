@@ -110,9 +110,7 @@ def calibration_scorer(scan: ScanFile, model: str, choice: SelectOptions | None 
     m, tok = (load or ModelOptions()).load(model, gguf_file=getattr(scan, "gguf_file", None))
     ml = min(int(ds.max_length or 256), 1024)
     return Scorer(m, tok, texts, max_length=ml, stride=ml, repair=repair, logits_bytes=choice.logits_bytes,
-                  score_share=choice.score_share, plain_weight=choice.plain_weight,
-                  max_gain=choice.max_bridge_gain, tie_break=choice.tie_break,
-                  tie_margin=choice.tie_margin)
+                  score_share=choice.score_share, plain_weight=choice.plain_weight)
 
 
 def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None = None, remove: str | None = None,
@@ -145,7 +143,7 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
     check_architecture(cfg, src)
     if select != "angle" and start is None and remove is None:
         choice = choose(select, scan, len(removed),
-                        lambda: calibration_scorer(scan, src, choice, load, repair), top_k)
+                        lambda: calibration_scorer(scan, src, choice, load, repair), top_k, choice.race())
         removed = choice.removed
         if choice_out is not None:
             choice_out.append(choice)

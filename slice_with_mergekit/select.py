@@ -39,19 +39,20 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    select: Callable[..., "Choice"]  # (scan, n, score, top_k) -> Choice; score is None unless needs_scorer
+    select: Callable[..., "Choice"]  # (scan, n, score, top_k[, cfg]) -> Choice; score is None unless needs_scorer
     cost: str  # extra calibration passes, as a formula
     help: str
     needs_scorer: bool
     top_k: int = 0  # candidates scored by loss when --top_k is not given (0: the strategy takes none)
+    races: bool = False  # takes the race's rules (a Race, as cfg)
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def strategy(name: str, cost: str, help: str, needs_scorer: bool, top_k: int = 0) -> Callable:
+def strategy(name: str, cost: str, help: str, needs_scorer: bool, top_k: int = 0, races: bool = False) -> Callable:
     def register(fn: Callable) -> Callable:
-        STRATEGIES[name] = Strategy(name, fn, cost, help, needs_scorer, top_k)
+        STRATEGIES[name] = Strategy(name, fn, cost, help, needs_scorer, top_k, races)
         return fn
 
     return register
@@ -101,15 +102,11 @@ class Scorer:
     (``share``: the first windows of a fixed shuffled order) and on more later, paying only for the
     new ones. ``passes`` counts the forward tokens run, in units of one pass over every window."""
 
-    max_gain: float | None = None
-    tie_break: str = "loss"
-    tie_margin: float = 0.0  # nats/token: a rival not clearly this far above the loss leader is tied with it
     _plain: "Scorer | None" = None  # plain cuts on the same windows, made by plain()
 
     def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
                  batch_size: int = 8, repair: str = "none", seed: int = 0, logits_bytes: int = LOGITS_BYTES,
-                 score_share: float | None = None, plain_weight: float = 0.0, max_gain: float | None = None,
-                 bridge_texts: int | None = 64, tie_break: str = "auto", tie_margin: float = 1.0):
+                 score_share: float | None = None, plain_weight: float = 0.0, bridge_texts: int | None = 64):
         self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
         self.score_share = head_share(model) if score_share is None else score_share
         text_of: list[int] = []
@@ -121,10 +118,6 @@ class Scorer:
         self.total_tokens = sum(len(w[0]) for w in self.wins)
         self.kw = dict(max_length=max_length, stride=stride)
         self.repair, self.logits_bytes, self.plain_weight = repair, logits_bytes, plain_weight
-        self.max_gain = max_gain  # with a repair: a race sets aside cuts whose gain() exceeds it
-        # "scan": a race's statistical ties go to the scan's favourite; "auto": so when scored under a bridge
-        self.tie_break = ("scan" if repair != "none" else "loss") if tie_break == "auto" else tie_break
-        self.tie_margin = math.log(tie_margin)  # given as a perplexity ratio
         self.max_bridge_texts = bridge_texts  # texts per fold's bridges (at least a quarter); None: the whole fold
         self.tokens_run = 0
         self.windows: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # cut -> window -> (nll sum, tokens)
@@ -136,7 +129,7 @@ class Scorer:
         scorer, so windows it scored are not run again, and its forwards count in ``passes``."""
         if self._plain is None:
             s = copy.copy(self)
-            s.repair, s.windows, s.bridged, s.bridges, s.tokens_run, s.max_gain = "none", {}, {}, {}, 0, None
+            s.repair, s.windows, s.bridged, s.bridges, s.tokens_run = "none", {}, {}, {}, 0
             self._plain = s
         return self._plain
 
@@ -382,15 +375,29 @@ def pick_candidates(scan: ScanFile, n: int, k: int) -> list[int]:
 
 @dataclass
 class Race:
-    """Successive halving on growing shares of the calibration windows, with early stopping."""
+    """The race's rules: successive halving on growing shares of the calibration windows, with early
+    stopping; with a repair, cuts their bridge carries set aside, and ties given to the scan. The
+    defaults are prune's (SelectOptions takes its flags' defaults from here)."""
 
     first_share: float = 0.03  # windows every candidate is scored on first (8 of prune's 264: min_windows)
     z: float = 2.0  # a candidate more than z paired standard errors behind the leader is dropped
     min_windows: int = 8
+    max_gain: float | None = 5.0  # with a repair: a cut whose plain perplexity is over this x its bridged one is set aside
+    tie_break: Literal["auto", "scan", "loss"] = "auto"  # ties to the scan's favourite, or the lowest loss; auto: scan under a repair
+    tie_margin: float = 1.03  # perplexity ratio: a rival not clearly this far above the loss leader is tied with it
+
+    def __post_init__(self) -> None:
+        one_of("--tie_break", ("auto", "scan", "loss"), self.tie_break)
+        if self.tie_margin < 1:
+            raise ValueError(f"--tie_margin must be >= 1 (a perplexity ratio), got {self.tie_margin}")
 
     def first(self, W: int) -> int:
         """How many of ``W`` windows the first round scores."""
         return min(W, max(self.min_windows, math.ceil(W * self.first_share)))
+
+    def scan_breaks_ties(self, repair: str) -> bool:
+        """Whether ties go to the scan for candidates scored under ``repair`` ("auto": under a bridge)."""
+        return self.tie_break == "scan" or (self.tie_break == "auto" and repair != "none")
 
 
 def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tuple[tuple[int, ...], dict]:
@@ -398,7 +405,7 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tupl
     every window: all are scored on a first share, then, at each doubling of the share, the
     candidates clearly behind the leader (``z`` paired SEs) are dropped and at most half (at least
     two) survive. Ends early when one is left, else when the survivors have seen every window.
-    With ``score.max_gain``, the first round skips the cuts its bridge carries (see first_round()).
+    With ``cfg.max_gain``, the first round skips the cuts its bridge carries (see first_round()).
     Ties are settle_ties()'s (select_race calls it once, after shifting the loss leader). Returns
     (winner, {cut: the round it was dropped in, -1 if set aside, None for the winner})."""
     score.prepare(cuts)  # every candidate's bridge from one shared pass
@@ -450,10 +457,10 @@ def first_round(score: Scorer, ranked: list[tuple[int, ...]], idx: list[int], k:
 
 
 def settle_ties(score: Scorer, win: tuple[int, ...], dropped: dict, prior: dict, cfg: Race = Race()) -> tuple[tuple, dict]:
-    """``win`` (the loss leader) or, with ``score.tie_break == "scan"``, the scan's favourite among the
+    """``win`` (the loss leader) or, when ``cfg`` gives ties to the scan, the scan's favourite among the
     raced cuts tied with it (not set aside; ``prior``: the scan's score, lower wins); see
     scan_tie_break(). Returns (winner, ``dropped`` updated as race() gives it)."""
-    if score.tie_break != "scan":
+    if not cfg.scan_breaks_ties(score.repair):
         return win, dropped
     rivals = [c for c, r in dropped.items() if c != win and r != -1]
     new, aside = scan_tie_break(score, win, rivals, prior, cfg)
@@ -466,14 +473,14 @@ def settle_ties(score: Scorer, win: tuple[int, ...], dropped: dict, prior: dict,
 def scan_tie_break(score: Scorer, win: tuple[int, ...], rivals: list[tuple[int, ...]], prior: dict,
                    cfg: Race = Race()) -> tuple[tuple, list]:
     """The scan's favourite among ``win`` (the loss leader) and the ``rivals`` tied with it: a rival
-    is tied unless its calibration loss is clearly (``z`` paired SEs) more than ``score.tie_margin``
-    nats/token above the leader's. Each rival the scan ranks above ``win`` (lower ``prior``), best
+    is tied unless its calibration perplexity is clearly (``z`` paired SEs) more than ``cfg.tie_margin``
+    times the leader's. Each rival the scan ranks above ``win`` (lower ``prior``), best
     first, is scored beside it on doubling shares of the windows from the share it has seen, until
     it is clearly beyond the margin (next rival) or has met it on every window (tied: it wins). A
     rival its bridge carries (carried() on the first share, tested once it is not clearly beyond
     the margin on the windows it has seen) is passed over, as the race sets such cuts aside.
     Returns (the winner, the rivals set aside)."""
-    W, margin, z = score.num_windows, score.tie_margin, cfg.z
+    W, margin, z = score.num_windows, math.log(cfg.tie_margin), cfg.z  # margin: nats/token
     first, aside = score.share(cfg.first(W)), []
     for c in sorted((r for r in rivals if prior[r] < prior[win]), key=prior.get):
         m, tested = score.scored(c), False
@@ -498,13 +505,13 @@ def scan_tie_break(score: Scorer, win: tuple[int, ...], rivals: list[tuple[int, 
 
 
 def carried(score: Scorer, c: tuple[int, ...], idx: list[int], cfg: Race = Race()) -> bool:
-    """Whether ``c``'s bridge carries it: gain() on windows ``idx`` over ``score.max_gain`` (never
+    """Whether ``c``'s bridge carries it: gain() on windows ``idx`` over ``cfg.max_gain`` (never
     without a repair or a limit). Tested on the first ``cfg.min_windows`` of them first, and on all
     only when those leave it within ``cfg.z`` paired SEs of the limit. Such a cut is set aside: a
     bridge rescues a badly damaged block less on other text than on the calibration text."""
-    if score.max_gain is None or score.repair == "none":
+    if cfg.max_gain is None or score.repair == "none":
         return False
-    limit = math.log(score.max_gain)
+    limit = math.log(cfg.max_gain)
     few = score.share(min(cfg.min_windows, len(idx)))
     for part in (few, idx) if len(idx) > len(few) else (idx,):
         lg, se = score.log_gain(c, part)
@@ -512,7 +519,7 @@ def carried(score: Scorer, c: tuple[int, ...], idx: list[int], cfg: Race = Race(
             break
     if lg > limit:
         log.info("race: %s set aside: bridge-dependent (plain cut %.1fx its bridged perplexity on %d windows, over "
-                 "--max_bridge_gain %g)", format_layers(c), math.exp(lg), len(part), score.max_gain)
+                 "--max_bridge_gain %g)", format_layers(c), math.exp(lg), len(part), cfg.max_gain)
     return lg > limit
 
 
@@ -525,7 +532,7 @@ def _clearly_behind(score: Scorer, c: tuple, leader: tuple, idx: list[int], z: f
 @strategy("race", cost="1 to 4.5 passes measured (top_k candidates, most dropped on a share of the text)",
           help="the scan's candidates from every metric, one per region of the depth, raced by real loss on a "
                "growing share of the calibration text (successive halving, clear losers dropped early), then "
-               "the winner shifted a layer while a neighbour wins", needs_scorer=True, top_k=16)
+               "the winner shifted a layer while a neighbour wins", needs_scorer=True, top_k=16, races=True)
 def select_race(scan: ScanFile, n: int, score: Scorer, top_k: int = 16, cfg: Race = Race()) -> Choice:
     passes0 = score.passes
     block = lambda s: tuple(range(s, s + n))  # noqa: E731
@@ -611,8 +618,9 @@ def bridge_dependence(score: Scorer, c: Choice, cfg: Race = Race()) -> Choice:
 
 
 def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer] | None,
-           top_k: int | None = None) -> Choice:
-    """The strategy's choice of n layers; ``top_k`` None: the strategy's own default."""
+           top_k: int | None = None, cfg: Race = Race()) -> Choice:
+    """The strategy's choice of n layers; ``top_k`` None: the strategy's own default; ``cfg``: the
+    race's rules, for a strategy that races."""
     st = STRATEGIES[one_of("--select", STRATEGIES, name)]
     top_k = st.top_k if top_k is None else top_k
     if not st.needs_scorer:
@@ -620,7 +628,8 @@ def choose(name: str, scan: ScanFile, n: int, score_factory: Callable[[], Scorer
     if top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {top_k}")
     score = score_factory()
-    return bridge_dependence(score, st.select(scan, n, score, top_k))
+    c = st.select(scan, n, score, top_k, cfg) if st.races else st.select(scan, n, score, top_k)
+    return bridge_dependence(score, c, cfg)
 
 
 def strategies_help() -> str:
@@ -648,7 +657,7 @@ class SelectOptions(BaseModel):
                                 "+ w x plain loss per token (0: the bridged loss alone; each window then costs two "
                                 "forwards): a cut that leans on its bridge transfers worse to other text")
 
-    max_bridge_gain: float | None = Field(5.0, gt=1, description="with a repair: --select race sets aside the "
+    max_bridge_gain: float | None = Field(Race.max_gain, gt=1, description="with a repair: --select race sets aside the "
                                           "candidates whose plain cut's perplexity is more than this many times their "
                                           "bridged one on the first share of the calibration text (unless all are; "
                                           "only those that could survive the first round are tested): a "
@@ -656,13 +665,13 @@ class SelectOptions(BaseModel):
                                           "(measured on SmolLM2, bench/transfer_smollm2_gain5.txt)")
 
     tie_break: Literal["auto", "scan", "loss"] = Field(
-        "auto", description="--select race: the candidates the calibration loss cannot separate from the winner (never "
+        Race.tie_break, description="--select race: the candidates the calibration loss cannot separate from the winner (never "
         "2 paired SE behind it) challenge it on every window, the scan's favourites first, and a tie goes to the one "
         "the scan ranks first (scan), or the lowest loss keeps it (loss); auto: scan when the candidates are scored "
         "under a bridge (--repair), whose fit transfers worse to other text than it scores (measured on SmolLM2, "
         "bench/race_rules_smollm2.txt), loss for plain cuts")
 
-    tie_margin: float = Field(1.03, ge=1, description="with --tie_break scan (auto under a repair): a candidate whose "
+    tie_margin: float = Field(Race.tie_margin, ge=1, description="with --tie_break scan (auto under a repair): a candidate whose "
                               "calibration perplexity is not clearly (2 paired SE) more than this many times the loss "
                               "leader's is tied with it, and the scan's favourite among the tied wins (1: only "
                               "statistical ties); a few per cent of calibration loss says little about other text "
@@ -672,6 +681,10 @@ class SelectOptions(BaseModel):
     @classmethod
     def _known(cls, v: str) -> str:
         return one_of("--select", STRATEGIES, v)
+
+    def race(self) -> Race:
+        """The race's rules these options set."""
+        return Race(max_gain=self.max_bridge_gain, tie_break=self.tie_break, tie_margin=self.tie_margin)
 
 
 @dataclass
@@ -689,7 +702,7 @@ class Budget:
 
 
 def budget_search(scan: ScanFile, score: Scorer, max_ratio: float, strategy: str = "race", top_k: int | None = None,
-                  max_layers: int | None = None) -> Budget:
+                  max_layers: int | None = None, cfg: Race = Race()) -> Budget:
     """Grow n from 1 while the chosen n-layer cut keeps calibration perplexity within ``max_ratio``
     times the dense model's; one scan serves every n. Stops at the first n over budget."""
     if max_ratio <= 1:
@@ -698,7 +711,7 @@ def budget_search(scan: ScanFile, score: Scorer, max_ratio: float, strategy: str
     top = min(max_layers or scan.num_layers - 2, scan.num_layers - 2)
     curve: list[dict] = []
     for n in range(1, top + 1):
-        c = choose(strategy, scan, n, lambda: score, top_k)
+        c = choose(strategy, scan, n, lambda: score, top_k, cfg)
         p = score(c.removed)  # on every calibration window, as the dense model (a race may stop on a share)
         curve.append({"n": n, "removed": c.removed, "perplexity": p, "ratio": p / dense, "within": p <= max_ratio * dense})
         log.info("budget: n=%d removes %s: perplexity %.3f = %.3fx dense (budget %.2fx)", n, format_layers(c.removed),

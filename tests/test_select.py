@@ -204,10 +204,20 @@ def test_a_folds_bridges_take_up_to_bridge_texts_of_the_other_folds_texts_or_all
 
 @pytest.mark.parametrize("repair,tie_break,want", [("linear", "auto", "scan"), ("none", "auto", "loss"),
                                                     ("linear", "loss", "loss"), ("none", "scan", "scan")])
-def test_tie_break_auto_is_the_scan_under_a_bridge_and_the_loss_for_plain_cuts(tiny_models, repair, tie_break, want):
-    model, tok = load(tiny_models["qwen3"])
-    assert Scorer(model, tok, TEXTS[:4], max_length=64, stride=64, repair=repair,
-                  tie_break=tie_break).tie_break == want
+def test_tie_break_auto_is_the_scan_under_a_bridge_and_the_loss_for_plain_cuts(repair, tie_break, want):
+    assert Race(tie_break=tie_break).scan_breaks_ties(repair) == (want == "scan")
+
+
+def test_the_race_rules_are_the_select_options_and_bad_ones_name_their_flag():
+    from slice_with_mergekit.select import SelectOptions
+
+    assert SelectOptions().race() == Race()  # prune's defaults, one source
+    o = SelectOptions(max_bridge_gain=3.0, tie_break="loss", tie_margin=1.1)
+    assert (o.race().max_gain, o.race().tie_break, o.race().tie_margin) == (3.0, "loss", 1.1)
+    with pytest.raises(ValueError, match="--tie_break"):
+        Race(tie_break="nope")
+    with pytest.raises(ValueError, match="--tie_margin"):
+        Race(tie_margin=0.9)
 
 
 def test_confidence_names_the_rival_beaten_least_clearly():
@@ -498,9 +508,9 @@ def test_gain_is_the_plain_over_the_bridged_perplexity_on_the_same_windows(tiny_
 class GainTable(TableScorer):
     """A TableScorer with a repair, whose cuts' bridge gains come from a table."""
 
-    def __init__(self, table, gains, max_gain):
+    def __init__(self, table, gains):
         super().__init__(table)
-        self.repair, self.max_gain, self.gains = "linear", max_gain, gains
+        self.repair, self.gains = "linear", gains
 
     def prepare(self, cuts):
         pass
@@ -516,10 +526,10 @@ def test_the_race_sets_aside_a_cut_its_bridge_carries_unless_every_cut_is():
     W = 256
     table = {(0,): noisy(2.0, W, 0), (1,): noisy(2.5, W, 1), (2,): noisy(3.0, W, 2)}
     gains = {(0,): 17.5, (1,): 1.5, (2,): 3.0}  # the best bridged cut leans on its bridge
-    win, dropped = race(GainTable(table, gains, max_gain=5.0), list(table), Race(first_share=1 / 8))
+    win, dropped = race(GainTable(table, gains), list(table), Race(first_share=1 / 8, max_gain=5.0))
     assert win == (1,) and dropped[(0,)] == -1 and dropped[(2,)] is not None
-    assert race(GainTable(table, gains, max_gain=None), list(table), Race(first_share=1 / 8))[0] == (0,)
-    win, dropped = race(GainTable(table, gains, max_gain=1.2), list(table), Race(first_share=1 / 8))
+    assert race(GainTable(table, gains), list(table), Race(first_share=1 / 8, max_gain=None))[0] == (0,)
+    win, dropped = race(GainTable(table, gains), list(table), Race(first_share=1 / 8, max_gain=1.2))
     assert win == (0,) and -1 not in dropped.values()  # every cut over the limit: none set aside
 
 
@@ -537,14 +547,14 @@ def test_a_cut_is_tested_for_its_bridge_on_a_few_windows_and_on_more_only_when_n
     from slice_with_mergekit.select import carried
 
     table = {(0,): noisy(2.0, 256, 0), (1,): noisy(2.0, 256, 1), (2,): noisy(2.0, 256, 2)}
-    sc = CountingGains(table, {(0,): 1.5, (1,): 4.5, (2,): 6.0}, max_gain=5.0)
+    sc = CountingGains(table, {(0,): 1.5, (1,): 4.5, (2,): 6.0})
     sc.se, first = 0.06, sc.share(32)  # log 4.5 and log 6 are 0.105 and 0.182 from log 5; 2 SE = 0.12
-    cfg = Race(first_share=1 / 8, min_windows=8)
+    cfg = Race(first_share=1 / 8, min_windows=8, max_gain=5.0)
     assert [carried(sc, c, first, cfg) for c in table] == [False, False, True]
     assert sc.sizes == [8, 8, 32, 8]  # (0,): far under on 8 windows; (1,): near, so on the first share; (2,): over
     sc.se, sc.asked, sc.sizes = 0.1, [], []
     assert carried(sc, (2,), first, cfg) and sc.sizes == [8, 32]
-    sc.max_gain = None
+    cfg.max_gain = None
     assert not carried(sc, (2,), first, cfg) and sc.sizes == [8, 32]  # no limit: no test
 
 
@@ -553,16 +563,16 @@ def test_the_first_round_tests_only_the_cuts_that_could_survive_it_for_their_bri
     means = [1.9, 2.07, 2.06, 2.05, 2.04, 2.03, 2.02, 2.01]  # within 50 SE: only halving drops
     table = {(i,): noisy(m, W, i, sd=0.01) for i, m in enumerate(means)}
     gains = {(i,): 1.5 for i in range(8)} | {(0,): 17.5}  # the best bridged cut leans on its bridge
-    sc = CountingGains(table, gains, max_gain=5.0)
-    win, dropped = race(sc, list(table), Race(first_share=1 / 8, z=50))
+    sc = CountingGains(table, gains)
+    win, dropped = race(sc, list(table), Race(first_share=1 / 8, z=50, max_gain=5.0))
     ranked = [(0,), (7,), (6,), (5,), (4,), (3,), (2,), (1,)]  # by loss on the first share
     survivors = ranked[1:5]  # the best half of 8, the carried cut skipped
     assert dropped[(0,)] == -1 and sorted(sc.asked) == sorted([(0,), *survivors])  # the other 3: no plain forward
     assert all(dropped[c] == 0 for c in ranked if c not in survivors and c != (0,))
     assert all(dropped[c] != 0 for c in survivors) and win in survivors
-    ref = GainTable(table, gains, max_gain=5.0)
+    ref = GainTable(table, gains)
     ref.log_gain = lambda removed, idx: (math.log(gains[tuple(sorted(removed))]), 0.0)  # for free: the same race
-    assert race(ref, list(table), Race(first_share=1 / 8, z=50)) == (win, dropped)
+    assert race(ref, list(table), Race(first_share=1 / 8, z=50, max_gain=5.0)) == (win, dropped)
 
 
 def test_with_tie_break_scan_a_tied_rival_its_bridge_carries_is_passed_over():
@@ -571,9 +581,9 @@ def test_with_tie_break_scan_a_tied_rival_its_bridge_carries_is_passed_over():
     table = {c: noisy(m, W, c[0], sd=0.01) for c, m in means.items()}
     prior = {(0,): 0.3, (1,): 0.2, (2,): 0.1, (3,): 0.5}  # the scan prefers (2,), then (1,)
     for g2, want in ((1.5, (2,)), (17.5, (1,))):
-        sc = CountingGains(table, {c: 1.5 for c in table} | {(2,): g2}, max_gain=5.0)
-        sc.tie_break, sc.tie_margin = "scan", math.log(1.03)
-        win, dropped = raced(sc, list(table), Race(first_share=1 / 8), prior)
+        sc = CountingGains(table, {c: 1.5 for c in table} | {(2,): g2})
+        cfg = Race(first_share=1 / 8, max_gain=5.0, tie_break="scan", tie_margin=1.03)
+        win, dropped = raced(sc, list(table), cfg, prior)
         assert win == want and sc.asked[:2] == [(0,), (1,)]  # (3,), (2,): out in the first round, untested
         assert (dropped[(2,)] == -1) == (g2 > 5.0)  # tested when challenging: carried, passed over
 
@@ -585,16 +595,15 @@ def test_with_tie_break_scan_the_scan_decides_only_among_cuts_the_loss_cannot_se
     sc = TableScorer(tied)
     leader = min(tied, key=lambda c: sum(tied[c]))
     assert leader == (0,)
-    assert raced(sc, list(tied), Race(first_share=1 / 8), prior)[0] == leader  # tie_break "loss": the lowest loss
+    loss, scan = Race(first_share=1 / 8, tie_break="loss"), Race(first_share=1 / 8, tie_break="scan", tie_margin=1)
+    assert raced(sc, list(tied), loss, prior)[0] == leader  # the lowest loss
     d, se = sc.paired((0,), (1,))
     assert abs(d) < 2 * se and sc.scored((2,)) < W  # a tie; (2,) dropped early
     sc = TableScorer(tied)
-    sc.tie_break = "scan"
-    assert raced(sc, list(tied), Race(first_share=1 / 8), prior)[0] == (1,)  # the tied cut the scan prefers
+    assert raced(sc, list(tied), scan, prior)[0] == (1,)  # the tied cut the scan prefers
     apart = {**tied, (1,): noisy(2.5, W, 1, sd=0.5)}  # no tie: the loss decides whatever the scan says
     sc = TableScorer(apart)
-    sc.tie_break = "scan"
-    assert raced(sc, list(apart), Race(first_share=1 / 8), prior)[0] == (0,)
+    assert raced(sc, list(apart), scan, prior)[0] == (0,)
 
 
 def test_with_tie_break_scan_a_cut_halved_out_early_but_tied_on_every_window_is_the_scans_to_take():
@@ -611,12 +620,11 @@ def test_with_tie_break_scan_a_cut_halved_out_early_but_tied_on_every_window_is_
                                         for k in range(2, 6)}}  # (2,) ... (5,): ahead of (1,) at first, behind later
     prior = {(0,): 0.3, (1,): 0.1, (2,): 0.05, (3,): 0.5, (4,): 0.5, (5,): 0.5}  # (2,): the scan's top, but worse
     sc = TableScorer(table)
-    win, dropped = raced(sc, list(table), Race(first_share=1 / 16), prior)
+    win, dropped = raced(sc, list(table), Race(first_share=1 / 16, tie_break="loss"), prior)
     assert win == (0,) and dropped[(1,)] == 0  # halved out in the first round ...
     assert sc.paired((1,), (0,), sc.share(16))[0] < 2 * sc.paired((1,), (0,), sc.share(16))[1]  # ... not clearly behind
     sc = TableScorer(table)
-    sc.tie_break = "scan"
-    win, dropped = raced(sc, list(table), Race(first_share=1 / 16), prior)
+    win, dropped = raced(sc, list(table), Race(first_share=1 / 16, tie_break="scan", tie_margin=1), prior)
     assert win == (1,) and dropped[(1,)] is None and dropped[(0,)] is not None
     d, se = sc.paired((1,), (0,))
     assert sc.scored((1,)) == W and abs(d) < 2 * se  # met on every window: a tie
@@ -629,13 +637,12 @@ def test_with_a_tie_margin_the_scan_takes_a_cut_clearly_behind_but_within_the_ma
     table = {(0,): noisy(2.0, W, 0, sd=0.02), (1,): noisy(2.02, W, 1, sd=0.02), (2,): noisy(2.1, W, 2, sd=0.02)}
     prior = {(0,): 0.3, (1,): 0.2, (2,): 0.1}  # the scan prefers (2,), then (1,)
     sc = TableScorer(table)
-    sc.tie_break = "scan"
-    assert raced(sc, list(table), Race(first_share=1 / 8), prior)[0] == (0,)  # no margin: (1,) is clearly behind
+    no_margin = Race(first_share=1 / 8, tie_break="scan", tie_margin=1)
+    assert raced(sc, list(table), no_margin, prior)[0] == (0,)  # (1,) is clearly behind
     d, se = sc.paired((1,), (0,))
     assert d > 2 * se
     sc = TableScorer(table)
-    sc.tie_break, sc.tie_margin = "scan", math.log(1.03)  # 0.0296 nats/token
-    win, dropped = raced(sc, list(table), Race(first_share=1 / 8), prior)
+    win, dropped = raced(sc, list(table), Race(first_share=1 / 8, tie_break="scan", tie_margin=1.03), prior)  # 0.0296 nats/token
     assert win == (1,) and dropped[(1,)] is None and dropped[(0,)] is not None  # 0.02 nats behind: within 1.03x
     assert sc.scored((1,)) == W and sc.scored((2,)) == 32  # (2,), 0.1 nats behind, not chased past the first share
 
