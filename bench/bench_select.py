@@ -6,6 +6,10 @@ regret is measured on the held-out split. Cost: calibration passes beyond the sc
 pass over the calibration text each); the exhaustive search costs L - n + 1 held-out passes.
 
     python bench/bench_select.py [--sizes 2,4,6,8] [--calib 512] [--heldout 64] [--max_length 192] [--top_k 5,8]
+
+The held-out split here is of the calibration corpus only, and the cuts are plain. The default under
+its repair, judged also on text of another kind (package READMEs) against every block cut and bridged
+the same way: bench/bench_transfer.py (docs/benchmarks.md, "The default choice on text it never saw").
 """
 
 from __future__ import annotations
