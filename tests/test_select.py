@@ -192,6 +192,28 @@ def test_repair_aware_scoring_scores_each_window_under_a_bridge_fitted_without_i
     assert math.exp(sc.score_on(cut, range(sc.num_windows))) == pytest.approx(ref, rel=1e-5)
 
 
+def test_a_candidates_bridge_runs_no_guard_so_every_forward_it_costs_is_counted(tiny_models, monkeypatch):
+    """The guard's held-out perplexities (two per cut and fold) are left to the final repair: the
+    candidates' scored windows, out of sample, are that test. The bridges are the guarded fit's."""
+    import slice_with_mergekit.repair_fit as repair_fit
+
+    model, tok = load(tiny_models["qwen3"])
+    texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]  # enough tokens for the guard to apply the bridges
+    cuts = [(2, 3), (5, 6), (6, 7)]  # bridges the guard keeps on this text, in both folds
+    real = repair_fit.fit_repairs
+    monkeypatch.setattr("slice_with_mergekit.select.fit_repairs", lambda *a, **k: real(*a, **{**k, "guard": True}))
+    guarded = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")
+    guarded.prepare(cuts)
+    assert all(b.applied for f in range(2) for c in cuts for b in guarded.bridges[(c, f)].bridges)
+    want = {c: guarded(c) for c in cuts}
+    monkeypatch.undo()
+    monkeypatch.setattr(repair_fit, "_guard", lambda *a, **k: pytest.fail("a candidate's bridge was guarded"))
+    sc = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")
+    sc.prepare(cuts)
+    assert sc.passes == pytest.approx(sum(len(sc.bridge_texts(f)) for f in range(2)) / len(texts))  # the fit pass only
+    assert {c: sc(c) for c in cuts} == pytest.approx(want, rel=1e-6)
+
+
 def test_a_folds_bridges_take_up_to_bridge_texts_of_the_other_folds_texts_or_all_of_them(tiny_models):
     model, tok = load(tiny_models["qwen3"])
     texts = [f"{a} {i}" for i in range(50) for a in TEXTS[:4]]  # 200 texts, only tokenized
