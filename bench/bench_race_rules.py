@@ -11,7 +11,7 @@ TRANSFER_CACHE is bench_transfer.py's --cache file at the same --calib (it holds
 judgement). The race is the library's own `select_race`; only the forwards are replayed: each
 (cut, window) loss, bridged or plain, is run once and kept in --cache, so many rules and orders cost
 little more than one full table. Passes are counted as the live race counts them (a bridge fit
-included). One simplification: the set-aside test (gain() on the first share) always reads the
+included). One simplification: the set-aside test (log_gain() on the first share) always reads the
 windows of seed 0's order, so every order sets aside the same cuts.
 """
 

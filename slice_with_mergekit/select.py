@@ -16,7 +16,7 @@ import random
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import takewhile
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence, get_args
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -136,22 +136,17 @@ class Scorer:
         return self._plain
 
     def log_gain(self, removed: Sequence[int], idx: Sequence[int]) -> tuple[float, float]:
-        """(log gain() on windows ``idx``, its paired SE over them); runs the windows not yet scored
-        either way."""
+        """How much the bridge carries the cut: (log of its plain perplexity over its bridged one on
+        windows ``idx``, the paired SE over them); runs the windows not yet scored either way."""
         key = tuple(sorted(removed))
         self.score_on(key, idx)
         self.plain().score_on(key, idx)
         return paired_diff(self.plain().windows[key], self.bridged[key], idx)
 
-    def gain(self, removed: Sequence[int], idx: Sequence[int]) -> float:
-        """How much the bridge carries the cut: its plain perplexity over its bridged one on windows
-        ``idx`` (runs the windows not yet scored either way)."""
-        return math.exp(self.log_gain(removed, idx)[0])
-
     @property
     def passes(self) -> float:
         """Forward tokens run so far, in passes over the calibration windows (a bridge fit counts one;
-        plain cuts scored for gain() count too)."""
+        plain cuts scored for log_gain() count too)."""
         return (self.tokens_run + (self._plain.tokens_run if self._plain is not None else 0)) / self.total_tokens
 
     @property
@@ -377,6 +372,9 @@ def pick_candidates(scan: ScanFile, n: int, k: int) -> list[int]:
     return picked
 
 
+TieBreak = Literal["auto", "scan", "loss"]  # ties to the scan's favourite, or the lowest loss; auto: scan under a repair
+
+
 @dataclass
 class Race:
     """The race's rules: successive halving on growing shares of the calibration windows, with early
@@ -387,11 +385,11 @@ class Race:
     z: float = 2.0  # a candidate more than z paired standard errors behind the leader is dropped
     min_windows: int = 8
     max_gain: float | None = 5.0  # with a repair: a cut whose plain perplexity is over this x its bridged one is set aside
-    tie_break: Literal["auto", "scan", "loss"] = "auto"  # ties to the scan's favourite, or the lowest loss; auto: scan under a repair
+    tie_break: TieBreak = "auto"
     tie_margin: float = 1.03  # perplexity ratio: a rival not clearly this far above the loss leader is tied with it
 
     def __post_init__(self) -> None:
-        one_of("--tie_break", ("auto", "scan", "loss"), self.tie_break)
+        one_of("--tie_break", get_args(TieBreak), self.tie_break)
         if self.tie_margin < 1:
             raise ValueError(f"--tie_margin must be >= 1 (a perplexity ratio), got {self.tie_margin}")
 
@@ -509,7 +507,7 @@ def scan_tie_break(score: Scorer, win: tuple[int, ...], rivals: list[tuple[int, 
 
 
 def carried(score: Scorer, c: tuple[int, ...], idx: list[int], cfg: Race = Race()) -> bool:
-    """Whether ``c``'s bridge carries it: gain() on windows ``idx`` over ``cfg.max_gain`` (never
+    """Whether ``c``'s bridge carries it: log_gain() on windows ``idx`` over log ``cfg.max_gain`` (never
     without a repair or a limit). Tested on the first ``cfg.min_windows`` of them first, and on all
     only when those leave it within ``cfg.z`` paired SEs of the limit. Such a cut is set aside: a
     bridge rescues a badly damaged block less on other text than on the calibration text."""
@@ -668,7 +666,7 @@ class SelectOptions(BaseModel):
                                           "bridge that rescues a badly damaged block transfers worse to other text "
                                           "(measured on SmolLM2, bench/transfer_smollm2_gain5.txt)")
 
-    tie_break: Literal["auto", "scan", "loss"] = Field(
+    tie_break: TieBreak = Field(
         Race.tie_break, description="--select race: the candidates the calibration loss cannot separate from the winner (never "
         "2 paired SE behind it) challenge it on every window, the scan's favourites first, and a tie goes to the one "
         "the scan ranks first (scan), or the lowest loss keeps it (loss); auto: scan when the candidates are scored "
