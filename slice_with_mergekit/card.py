@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
@@ -11,7 +12,7 @@ from compute_block_similarity.errors import UserError, looks_local
 from compute_block_similarity.ranges import format_layers, format_ranges
 from compute_block_similarity.scanfile import ScanFile
 
-from .benchmarks import fmt, retained, top_level
+from .benchmarks import above_chance, fmt, retained, top_level
 from .checkpoint import (
     REPAIR_FILE,
     kept_ranges_of,
@@ -105,12 +106,19 @@ def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id
         lines += benchmark_lines(ev)
     lines += ledger_lines(ev.get("heal") or heal_ledger(out))
     if ev:
-        lines += ["", "```json", json.dumps(ev, indent=1), "```"]
+        lines += ["", "```json", json.dumps(without_per_doc(ev), indent=1), "```"]
     lines += ["", "## sliced.yml", "", "```yaml", Path(plan_path).read_text().strip(), "```", ""]
     return "\n".join(lines)
 
 
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+
+
+def without_per_doc(v: Any) -> Any:
+    """eval.json without the per-document values (kept in the file for paired SEs; too long for a card)."""
+    if isinstance(v, dict):
+        return {k: without_per_doc(x) for k, x in v.items() if k != "per_doc"}
+    return [without_per_doc(x) for x in v] if isinstance(v, list) else v
 
 
 def own_key(ev: dict) -> str | None:
@@ -143,8 +151,9 @@ def eval_results(ev: dict) -> list[EvalResult]:
     rec = tasks_of(ev, key) or {}
     for task, t in rec.get("tasks", {}).items():
         for metric, value in t["metrics"].items():
+            split = (t.get("split") or {}).get("split")
             out.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
-                                  metric_type=metric, metric_value=value,
+                                  dataset_split=split.split()[0] if split else None, metric_type=metric, metric_value=value,
                                   metric_name=f"{metric} ({t['num_fewshot']}-shot)",
                                   source_name=f"lm-evaluation-harness {rec.get('lm_eval_version')}",
                                   source_url=LM_EVAL_URL))
@@ -173,6 +182,11 @@ def benchmark_lines(ev: dict) -> list[str]:
                      f"{'-' if d is None else fmt(d)} | {f'{kept[task]:.1f}' if task in kept else '-'} |")
     if "average" in kept:
         lines.append(f"| average | | | | | {kept['average']:.1f} |")
+    above = above_chance(dense, rec) if dense else {}
+    if "average" in above:
+        v, se = above["average"]
+        lines += ["", f"Retained above chance, (this - chance) / (dense - chance) averaged over tasks: {v:.1f} %"
+                  + (f" ± {se:.1f} (paired SE against dense on the same documents)." if se is not None else ".")]
     return lines
 
 

@@ -39,13 +39,23 @@ from compute_block_similarity.ranges import (
 from compute_block_similarity.report import plot_triangle
 from compute_block_similarity.scanfile import ScanFile
 
-from .benchmarks import TaskOptions, fmt, retained, run_tasks, task_manager, top_level
+from .benchmarks import (
+    TaskOptions,
+    above_chance,
+    compare,
+    fmt,
+    retained,
+    run_tasks,
+    task_manager,
+    top_level,
+)
 from .card import model_card
 from .checkpoint import kept_ranges_of, lineage, read_plan
 from .evaluate import perplexity
 from .heal import HealConfig, heal
 from .inmemory import removed_layers
 from .materialize import materialize
+from .methods import METHODS, OURS, get_method, methods_help
 from .plan import calibration_scorer, plan, write_config, write_selection
 from .repair_fit import RepairOptions
 from .select import SelectOptions, budget_search
@@ -94,30 +104,6 @@ def stage_lines(work: Path) -> list[str]:
     return lines
 
 
-OURS = "ours"
-
-
-def _deepest(scan: ScanFile, n: int) -> list[int]:
-    L = scan.num_layers
-    if n > L - 1:
-        raise UserError(f"baseline deepest: cannot remove {n} of {L} layers and keep the last one")
-    return list(range(L - 1 - n, L - 1))
-
-
-def _angle(scan: ScanFile, n: int) -> list[int]:
-    if ANGLE not in (scan.metric, *scan.all_metrics):
-        raise UserError(f"baseline angle needs the scan's {ANGLE} scores; rerun the scan with --metrics all")
-    start = scan.ranking(n, ANGLE)[0]
-    return list(range(start, start + n))
-
-
-ANGLE = "angular_last_token"
-# the baselines --baselines builds beside our choice, each (what it removes, how it is computed)
-BASELINES: dict[str, tuple[str, Callable[[ScanFile, int], list[int]]]] = {
-    "deepest": ("the n layers just before the last one (Gromov et al. 2024; arXiv 2411.15558)", _deepest),
-    "angle": ("the block of least last-token angular distance in the scan (Gromov et al. 2024)", _angle),
-}
-
 SCAN_FLAGS = ["metric"]  # of ScanOptions, the ones prune takes; the rest keep the scan's defaults
 
 
@@ -160,8 +146,8 @@ class PruneArgs(BaseModel):
     max_layers: int | None = Field(None, ge=1, description="budget mode: remove at most this many layers")
     bench: TaskOptions = Field(default_factory=TaskOptions, json_schema_extra={"flags": {
         "title": "Benchmarks (lm-eval): the dense model and every cut, repaired and healed model, with retained %"}})
-    baselines: list[str] = Field([], description="also build, repair, heal and evaluate these cuts exactly like "
-                                 "ours, side by side in report.md: " + "; ".join(f"{k}: {v[0]}" for k, v in BASELINES.items()))
+    baselines: list[str] = Field([], description="the field's methods, each as its paper runs it, built, evaluated and "
+                                 "healed under the same protocol as ours, side by side in report.md: " + methods_help())
 
     @model_validator(mode="after")
     def _check(self) -> "PruneArgs":
@@ -170,7 +156,7 @@ class PruneArgs(BaseModel):
         if any(n < 1 for n in self.layers_to_skip):
             raise ValueError(f"--layers_to_skip {self.layers_to_skip}: block sizes must be >= 1")
         for b in self.baselines:
-            one_of("--baselines", BASELINES, b)
+            one_of("--baselines", METHODS, b)
         if self.data.max_length < 2:
             raise ValueError(f"--max_length must be >= 2 to score anything, got {self.data.max_length}")
         return self
@@ -429,9 +415,19 @@ def task_stages(a: PruneArgs, ctx: dict, v: Variant, removed: list[int]) -> dict
     return tasks
 
 
+def method_args(a: PruneArgs, ctx: dict, name: str) -> tuple[PruneArgs, dict]:
+    """The job's arguments and context for one method: its own repair (None: the job's --repair)."""
+    repair = None if name == OURS else get_method(name).repair
+    if repair is None or repair == a.repair:
+        return a, ctx
+    am = a.model_copy(update={"fix": a.fix.model_copy(update={"repair": repair})})
+    return am, {**ctx, "fps": fingerprints(am)}
+
+
 def variant_stages(a: PruneArgs, work: Path, ctx: dict, n: int, name: str, fixed: list[int] | None) -> dict:
-    """One pruned model (ours, or a baseline under the same protocol): build, second corpus, heal,
+    """One pruned model (ours, or a method under the same protocol): build, second corpus, heal,
     benchmarks; its eval.json and card; its row of the report."""
+    a, ctx = method_args(a, ctx, name)
     v = Variant(n, name, work)
     build_stages(a, ctx, v, fixed)
     ranges = kept_ranges_of(read_plan(v.plan))
@@ -448,11 +444,14 @@ def variant_stages(a: PruneArgs, work: Path, ctx: dict, n: int, name: str, fixed
           **({"second_corpus": {"dataset": {"name": a.eval_dataset, "split": a.eval_dataset_subset,
                                             "texts": len(ctx["texts2"])}, **shift}} if shift else {}),
           "checkpoint": "repaired" if repaired else "cut",
-          **({"lm_eval": {"source": ctx["src_tasks"], **tasks}} if tasks else {})}
+          **({"lm_eval": {"source": ctx["src_tasks"], **tasks},
+              "retained": {form: {"retained": retained(ctx["src_tasks"], rec),
+                                  "above_chance": above_chance(ctx["src_tasks"], rec)} for form, rec in tasks.items()}}
+             if tasks else {})}
     write_records(v.model, ev, v.plan, ctx["scan"])
     if healed:
         write_records(v.healed, {**ev, "checkpoint": "healed"}, v.plan, ctx["scan"])
-    return {"n": n, "name": name, "removed": removed, "ranges": ranges, "source": ctx["src_ppl"],
+    return {"n": n, "name": name, "repair": a.repair, "removed": removed, "ranges": ranges, "source": ctx["src_ppl"],
             "cut": cut["perplexity"], "repaired": pr["perplexity"] if repaired else None, "pruned": pr["perplexity"],
             "healed": healed, "ledger": ledger, "tokens": pr["tokens_scored"], "tasks": tasks, "shift": shift,
             "dir": v.tag}
@@ -500,9 +499,10 @@ def prune(a: PruneArgs) -> Path:
         ours = variant_stages(a, work, ctx, n, OURS, budget["curve"][n - 1]["removed"] if budget else None)
         rows.append(ours)
         for b in a.baselines:
-            layers = BASELINES[b][1](scan, n)
-            if layers == ours["removed"]:
-                log.info("baseline %s for n = %d removes %s, the same layers as our choice", b, n, format_layers(layers))
+            layers = get_method(b).removes(scan, n)
+            if layers == ours["removed"] and method_args(a, ctx, b)[0].repair == a.repair:
+                log.info("baseline %s for n = %d removes %s, the same layers as our choice, with the same repair", b, n,
+                         format_layers(layers))
                 rows.append({**ours, "name": b, "same_as": OURS})
                 continue
             rows.append(variant_stages(a, work, ctx, n, b, layers))
@@ -582,7 +582,8 @@ def candidate_lines(work: Path, rows: list[dict], scan: ScanFile) -> list[str]:
 
 def model_lines(rows: list[dict], src_tasks: dict | None) -> list[str]:
     """One row per model (dense; each choice's cut / repaired / healed form): perplexity and every
-    task's headline score with its retained % of the dense model's."""
+    task's headline score with its retained % of the dense model's, and retained above chance with its
+    paired SE; then ours against each method, and where the documents came from."""
     if not src_tasks:
         return []
     tasks = top_level(src_tasks)
@@ -591,19 +592,22 @@ def model_lines(rows: list[dict], src_tasks: dict | None) -> list[str]:
              f"lm-eval {src_tasks['lm_eval_version']}" + (f", --limit {src_tasks['limit']:g}" if src_tasks["limit"] else "")
              + (f", tasks from `{src_tasks['include_path']}`" if src_tasks["include_path"] else "")
              + ". Each cell: score (retained % of dense); retained % is pruned / dense for a higher-is-better metric, "
-             "dense / pruned for a lower-is-better one, so 100 % = as good as dense.", "",
-             "| model | layers removed | perplexity | " + " | ".join(heads) + " | retained % (average) |",
-             "|---" * (len(tasks) + 4) + "|"]
+             "dense / pruned for a lower-is-better one, so 100 % = as good as dense. Above chance: the average over "
+             "tasks of (pruned - chance) / (dense - chance), chance = the mean of 1 / choices, ± its paired SE "
+             "against the dense model on the same documents.", "",
+             "| model | layers removed | perplexity | " + " | ".join(heads) + " | retained % (average) | "
+             "above chance % (average ± SE) |", "|---" * (len(tasks) + 5) + "|"]
 
     def row(label: str, layers: str, ppl: float | None, rec: dict) -> str:
-        kept = retained(src_tasks, rec)
+        kept, above = retained(src_tasks, rec), above_chance(src_tasks, rec)
         cells = []
         for t in tasks:
             h = rec.get("tasks", {}).get(t)
             cells.append("-" if not h else fmt(h['metrics'][h['headline']]) +
                          (f" ({kept[t]:.1f} %)" if t in kept else ""))
         avg = f"{kept['average']:.1f} %" if "average" in kept else "-"
-        return f"| {label} | {layers} | {f'{ppl:.2f}' if ppl else '-'} | " + " | ".join(cells) + f" | {avg} |"
+        return (f"| {label} | {layers} | {f'{ppl:.2f}' if ppl else '-'} | " + " | ".join(cells) + f" | {avg} | "
+                + (pm(*above["average"]) if "average" in above else "-") + " |")
 
     lines.append(row("dense", "-", rows[0]["source"], src_tasks))
     for r in rows:
@@ -612,7 +616,47 @@ def model_lines(rows: list[dict], src_tasks: dict | None) -> list[str]:
         for form in ("cut", "repaired", "healed"):
             if form in r["tasks"]:
                 lines.append(row(f"{r['name']} n={r['n']}, {form}", format_layers(r["removed"]), r[form], r["tasks"][form]))
-    return lines
+    return lines + versus_lines(rows, src_tasks) + split_lines(src_tasks)
+
+
+def pm(v: float, se: float | None) -> str:
+    return f"{v:.1f} ± {se:.1f}" if se is not None else f"{v:.1f}"
+
+
+def training_free(r: dict) -> str | None:
+    """The form a row ends with before any training: repaired where a repair ran, else the cut."""
+    return "repaired" if "repaired" in r["tasks"] else "cut" if "cut" in r["tasks"] else None
+
+
+def versus_lines(rows: list[dict], src_tasks: dict) -> list[str]:
+    """Ours minus each method in average retained above chance, paired over the same documents: training-free
+    forms against each other, and healed against healed."""
+    out = []
+    for ours in (r for r in rows if r["name"] == OURS):
+        for r in rows:
+            if r["n"] != ours["n"] or r["name"] == OURS or r.get("same_as"):
+                continue
+            for label, fa, fb in (("training-free", training_free(ours), training_free(r)), ("healed", "healed", "healed")):
+                if fa in ours["tasks"] and fb in r["tasks"]:
+                    c = compare(src_tasks, ours["tasks"][fa], r["tasks"][fb])
+                    if c:
+                        z = c[0] / c[1] if c[1] > 0 else float("inf") * (1 if c[0] > 0 else -1)
+                        verdict = "ours better" if z > 2 else "ours worse" if z < -2 else "within 2 SE"
+                        out.append(f"| n={ours['n']} | {label} | ours {fa} vs {r['name']} {fb} | {c[0]:+.1f} ± {c[1]:.1f} | "
+                                   f"{z:+.1f} | {verdict} |")
+    if not out:
+        return []
+    return ["", "### Ours against each method (average retained above chance, points; paired over the same documents)",
+            "", "| n | form | models | ours - method ± SE | SE | verdict |", "|---|---|---|---|---|---|"] + out
+
+
+def split_lines(src_tasks: dict) -> list[str]:
+    """Where each task's documents came from, when it is a task of the offline suite."""
+    known = [(t, src_tasks["tasks"][t]["split"]) for t in top_level(src_tasks) if src_tasks["tasks"][t].get("split")]
+    if not known:
+        return []
+    return ["", "Documents: " + "; ".join(f"`{t}` {s['split']} (stock task: {s['stock_split']}; {s['data']}, "
+                                          f"{s['licence']})" for t, s in known) + "."]
 
 
 def shift_lines(a: PruneArgs, rows: list[dict]) -> list[str]:
@@ -667,16 +711,16 @@ def write_report(work: Path, a: PruneArgs, rows: list[dict], scan: ScanFile, bud
              "see `n*/model/repair.safetensors`).", ""]
     if a.baselines:
         lines += ["Baselines, built and evaluated exactly like our choice: "
-                  + "; ".join(f"`{b}`: {BASELINES[b][0]}" for b in a.baselines) + ".", ""]
-    lines += ["| model | n removed | layers removed | kept `layer_range`s | perplexity dense | cut | repaired | healed | "
-              "checkpoint |", "|---|---|---|---|---|---|---|---|---|"]
+                  + "; ".join(f"`{b}`: {METHODS[b].does} ({METHODS[b].cite})" for b in a.baselines) + ".", ""]
+    lines += ["| model | n removed | layers removed | kept `layer_range`s | repair | perplexity dense | cut | repaired | "
+              "healed | checkpoint |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         healed = f"{r['healed']:.2f}" if r["healed"] else "-"
         repaired = f"{r['repaired']:.2f}" if r["repaired"] else "-"
         where = (f"same as {r['same_as']}" if r.get("same_as") else
                  f"`{r['dir']}/{'healed' if r['healed'] else 'model'}`")
         lines.append(f"| {r['name']} | {r['n']} | {format_layers(r['removed'])} | {format_ranges(r['ranges'])} | "
-                     f"{r['source']:.2f} | {r['cut']:.2f} | {repaired} | {healed} | {where} |")
+                     f"{r.get('repair', a.repair)} | {r['source']:.2f} | {r['cut']:.2f} | {repaired} | {healed} | {where} |")
     lines += shift_lines(a, rows) + model_lines(rows, src_tasks) + ledger_lines(rows)
     lines += budget_lines(budget, scan) + candidate_lines(work, ours, scan) + stage_lines(work)
     lines += ["", "![heatmap](heatmap.png)", "", "![perplexity](perplexity_vs_layers.png)", ""]

@@ -145,19 +145,23 @@ def test_prune_reports_every_model_and_baseline_with_retained_percent(tiny_model
     w = tmp_path / "w"
     assert slice_main(["prune", str(tiny_models["llama"]), "--layers_to_skip", "2", "--dataset_size", "24",
                        "--eval_size", "6", "--max_length", "64", "--tasks", "local_mc,local_ppl", "--include_path",
-                       str(local_tasks), "--baselines", "deepest,angle", "--heal", "--heal_steps", "2",
+                       str(local_tasks), "--baselines", "deepest,deepest+bridge,angle", "--heal", "--heal_steps", "2",
                        "--heal_eval_every", "1", "--heal_seq_len", "32", "--heal_batch_size", "2",
                        "--work_dir", str(w)]) == 0
     report = (w / "report.md").read_text()
     dense = json.loads((w / "source_tasks.json").read_text())
-    assert (w / "n2-deepest" / "sliced.yml").exists()
-    assert "| deepest | 2 | [3, 5) |" in report  # 6 layers: the two before the last
+    assert (w / "n2-deepest" / "sliced.yml").exists() and (w / "n2-deepest+bridge" / "sliced.yml").exists()
+    assert "| deepest | 2 | [3, 5) | [0, 3), [5, 6) | none |" in report  # 6 layers: the two before the last, plain
+    assert "| deepest+bridge | 2 | [3, 5) | [0, 3), [5, 6) | linear |" in report  # the same, with our bridge
     table = report.split("## Models side by side")[1].split("\n## ")[0]
     assert table.count("| dense |") == 1
     rows = [line for line in table.splitlines() if line.startswith("| ours") or line.startswith("| deepest")]
-    assert len(rows) == 6, table  # cut, repaired, healed for ours and deepest (angle may be ours)
-    for name, d in (("ours", w / "n2"), ("deepest", w / "n2-deepest")):
-        for form in ("cut", "repaired", "healed"):
+    assert len(rows) == 8, table  # cut, repaired, healed for ours and deepest+bridge; cut, healed for deepest
+    assert not (w / "n2-deepest" / "tasks_repaired.json").exists()
+    for name, d, forms in (("ours", w / "n2", ("cut", "repaired", "healed")),
+                           ("deepest+bridge", w / "n2-deepest+bridge", ("cut", "repaired", "healed")),
+                           ("deepest", w / "n2-deepest", ("cut", "healed"))):
+        for form in forms:
             rec = json.loads((d / f"tasks_{form}.json").read_text())
             kept = retained(dense, rec)
             line = next(r for r in rows if r.startswith(f"| {name} n=2, {form} |"))
