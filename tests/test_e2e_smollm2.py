@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import yaml
 
 from compute_block_similarity.cli import main as scan_main
-from slice_with_mergekit.benchmarks import retained
+from slice_with_mergekit import suite
+from slice_with_mergekit.benchmarks import above_chance, retained
 from slice_with_mergekit.cli import main as slice_main
 from slice_with_mergekit.verify import verify
 
@@ -55,31 +57,48 @@ def test_slice_mergekit_yaml_verify(smol_scan, tmp_path):
     assert "1/1 patched tensors equal source x recorded T" in report.render()
 
 
-def test_prune_with_healing_on_smollm2(smollm2_dir, local_tasks, tmp_path):
-    """The one command on the real model: scan, choose by perplexity, cut, verify, evaluate, heal a few steps;
-    local lm-eval tasks on every model, and the two baselines built the same way."""
+def test_prune_with_healing_and_the_field_on_the_standard_suite_on_smollm2(smollm2_dir, tmp_path):
+    """The one command on the real model, offline: scan, choose by perplexity, cut, verify, evaluate, heal a few
+    steps; the standard zero-shot suite (a few documents per task) on every model, and the field's methods as
+    their papers run them (ShortGPT, Gromov et al., ReplaceMe, deepest), each row with retained % above chance
+    and its paired SE."""
     work = tmp_path / "w"
     assert slice_main(["prune", smollm2_dir, "--layers_to_skip", "4", "--dataset_size", "32", "--eval_size", "8",
                        "--max_length", "128", "--select", "ppl", "--top_k", "2", "--heal", "--heal_steps", "3",
-                       "--tasks", "local_mc,local_ppl", "--include_path", str(local_tasks),
-                       "--baselines", "deepest,angle", "--work_dir", str(work)]) == 0
+                       "--tasks", "zero-shot", "--limit", "6", "--baselines", "shortgpt,angle,replaceme,deepest",
+                       "--work_dir", str(work)]) == 0
     report = (work / "report.md").read_text()
-    assert "| ours | 4 |" in report and "| deepest | 4 | [25, 29) |" in report
+    assert "| ours | 4 |" in report and "| deepest | 4 | [25, 29) | [0, 25), [29, 30) | none |" in report
+    assert "| replaceme | 4 |" in report and "| cosine |" in report and "| shortgpt | 4 |" in report
     dense = json.loads((work / "source_tasks.json").read_text())
-    assert dense["tasks"]["local_mc"]["metrics"]["acc"] > 0.5  # 12 easy three-way questions: well above chance
+    assert [t for t in dense["tasks"]] == [t.name for t in suite.ZERO_SHOT]
+    for t in suite.ZERO_SHOT:
+        d = dense["tasks"][t.name]
+        assert d["samples"] == 6 and d["split"]["split"] == t.split and len(d["per_doc"]["values"]) == 6
     table = report.split("## Models side by side")[1].split("\n## ")[0]
-    for d, name in ((work / "n4", "ours"), (work / "n4-deepest", "deepest")):
-        for form in ("cut", "repaired", "healed"):
+    assert "Documents: `arc_easy_offline` test (2376" in table
+    forms = {"ours": ("cut", "repaired", "healed"), "replaceme": ("cut", "repaired", "healed"),
+             "shortgpt": ("cut", "healed"), "deepest": ("cut", "healed")}
+    for name, fs in forms.items():
+        d = work / ("n4" if name == "ours" else f"n4-{name}")
+        assert sorted(p.stem.removeprefix("tasks_") for p in d.glob("tasks_*.json")) == sorted(fs), name
+        for form in fs:
             rec = json.loads((d / f"tasks_{form}.json").read_text())
             line = next(x for x in table.splitlines() if x.startswith(f"| {name} n=4, {form} |"))
-            assert f"{retained(dense, rec)['average']:.1f} %" in line
+            above = above_chance(dense, rec)
+            assert f"{retained(dense, rec)['average']:.1f} %" in line and "nan" not in line.lower()
+            assert all(se is None or math.isfinite(se) for _, se in above.values())
+    assert "### Ours against each method" in report and "ours repaired vs shortgpt cut" in report
+    ev = json.loads((work / "n4" / "model" / "eval.json").read_text())
+    assert set(ev["retained"]) == {"cut", "repaired", "healed"} and "average" in ev["retained"]["repaired"]["retained"]
     card = (work / "n4" / "healed" / "README.md").read_text()
     index = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"]
-    acc = next(m["value"] for r in index for m in r["metrics"] if r["dataset"]["name"] == "local_mc" and m["type"] == "acc")
+    acc = next(m["value"] for r in index for m in r["metrics"]
+               if r["dataset"]["name"] == "piqa_offline" and m["type"] == "acc")
     assert acc == pytest.approx(json.loads((work / "n4" / "tasks_healed.json").read_text())
-                                ["tasks"]["local_mc"]["metrics"]["acc"])
+                                ["tasks"]["piqa_offline"]["metrics"]["acc"])
+    assert "per_doc" not in card and "Retained above chance" in card
     assert "## Healing ledger" in report and "## Healing" in card
-    ev = json.loads((work / "n4" / "model" / "eval.json").read_text())
     src, cut = ev["source"]["perplexity"], ev["cut"]["perplexity"]
     repaired, healed = ev["repaired"]["perplexity"], ev["healed"]["perplexity"]
     assert 1 < src < cut  # removing 4 of 30 layers costs something
