@@ -399,18 +399,23 @@ def heal_stages(a: PruneArgs, ctx: dict, v: Variant, shift: dict[str, float]) ->
 
 
 def task_stages(a: PruneArgs, ctx: dict, v: Variant, removed: list[int]) -> dict[str, dict]:
-    """lm-eval on each form of the model: the plain cut (in memory when a bridge follows), the checkpoint, healed."""
+    """lm-eval on each form of the model: the plain cut (in memory from the source, scored once per set of
+    removed layers and shared by every method that removes them), the repaired checkpoint, healed."""
     if not a.bench.tasks:
         return {}
     repaired = a.repair != "none"
-    forms = [("cut", a.model, removed, {"plan": v.plan_fp})] if repaired else []
-    forms.append(("repaired" if repaired else "cut", str(v.model), [], {"model": v.mat_fp}))
+    layers = format_inclusive(removed)  # e.g. "12-19" or "3,7,9-11"
+    cut_out = v.work / "cut_tasks" / f"tasks_cut_{layers}.json"
+    stage(v.work, f"tasks-cut-{layers}", {**ctx["tasks_in"], "model": ctx["fps"]["eval"]["model"], "removed": removed},
+          [cut_out], tasks_stage, a, a.model, removed, cut_out)
+    write_text(v.dir / "tasks_cut.json", cut_out.read_text())
+    tasks = {"cut": json.loads(cut_out.read_text())}
+    forms = [("repaired", str(v.model), {"model": v.mat_fp})] if repaired else []
     if a.heal:
-        forms.append(("healed", str(v.healed), [], {"model": v.mat_fp, "heal": ctx["fps"]["heal"]}))
-    tasks = {}
-    for form, path, cut, key in forms:
+        forms.append(("healed", str(v.healed), {"model": v.mat_fp, "heal": ctx["fps"]["heal"]}))
+    for form, path, key in forms:
         out = v.dir / f"tasks_{form}.json"
-        stage(v.work, f"tasks-{form}-{v.tag}", {**ctx["tasks_in"], **key}, [out], tasks_stage, a, path, cut, out)
+        stage(v.work, f"tasks-{form}-{v.tag}", {**ctx["tasks_in"], **key}, [out], tasks_stage, a, path, [], out)
         tasks[form] = json.loads(out.read_text())
     return tasks
 
