@@ -34,14 +34,16 @@ class Metric:
     reduce: Reduce
     lower_is_redundant: bool
     description: str
+    bounds: tuple[float, float] = (0.0, math.inf)  # every score a correct scan can give
 
 
 METRICS: dict[str, Metric] = {}
 
 
-def register(name: str, reduce: Reduce, lower_is_redundant: bool, description: str):
+def register(name: str, reduce: Reduce, lower_is_redundant: bool, description: str,
+             bounds: tuple[float, float] = (0.0, math.inf)):
     def deco(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        METRICS[name] = Metric(name, fn, reduce, lower_is_redundant, description)
+        METRICS[name] = Metric(name, fn, reduce, lower_is_redundant, description, bounds)
         return fn
 
     return deco
@@ -74,16 +76,17 @@ def _angular(gram: torch.Tensor) -> torch.Tensor:
 
 register(
     "angular_last_token", "last_token", True,
-    "arccos(cos(x^l_T, x^(l+n)_T)) / pi of the last non-pad token (Gromov et al. 2024, eq. 7)",
+    "arccos(cos(x^l_T, x^(l+n)_T)) / pi of the last non-pad token (Gromov et al. 2024, eq. 7)", (0.0, 1.0),
 )(_angular)
 
 register(
     "angular_all_tokens", "all_tokens", True,
-    "arccos(cos) / pi averaged over every non-pad token",
+    "arccos(cos) / pi averaged over every non-pad token", (0.0, 1.0),
 )(_angular)
 
 
-@register("block_influence", "all_tokens", True, "ShortGPT Block Influence: 1 - cos, averaged over non-pad tokens")
+@register("block_influence", "all_tokens", True, "ShortGPT Block Influence: 1 - cos, averaged over non-pad tokens",
+          (0.0, 2.0))
 def _block_influence(gram: torch.Tensor) -> torch.Tensor:
     return 1.0 - cosine(gram)
 

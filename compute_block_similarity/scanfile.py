@@ -9,13 +9,14 @@ ranges half-open ``[start, end)``. Scores are indexed by block size n, then by s
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
-from .metrics import DEFAULT_METRIC, rank_blocks
+from .metrics import DEFAULT_METRIC, METRICS, rank_blocks
 from .ranges import kept_ranges
 
 FORMAT_VERSION = 1
@@ -74,7 +75,27 @@ class ScanFile(BaseModel):
             for n, row in rows.items():
                 if not 1 <= n < L or len(row) != L - n + 1:
                     raise ValueError(f"{name}[{n}] should hold {L} - {n} + 1 numbers (one per start) but holds {len(row)}")
+        self._meaning()
         return self
+
+    def _meaning(self) -> None:
+        """Every score finite and within its metric's range; every best start at a best score."""
+        tables = [(self.metric, "", self.distances, self.stderr, self.best_start_per_n, self.metric_info.lower_is_redundant),
+                  *((m, f"all_metrics.{m}.", b.distances, b.stderr, b.best_start_per_n, b.lower_is_redundant)
+                    for m, b in self.all_metrics.items())]
+        for metric, where, dist, se, best, lower in tables:
+            lo, hi = METRICS[metric].bounds if metric in METRICS else (-math.inf, math.inf)
+            for n, row in dist.items():
+                bad = next((v for v in row if not (math.isfinite(v) and lo - 1e-9 <= v <= hi + 1e-9)), None)
+                if bad is not None:
+                    raise ValueError(f"{where}distances[{n}] holds {bad}, outside {metric}'s range [{lo}, {hi}]")
+            for n, row in se.items():
+                if any(not (math.isfinite(v) and v >= 0) for v in row):
+                    raise ValueError(f"{where}stderr[{n}] holds a negative or non-finite standard error")
+            for n, start in best.items():
+                row = dist.get(n)
+                if row is None or not 0 <= start < len(row) or row[start] != (min(row) if lower else max(row)):
+                    raise ValueError(f"{where}best_start_per_n[{n}] = {start} is not a best block of distances[{n}]")
 
     # --- the questions later stages ask ---------------------------------------------------
 

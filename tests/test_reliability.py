@@ -248,3 +248,32 @@ def test_scan_file_is_typed_and_versioned(tiny_llama, tmp_path, capsys):
         err = one_error_line(capsys.readouterr().err)
         assert words in err and "rerun compute_block_similarity" in err
         assert not (tmp_path / "s.yml").exists()
+
+
+def _worst(js: dict) -> None:
+    row = js["distances"]["2"]
+    js["best_start_per_n"]["2"] = row.index(max(row))
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda js: js["distances"]["2"].__setitem__(1, float("nan")), "distances[2] holds nan"),
+    (lambda js: js["distances"]["2"].__setitem__(0, -0.25), "outside angular_last_token's range [0.0, 1.0]"),
+    (lambda js: js["all_metrics"]["block_influence"]["distances"]["1"].__setitem__(0, 2.5),
+     "all_metrics.block_influence.distances[1] holds 2.5"),
+    (lambda js: js["stderr"]["2"].__setitem__(0, -1.0), "stderr[2] holds a negative"),
+    (_worst, "best_start_per_n[2]"),
+], ids=["nan", "negative-angle", "influence-over-2", "negative-se", "best-points-at-worst"])
+def test_a_scan_file_is_checked_by_meaning_and_a_good_sliced_yml_kept(tiny_llama, tmp_path, capsys, edit, words):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    assert scan_main(_scan_args(tiny_llama, data, tmp_path / "scan")) == 0
+    scan = tmp_path / "scan" / "block_distances.json"
+    out = tmp_path / "sliced.yml"
+    assert slice_main(["--scan", str(scan), "-o", str(out), "--select", "angle"]) == 0
+    good = out.read_bytes()
+    js = json.loads(scan.read_text())
+    edit(js)
+    scan.write_text(json.dumps(js))
+    assert slice_main(["--scan", str(scan), "-o", str(out), "--select", "angle"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert words in err and "rerun compute_block_similarity" in err, err
+    assert out.read_bytes() == good
