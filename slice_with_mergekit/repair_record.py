@@ -54,7 +54,15 @@ def patched_tensors(result: Any, kept: Sequence[int]) -> dict[str, tuple[str, in
     return out
 
 
-def save_repair(result: Any, path: Path, kept: Sequence[int]) -> None:
+def tensor_hash(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (any dtype): what verify compares a patched tensor against."""
+    import hashlib
+
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def save_repair(result: Any, path: Path, kept: Sequence[int], hashes: dict[str, str] | None = None) -> None:
+    """repair.safetensors: each bridge's T (and gain), the fit's facts, and each patched tensor's hash as written."""
     from safetensors.torch import save_file
 
     tensors = {f"bridge.{b.start}_{b.end}": b.T.double().contiguous() for b in result.bridges}
@@ -63,7 +71,8 @@ def save_repair(result: Any, path: Path, kept: Sequence[int]) -> None:
     if not tensors:
         tensors = {"empty": torch.zeros(0)}
     meta = {"format": "pt", "repair": json.dumps({**result.record(), "kept": list(kept),
-                                                  "patched": {k: v[0] for k, v in patched_tensors(result, kept).items()}})}
+                                                  "patched": {k: v[0] for k, v in patched_tensors(result, kept).items()},
+                                                  "hashes": hashes or {}})}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
 
@@ -96,7 +105,13 @@ def check_repaired(out: Path, src: Path, kept: Sequence[int]) -> tuple[set[str],
     with ExitStack() as stack:
         out_of, src_of = tensor_index(out, stack), tensor_index(src, stack)
         for okey, skey in info["patched"].items():
-            if not _matches_fold(okey, skey, bridges, tensors, out_of, src_of):
+            try:
+                ok = _matches_fold(okey, skey, bridges, tensors, out_of, src_of)
+            except (RuntimeError, KeyError, StopIteration, TypeError) as e:
+                raise UserError(f"{path}: its record of {okey} does not fit the checkpoint ({str(e).splitlines()[0]}); "
+                                "the file is damaged or from another checkpoint: run `repair` again") from None
+            want_hash = (info.get("hashes") or {}).get(okey)
+            if not ok or (want_hash and okey in out_of and tensor_hash(out_of[okey].get_tensor(okey)) != want_hash):
                 bad.append(okey)
     return set(info["patched"]), bad
 

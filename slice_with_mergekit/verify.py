@@ -29,12 +29,16 @@ from .repair_record import check_repaired
 log = logging.getLogger(__name__)
 
 def differing_tensors(out: Path, src: Path, kept: list[int]) -> list[str]:
-    """Output tensors not bitwise equal to the source tensor they came from, compared pair by pair."""
+    """Output tensors not bitwise equal to the source tensor they came from (cast to the output's dtype, as a
+    plan's ``dtype:`` casts), compared pair by pair."""
+    def same(o: torch.Tensor, s: torch.Tensor) -> bool:
+        return o.shape == s.shape and torch.equal(o, s.to(o.dtype))
+
     with ExitStack() as stack:
         src_of, out_of = tensor_index(src, stack), tensor_index(out, stack)
         return [k for k, h in out_of.items()
                 if source_key(k, kept) not in src_of
-                or not torch.equal(h.get_tensor(k), src_of[source_key(k, kept)].get_tensor(source_key(k, kept)))]
+                or not same(h.get_tensor(k), src_of[source_key(k, kept)].get_tensor(source_key(k, kept)))]
 
 
 def numel_by_name(folder: Path) -> dict[str, int]:

@@ -277,3 +277,68 @@ def test_a_scan_file_is_checked_by_meaning_and_a_good_sliced_yml_kept(tiny_llama
     err = one_error_line(capsys.readouterr().err)
     assert words in err and "rerun compute_block_similarity" in err, err
     assert out.read_bytes() == good
+
+
+@pytest.fixture
+def repaired_bf16(tiny_llama, tmp_path):
+    """A bfloat16 cut of the tiny Llama, bridged with `repair`: (plan, checkpoint, calibration file)."""
+    from compute_block_similarity.ranges import parse_layers
+    from slice_with_mergekit.plan import build_config, write_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS * 6])
+    plan = tmp_path / "s.yml"
+    write_config(build_config(str(tiny_llama), 6, parse_layers("2-3"), "bfloat16"), plan)
+    assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 0
+    assert slice_main(["repair", str(tmp_path / "out"), "--plan", str(plan), "--dataset", str(data)]) == 0
+    return plan, tmp_path / "out", data
+
+
+def test_verify_catches_a_one_element_change_of_a_patched_bf16_tensor(repaired_bf16):
+    from safetensors.torch import load_file, save_file
+
+    from slice_with_mergekit.verify import verify
+
+    plan, out, _ = repaired_bf16
+    assert verify(str(out), str(plan)).ok
+    f = out / "model.safetensors"
+    t = load_file(f)
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert t[key].dtype == torch.bfloat16
+    i = int(t[key].abs().flatten().argmin())  # the smallest element: its sign flip is far inside any tolerance
+    t[key].view(-1)[i] = -t[key].view(-1)[i] if t[key].view(-1)[i] != 0 else torch.tensor(1e-3, dtype=torch.bfloat16)
+    save_file(t, f, metadata={"format": "pt"})
+    rep = verify(str(out), str(plan))
+    assert not rep.ok and any(n == "repair bridges" and not ok for n, ok, _ in rep.checks), rep.render()
+
+
+def test_a_repair_record_with_a_wrong_shape_is_one_line(repaired_bf16, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from slice_with_mergekit.checkpoint import REPAIR_FILE
+
+    plan, out, _ = repaired_bf16
+    path = out / REPAIR_FILE
+    meta = safe_open(str(path), "pt").metadata()
+    t = load_file(path)
+    key = next(k for k in t if k.startswith("bridge."))
+    t[key] = t[key][:-1].contiguous()  # a T one row short
+    save_file(t, path, metadata=meta)
+    assert slice_main(["verify", str(out), "--plan", str(plan)]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert REPAIR_FILE in err and "run `repair` again" in err
+
+
+def test_repair_refuses_the_dense_source_and_a_cut_of_another_model(tiny_llama, repaired_bf16, tmp_path, capsys):
+    plan, out, data = repaired_bf16
+    before = (tiny_llama / "model.safetensors").read_bytes()
+    assert slice_main(["repair", str(tiny_llama), "--plan", str(plan), "--dataset", str(data)]) == 2
+    assert "is the plan's dense source" in one_error_line(capsys.readouterr().err)
+    assert (tiny_llama / "model.safetensors").read_bytes() == before
+    # a same-shape sibling named as the plan's source: the cut was built from another model
+    sibling = build_tiny("llama", tmp_path / "sibling", seed=7)
+    mine = (out / "model.safetensors").read_bytes()
+    assert slice_main(["repair", str(out), "--plan", str(plan), "--source", str(sibling), "--dataset", str(data)]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "does not come from the plan's source" in err and str(sibling) in err
+    assert (out / "model.safetensors").read_bytes() == mine
