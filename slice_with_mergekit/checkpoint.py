@@ -7,6 +7,7 @@ This module imports no stage.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,8 @@ COMPANIONS = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "spe
               "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
               "generation_config.json")
 LAYER_KEY = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- the plan
@@ -108,9 +111,22 @@ def lineage(plan_path: str | os.PathLike, source: str | None = None, trust_remot
 # ---------------------------------------------------------------- tensors and their names
 
 
+def clean_leftovers(folder: Path) -> list[str]:
+    """Remove what a killed atomic write left in ``folder`` (``.NAME.XXXX.tmp.EXT``, see atomic_path)."""
+    gone = []
+    for f in Path(folder).glob(".*.tmp*"):
+        if f.is_file():
+            f.unlink()
+            gone.append(f.name)
+    if gone:
+        log.info("removed %d temporary file(s) a killed run left in %s: %s", len(gone), folder, ", ".join(gone))
+    return gone
+
+
 def tensor_files(folder: Path) -> list[Path]:
-    """The checkpoint's weight shards (REPAIR_FILE holds bridges, not weights)."""
-    files = sorted(f for f in Path(folder).glob("*.safetensors") if f.name != REPAIR_FILE)
+    """The checkpoint's weight shards (REPAIR_FILE holds bridges, not weights; a hidden file is an atomic
+    write's temporary, never a shard, even when a kill left it behind)."""
+    files = sorted(f for f in Path(folder).glob("*.safetensors") if f.name != REPAIR_FILE and not f.name.startswith("."))
     if not files:
         raise UserError(f"{folder} holds no .safetensors weights")
     return files

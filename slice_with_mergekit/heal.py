@@ -309,6 +309,21 @@ FSDP_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "stat
                "reshard_after_forward": True}
 
 
+def complete_checkpoint(work: Path) -> Path | None:
+    """The Trainer's last complete ``checkpoint-N`` in ``work`` (it writes trainer_state.json last, so a folder
+    without a readable one was cut short by a kill); incomplete ones are removed, saying which."""
+    found = sorted((p for p in work.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True) if work.is_dir() else []
+    for p in found:
+        try:
+            json.loads((p / "trainer_state.json").read_text())
+            return p
+        except (OSError, ValueError):
+            log.warning("%s is incomplete (killed while it was written): removed; resuming from the one before", p)
+            shutil.rmtree(p)
+    return None
+
+
 def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str], output: str,
          cfg: HealConfig | None = None, *, teacher: str | None = None, resume: bool = False,
          progress: bool = True, callbacks: Sequence[Any] = (), data: str = "given texts",
@@ -321,7 +336,6 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
     whole copy on each process's device. Returns the summary also written to ``output/heal.json``,
     with the ledger of what healing spent."""
     from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
     cfg = cfg or HealConfig()
     if not (Path(checkpoint) / "config.json").exists():
@@ -331,8 +345,13 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
                         "torchrun heals data parallel without it")
     work = Path(output + ".work")
     started = work / "heal_start.json"
+    last = complete_checkpoint(work)
     if work.exists() and not resume:
-        raise UserError(f"{work} holds an earlier healing run; pass --resume to continue it or delete it")
+        if last is not None:
+            raise UserError(f"{work} holds an earlier healing run (last complete checkpoint {last.name}); pass --resume "
+                            "to continue it or delete it")
+        log.info("%s holds no complete checkpoint of an earlier run (one was killed before its first): starting over", work)
+        shutil.rmtree(work)
     if resume and started.exists() and json.loads(started.read_text())["config"] != cfg.model_dump():
         raise UserError(f"--resume: {work} was started with other settings; use the same flags or delete it")
     teacher_path = None
@@ -361,7 +380,7 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
             raise UserError(f"the teacher {teacher_path} has another vocabulary than {checkpoint}; pass --teacher")
     trainer = _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=wins, heal_cfg=cfg, teacher=tmodel,
                                eval_windows=wins, callbacks=list(callbacks))
-    last = get_last_checkpoint(str(work)) if resume and work.exists() else None
+    last = str(last) if resume and last is not None else None
     if last is None:
         model.to(args.device)
         p0 = trainer.evaluate()["eval_perplexity"]

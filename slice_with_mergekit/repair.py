@@ -14,7 +14,7 @@ from compute_block_similarity.atomic import atomic_path
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.options import ModelOptions
 
-from .checkpoint import REPAIR_FILE, layer_of, lineage, output_key, tensor_files, tensor_index
+from .checkpoint import REPAIR_FILE, clean_leftovers, layer_of, lineage, output_key, tensor_files, tensor_index
 from .repair_fit import RepairResult, fit_repair
 from .repair_record import folded, patched_tensors, save_repair, tensor_hash
 
@@ -27,6 +27,7 @@ def apply_to_checkpoint(out: Path, src: Path, result: RepairResult, kept: Sequen
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    clean_leftovers(out)
     patch = patched_tensors(result, kept)
     done, hashes = [], {}
     with ExitStack() as stack:

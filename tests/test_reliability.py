@@ -342,3 +342,98 @@ def test_repair_refuses_the_dense_source_and_a_cut_of_another_model(tiny_llama, 
     err = one_error_line(capsys.readouterr().err)
     assert "does not come from the plan's source" in err and str(sibling) in err
     assert (out / "model.safetensors").read_bytes() == mine
+
+
+HEAL_CFG = dict(steps=4, eval_every=2, seq_len=32, lr=3e-3, warmup=1, batch_size=2, max_length=64, loss="lm")
+KILL_AT_FIRST_CHECKPOINT = """
+import os, signal, sys
+from transformers import Trainer
+sys.path.insert(0, {tests!r})
+from conftest import TEXTS
+from slice_with_mergekit.heal import HealConfig, heal
+Trainer._save_rng_state = lambda self, out: os.kill(os.getpid(), signal.SIGKILL)  # after the weights, before the state
+heal({model!r}, TEXTS * 10, TEXTS, {out!r}, HealConfig(**{cfg!r}), progress=False)
+"""
+
+
+def test_a_heal_killed_as_it_writes_its_first_checkpoint_restarts_or_resumes(tiny_llama, tmp_path):
+    """A real SIGKILL while the Trainer writes checkpoint-2: the folder exists without its state. A rerun
+    without --resume starts over (it cannot resume); with --resume it falls back to a fresh start too."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from slice_with_mergekit.heal import HealConfig, heal
+
+    out = tmp_path / "h"
+    script = KILL_AT_FIRST_CHECKPOINT.format(tests=str(Path(__file__).parent), model=str(tiny_llama), out=str(out),
+                                             cfg=HEAL_CFG)
+    ck = tmp_path / "h.work" / "checkpoint-2"
+    for resume in (False, True):
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+        assert r.returncode == -9, r.stderr[-2000:]
+        assert ck.is_dir() and not (ck / "trainer_state.json").exists() and not out.exists()
+        s = heal(str(tiny_llama), TEXTS * 10, TEXTS, str(out), HealConfig(**HEAL_CFG), resume=resume, progress=False)
+        assert [h["step"] for h in s["history"]] == [0, 2, 4]
+        shutil.rmtree(out)
+        shutil.rmtree(tmp_path / "h.work")
+
+
+def test_heal_resume_skips_an_incomplete_checkpoint_for_the_last_complete_one(tiny_llama, tmp_path):
+    from transformers import TrainerCallback
+
+    from slice_with_mergekit.heal import HealConfig, heal
+
+    class Die(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt("interrupted")
+
+    cfg = HealConfig(**HEAL_CFG)
+    full = heal(str(tiny_llama), TEXTS * 10, TEXTS, str(tmp_path / "a"), cfg, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        heal(str(tiny_llama), TEXTS * 10, TEXTS, str(tmp_path / "b"), cfg, progress=False, callbacks=[Die()])
+    work = tmp_path / "b.work"
+    assert (work / "checkpoint-2" / "trainer_state.json").exists()
+    (work / "checkpoint-4").mkdir()  # killed as it began writing checkpoint-4: empty
+    with pytest.raises(UserError, match="--resume"):  # a complete checkpoint-2 exists: resuming is possible
+        heal(str(tiny_llama), TEXTS * 10, TEXTS, str(tmp_path / "b"), cfg, progress=False)
+    resumed = heal(str(tiny_llama), TEXTS * 10, TEXTS, str(tmp_path / "b"), cfg, resume=True, progress=False)
+    assert [h["step"] for h in resumed["history"]] == [0, 2, 4]
+    for x, y in zip(full["history"], resumed["history"]):
+        assert y["perplexity"] == pytest.approx(x["perplexity"], rel=1e-5)
+
+
+KILL_IN_THE_FOLD = """
+import os, signal, sys
+import safetensors.torch
+def die(tensors, path, metadata=None):
+    with open(path, "wb") as f:
+        f.write(b"half a shard")
+    os.kill(os.getpid(), signal.SIGKILL)
+safetensors.torch.save_file = die
+from slice_with_mergekit.cli import main
+main(["repair", {out!r}, "--plan", {plan!r}, "--dataset", {data!r}])
+"""
+
+
+def test_a_repair_killed_while_it_replaces_the_shard_leaves_a_folder_that_verifies_and_repairs(repaired_bf16, capsys):
+    """A real SIGKILL while the fold writes its temporary shard inside the checkpoint folder."""
+    import subprocess
+    import sys
+
+    from slice_with_mergekit.verify import verify
+
+    plan, out, data = repaired_bf16
+    before = (out / "model.safetensors").read_bytes()
+    r = subprocess.run([sys.executable, "-c", KILL_IN_THE_FOLD.format(out=str(out), plan=str(plan), data=str(data))],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == -9, r.stderr[-2000:]
+    leftovers = [f.name for f in out.iterdir() if f.name.startswith(".")]
+    assert leftovers and all(".tmp" in f for f in leftovers)  # what the kill left: a hidden, half-written temporary
+    assert (out / "model.safetensors").read_bytes() == before  # the weights as they were
+    assert verify(str(out), str(plan)).ok
+    assert slice_main(["repair", str(out), "--plan", str(plan), "--dataset", str(data)]) == 0
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]  # the rerun cleaned up
+    assert verify(str(out), str(plan)).ok
