@@ -46,6 +46,10 @@ def environment_error(e: BaseException) -> str | None:
     name = type(e).__name__
     if name == "SafetensorError":
         return f"a .safetensors file is truncated or corrupt ({first_line(e)}); rebuild or re-download it"
+    if name == "UnpicklingError":
+        return ("a pickle checkpoint (.bin) was refused by torch's safe loader, which runs none of its code; only "
+                "safetensors weights are read safely: convert it with save_pretrained(..., safe_serialization=True) "
+                "where you trust its source, or use the model's .safetensors release")
     if name in ("YAMLError", "ScannerError", "ParserError") or isinstance(e, json.JSONDecodeError):
         return f"a config file is not valid {'JSON' if isinstance(e, json.JSONDecodeError) else 'YAML'} ({first_line(e)})"
     return None

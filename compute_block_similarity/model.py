@@ -110,6 +110,24 @@ def convert_gguf(src: Path, gguf_file: str, out: Path) -> str:
     return str(out)
 
 
+def warn_custom_code(model_path: str, trust_remote_code: bool) -> None:
+    """A local config whose ``auto_map`` names custom code: without --trust_remote_code that code is not run
+    and transformers' stock class for its model_type loads the weights; say so, and how to opt in."""
+    cfg = Path(os.path.expanduser(model_path)) / "config.json"
+    if trust_remote_code or not cfg.is_file():
+        return
+    import json
+
+    try:
+        auto_map = json.loads(cfg.read_text()).get("auto_map")
+    except (OSError, ValueError):
+        return
+    if auto_map:
+        log.warning("%s ships custom code (auto_map: %s); it was NOT run: the stock transformers class for its "
+                    "model_type is used. Pass --trust_remote_code to run the custom code, only if you trust its source",
+                    model_path, ", ".join(sorted(auto_map)))
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -188,6 +206,7 @@ def load_model(
         kw["device_map"] = device_map or {"": int(os.environ.get("LOCAL_RANK", 0))}
     else:
         kw.update(placement(device_map, max_memory, offload_folder))
+    warn_custom_code(model_path, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code,
                                             **({"gguf_file": gguf_file} if gguf_file else {}))

@@ -62,6 +62,11 @@ def kept_source_layers(config: MergeConfiguration) -> tuple[str, list[int]]:
     return models.pop(), layers
 
 
+def is_depth_cut(kept: Sequence[int]) -> bool:
+    """Each output layer a later source layer than the one before: layers removed, none repeated or reordered."""
+    return all(a < b for a, b in zip(kept, kept[1:]))
+
+
 def kept_ranges_of(config: MergeConfiguration) -> list[list[int]]:
     """The plan's kept ``layer_range``s, in order."""
     return [list(s.sources[0].layer_range) for s in config.slices]
@@ -104,6 +109,9 @@ class Lineage:
 def lineage(plan_path: str | os.PathLike, source: str | None = None, trust_remote_code: bool = False) -> Lineage:
     """The plan's lineage; ``source`` replaces the plan's model (a copy of it elsewhere)."""
     model, kept = kept_source_layers(read_plan(plan_path))
+    if not is_depth_cut(kept):
+        raise UserError(f"{plan_path} repeats or reorders layers (overlapping or out-of-order slices): a frankenmerge, "
+                        "not a depth cut of its source; repair and verify apply to depth cuts only")
     src = local_source(source or model)
     return Lineage(source or model, src, kept, num_layers_of(src, trust_remote_code))
 

@@ -11,11 +11,12 @@ from typing import Any
 
 from mergekit.config import MergeConfiguration
 
-from compute_block_similarity.atomic import atomic_path, write_text
+from compute_block_similarity.atomic import atomic_path, output_lock, write_text
 from compute_block_similarity.options import ModelOptions
 
 from .checkpoint import (
     copy_companions,
+    is_depth_cut,
     kept_source_layers,
     local_source,
     num_layers_of,
@@ -113,24 +114,31 @@ def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_rem
 
     config = read_plan(plan_path)
     model, kept = kept_source_layers(config)
+    if not is_depth_cut(kept):
+        log.warning("%s repeats or reorders layers: a MergeKit frankenmerge, built as mergekit-yaml builds it, but "
+                    "not a depth cut (repair and verify refuse it)", plan_path)
     src = local_source(model)
     L = num_layers_of(src, trust_remote_code)
     out = Path(out_path)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    options = MergeOptions(device=device, lazy_unpickle=True, trust_remote_code=trust_remote_code, quiet=True)
-    tmp.mkdir(parents=True)
-    out_cfg = out_config(src, kept, L, config.out_dtype or config.dtype, trust_remote_code)
-    merge_passthrough(config, tmp, options, out_cfg, Path(plan_path).read_text())
-    drop_spurious_lm_head(tmp)
-    copy_companions(src, tmp)
-    if repair != "none":
-        repair_checkpoint(str(tmp), plan_path, repair_texts or [], method=repair, source=str(src),
-                          load=load or ModelOptions(device=device, trust_remote_code=trust_remote_code),
-                          batch_size=batch_size, max_length=max_length, calibration=repair_calibration,
-                          skip_unfoldable=skip_unfoldable)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with output_lock(out):
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        options = MergeOptions(device=device, lazy_unpickle=True, trust_remote_code=trust_remote_code, quiet=True)
+        tmp.mkdir(parents=True)
+        out_cfg = out_config(src, kept, L, config.out_dtype or config.dtype, trust_remote_code)
+        merge_passthrough(config, tmp, options, out_cfg, Path(plan_path).read_text())
+        drop_spurious_lm_head(tmp)
+        copy_companions(src, tmp)
+        if repair != "none":
+            repair_checkpoint(str(tmp), plan_path, repair_texts or [], method=repair, source=str(src),
+                              load=load or ModelOptions(device=device, trust_remote_code=trust_remote_code),
+                              batch_size=batch_size, max_length=max_length, calibration=repair_calibration,
+                              skip_unfoldable=skip_unfoldable)
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            os.replace(out, old)  # the previous checkpoint steps aside, then the new one takes its name
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     log.info("wrote the pruned checkpoint to %s (%d of %d layers kept)", out, len(kept), L)
     return out

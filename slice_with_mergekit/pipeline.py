@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compute_block_similarity import scanfile
-from compute_block_similarity.atomic import atomic_path, write_text
+from compute_block_similarity.atomic import atomic_path, output_lock, write_text
 from compute_block_similarity.data import load_calibration, load_texts
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.flags import one_of
@@ -469,6 +469,12 @@ def write_records(checkpoint: Path, ev: dict, plan_path: Path, scan: ScanFile) -
 
 
 def prune(a: PruneArgs) -> Path:
+    """The whole job in ``--work_dir``, one run at a time there (a second is refused, naming the first)."""
+    with output_lock(a.work_dir):
+        return run_prune(a)
+
+
+def run_prune(a: PruneArgs) -> Path:
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     tm = task_manager(a.bench) if a.bench.tasks else None  # task names checked before any stage runs

@@ -437,3 +437,91 @@ def test_a_repair_killed_while_it_replaces_the_shard_leaves_a_folder_that_verifi
     assert slice_main(["repair", str(out), "--plan", str(plan), "--dataset", str(data)]) == 0
     assert not [f for f in out.iterdir() if f.name.startswith(".")]  # the rerun cleaned up
     assert verify(str(out), str(plan)).ok
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("PICKLE CODE RAN",))
+
+
+def test_a_pickle_checkpoint_is_refused_in_one_line_and_runs_nothing(tmp_path, capsys):
+    import os
+
+    import yaml
+
+    model = build_tiny("llama", tmp_path / "m")
+    os.remove(model / "model.safetensors")
+    torch.save({"model.embed_tokens.weight": _Evil()}, model / "pytorch_model.bin")
+    assert scan_main(_scan_args(model, "python-stdlib-docs", tmp_path / "scan") + ["--dataset_size", "4"]) == 2
+    out = capsys.readouterr()
+    assert "only safetensors" in one_error_line(out.err) and "PICKLE CODE RAN" not in out.out + out.err
+    plan = tmp_path / "s.yml"
+    plan.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(model), "layer_range": [0, 2]}]}, {"sources": [{"model": str(model), "layer_range": [4, 6]}]}]}))
+    assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 2
+    out = capsys.readouterr()
+    assert "only safetensors" in one_error_line(out.err) and "PICKLE CODE RAN" not in out.out + out.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_run_on_one_output_refuses_naming_the_first_and_a_stale_lock_is_taken_over(tiny_llama, tmp_path,
+                                                                                             capsys):
+    import subprocess
+
+    from compute_block_similarity.ranges import parse_layers
+    from slice_with_mergekit.plan import build_config, write_config
+
+    plan = tmp_path / "s.yml"
+    write_config(build_config(str(tiny_llama), 6, parse_layers("2-3"), "float32"), plan)
+    out = tmp_path / "out"
+    assert slice_main(["materialize", str(plan), str(out)]) == 0
+    good = (out / "model.safetensors").read_bytes()
+    other = subprocess.Popen(["sleep", "60"])  # a live run holding the lock
+    try:
+        (tmp_path / "out.lock").write_text(str(other.pid))
+        assert slice_main(["materialize", str(plan), str(out)]) == 2
+        err = one_error_line(capsys.readouterr().err)
+        assert f"pid {other.pid}" in err and str(out) in err
+        assert (out / "model.safetensors").read_bytes() == good  # the first run's folder untouched
+        w = tmp_path / "w"
+        (tmp_path / "w.lock").write_text(str(other.pid))
+        assert slice_main(["prune", str(tiny_llama), "--layers_to_skip", "2", "--work_dir", str(w)]) == 2
+        assert f"pid {other.pid}" in one_error_line(capsys.readouterr().err)
+    finally:
+        other.kill()
+        other.wait()
+    (tmp_path / "out.lock").write_text(str(other.pid))  # its run is gone: a stale lock
+    assert slice_main(["materialize", str(plan), str(out)]) == 0
+    assert not (tmp_path / "out.lock").exists() and (out / "model.safetensors").read_bytes() == good
+
+
+def test_overlapping_slices_build_as_mergekit_does_but_repair_and_verify_refuse_them(tiny_llama, tmp_path, capsys,
+                                                                                     caplog):
+    import yaml
+
+    plan = tmp_path / "franken.yml"
+    plan.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(tiny_llama), "layer_range": [0, 4]}]},
+        {"sources": [{"model": str(tiny_llama), "layer_range": [2, 6]}]}]}))
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert slice_main(["materialize", str(plan), str(out)]) == 0
+    assert "repeats or reorders layers" in caplog.text
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 8
+    for cmd in (["repair", str(out), "--plan", str(plan)], ["verify", str(out), "--plan", str(plan)]):
+        assert slice_main(cmd) == 2
+        assert "not a depth cut" in one_error_line(capsys.readouterr().err)
+
+
+def test_custom_code_in_a_config_is_not_run_and_the_log_says_so(tmp_path, caplog):
+    from compute_block_similarity.model import load_model
+
+    model = build_tiny("llama", tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (model / "config.json").write_text(json.dumps(cfg))
+    (model / "modeling_evil.py").write_text("raise SystemExit('custom code ran')\n")
+    with caplog.at_level("WARNING"):
+        m, _ = load_model(str(model), device="cpu")
+    assert type(m).__name__ == "LlamaForCausalLM"
+    assert "NOT run" in caplog.text and "--trust_remote_code" in caplog.text
