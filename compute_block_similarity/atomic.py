@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
@@ -71,8 +73,6 @@ def _alive(pid: int) -> bool:
 def output_lock(path: str | os.PathLike) -> Iterator[Path]:
     """One run at a time on an output: ``PATH.lock`` holds the owner's pid. A second run refuses in one line
     naming the first; a lock whose process is gone (killed) is taken over."""
-    from .errors import UserError
-
     lock = Path(f"{os.fspath(path).rstrip(os.sep)}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):

@@ -234,14 +234,30 @@ def paired_diff(a: dict, b: dict, task: str) -> tuple[float, float] | None:
     return mean, math.sqrt(var / len(d))
 
 
+def above_chance_tasks(dense: dict) -> dict[str, str]:
+    """The tasks retained above chance is measured on, each mapped to ``""``, and those left out, each mapped
+    to why: no chance level (not multiple choice), or a dense accuracy within 2 of its standard errors
+    (binomial, sqrt(p (1 - p) / documents)) of chance, where (dense - chance) is too small a yardstick."""
+    out: dict[str, str] = {}
+    for task in top_level(dense):
+        c, d = chance(dense, task), headline(dense, task)
+        if c is None or d is None:
+            out[task] = "no chance level"
+            continue
+        n = len(dense["tasks"][task]["per_doc"]["values"])
+        se = math.sqrt(max(d[1] * (1 - d[1]), 1e-12) / n)
+        out[task] = "" if d[1] - c > 2 * se else f"dense {d[1]:.3f} within 2 SE ({se:.3f}) of chance {c:.3f}"
+    return out
+
+
 def above_chance(dense: dict, pruned: dict) -> dict[str, tuple[float, float | None]]:
     """Retained above chance per task, 100 x (pruned - chance) / (dense - chance), with its paired SE
     (the dense accuracy and chance taken as fixed); ``"average"``: the mean over tasks, SE from the
-    tasks' SEs (independent documents). Tasks with no chance level, or dense at or below it, are left out."""
+    tasks' SEs (independent documents). Only the tasks of :func:`above_chance_tasks`."""
     out: dict[str, tuple[float, float | None]] = {}
-    for task in top_level(dense):
+    for task, why in above_chance_tasks(dense).items():
         c, d, p = chance(dense, task), headline(dense, task), headline(pruned, task)
-        if c is None or not p or d[0] != p[0] or d[1] - c <= 1e-9:
+        if why or not p or d[0] != p[0]:
             continue
         pd = paired_diff(pruned, dense, task)
         out[task] = (100.0 * (p[1] - c) / (d[1] - c), 100.0 * pd[1] / (d[1] - c) if pd else None)
@@ -254,12 +270,13 @@ def above_chance(dense: dict, pruned: dict) -> dict[str, tuple[float, float | No
 
 def compare(dense: dict, ours: dict, other: dict) -> tuple[float, float] | None:
     """Ours minus another model in average retained above chance (points of 100), with the paired SE over
-    the documents both scored: per task, (ours_i - other_i) / (dense - chance), averaged over tasks."""
+    the documents both scored: per task, (ours_i - other_i) / (dense - chance), averaged over the tasks of
+    :func:`above_chance_tasks`."""
     diffs = []
-    for task in top_level(dense):
+    for task, why in above_chance_tasks(dense).items():
         c, d = chance(dense, task), headline(dense, task)
         pd = paired_diff(ours, other, task)
-        if c is None or pd is None or d[1] - c <= 1e-9:
+        if why or pd is None:
             continue
         diffs.append((100.0 * pd[0] / (d[1] - c), 100.0 * pd[1] / (d[1] - c)))
     if not diffs:

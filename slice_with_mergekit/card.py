@@ -185,7 +185,8 @@ def benchmark_lines(ev: dict) -> list[str]:
     above = above_chance(dense, rec) if dense else {}
     if "average" in above:
         v, se = above["average"]
-        lines += ["", f"Retained above chance, (this - chance) / (dense - chance) averaged over tasks: {v:.1f} %"
+        lines += ["", f"Retained above chance, (this - chance) / (dense - chance) averaged over the tasks where dense is "
+                  f"more than 2 SE above chance ({', '.join(t for t in above if t != 'average')}): {v:.1f} %"
                   + (f" ± {se:.1f} (paired SE against dense on the same documents)." if se is not None else ".")]
     return lines
 

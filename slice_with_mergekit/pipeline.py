@@ -42,6 +42,7 @@ from compute_block_similarity.scanfile import ScanFile
 from .benchmarks import (
     TaskOptions,
     above_chance,
+    above_chance_tasks,
     compare,
     fmt,
     retained,
@@ -605,7 +606,7 @@ def model_lines(rows: list[dict], src_tasks: dict | None) -> list[str]:
              + ". Each cell: score (retained % of dense); retained % is pruned / dense for a higher-is-better metric, "
              "dense / pruned for a lower-is-better one, so 100 % = as good as dense. Above chance: the average over "
              "tasks of (pruned - chance) / (dense - chance), chance = the mean of 1 / choices, ± its paired SE "
-             "against the dense model on the same documents.", "",
+             "against the dense model on the same documents" + left_out(src_tasks) + ".", "",
              "| model | layers removed | perplexity | " + " | ".join(heads) + " | retained % (average) | "
              "above chance % (average ± SE) |", "|---" * (len(tasks) + 5) + "|"]
 
@@ -621,13 +622,25 @@ def model_lines(rows: list[dict], src_tasks: dict | None) -> list[str]:
                 + (pm(*above["average"]) if "average" in above else "-") + " |")
 
     lines.append(row("dense", "-", rows[0]["source"], src_tasks))
+    cuts = set()  # a plain cut is printed once per set of removed layers (ReplaceMe's cut is the angle cut)
     for r in rows:
         if r.get("same_as"):
             continue
         for form in ("cut", "repaired", "healed"):
+            key = (r["n"], format_layers(r["removed"]))
+            if form == "cut" and key in cuts:
+                continue
+            if form == "cut":
+                cuts.add(key)
             if form in r["tasks"]:
                 lines.append(row(f"{r['name']} n={r['n']}, {form}", format_layers(r["removed"]), r[form], r["tasks"][form]))
     return lines + versus_lines(rows, src_tasks) + split_lines(src_tasks)
+
+
+def left_out(src_tasks: dict) -> str:
+    """The tasks left out of retained above chance, and why (`above_chance_tasks`)."""
+    out = {t: why for t, why in above_chance_tasks(src_tasks).items() if why}
+    return ("; left out of it: " + ", ".join(f"`{t}` ({why})" for t, why in out.items())) if out else ""
 
 
 def pm(v: float, se: float | None) -> str:

@@ -84,7 +84,10 @@ def test_prune_with_healing_and_the_field_on_the_standard_suite_on_smollm2(smoll
         assert sorted(p.stem.removeprefix("tasks_") for p in d.glob("tasks_*.json")) == sorted(fs), name
         for form in fs:
             rec = json.loads((d / f"tasks_{form}.json").read_text())
-            line = next(x for x in table.splitlines() if x.startswith(f"| {name} n=4, {form} |"))
+            line = next((x for x in table.splitlines() if x.startswith(f"| {name} n=4, {form} |")), None)
+            if line is None and form == "cut":  # the same cut printed once, by the row before that removes the same layers
+                continue
+            assert line is not None, (name, form)
             above = above_chance(dense, rec)
             assert f"{retained(dense, rec)['average']:.1f} %" in line and "nan" not in line.lower()
             assert all(se is None or math.isfinite(se) for _, se in above.values())

@@ -14,7 +14,8 @@ PACKAGES = ("compute_block_similarity", "slice_with_mergekit")
 
 # Bottom to top, as in the README's "Layout". A module imports only modules of lower layers.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base: leaves", ["compute_block_similarity." + m for m in ("errors", "atomic", "ranges", "metrics", "batching")]),
+    ("base: one-line errors", ["compute_block_similarity.errors"]),
+    ("base: leaves", ["compute_block_similarity." + m for m in ("atomic", "ranges", "metrics", "batching")]),
     ("base: flags, data, model, scan file", ["compute_block_similarity." + m for m in ("flags", "data", "model", "scanfile")]),
     ("base: option groups, scan outputs", ["compute_block_similarity.options", "compute_block_similarity.report"]),
     ("scanner", ["compute_block_similarity.scan"]),

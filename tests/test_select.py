@@ -29,9 +29,16 @@ from slice_with_mergekit.select import (
 )
 
 
+def in_range(scores: list[float]) -> list[float]:
+    """Ranks kept, values scaled into every metric's range (a scan file is validated by meaning)."""
+    lo = min(scores + [0.0])
+    top = max(x - lo for x in scores) + 1.0
+    return [(x - lo) / (2 * top) for x in scores]
+
+
 def scan_of(L: int, n: int, primary: list[float], **others: list[float]) -> ScanFile:
-    return ScanFile(model="m", num_layers=L, distances={n: primary},
-                    all_metrics={m: {"distances": {n: d}} for m, d in others.items()})
+    return ScanFile(model="m", num_layers=L, distances={n: in_range(primary)},
+                    all_metrics={m: {"distances": {n: in_range(d)}} for m, d in others.items()})
 
 
 def overlaps(a: int, b: int, n: int) -> bool:
@@ -300,7 +307,7 @@ def test_select_refine_ends_at_a_local_minimum_no_worse_than_ppl(tiny_models):
         worst_first = sorted(ref, key=ref.get, reverse=True)  # a scan that ranks the blocks backwards
         dist = [0.0] * (L - n + 1)
         for rank, st in enumerate(worst_first):
-            dist[st] = rank
+            dist[st] = rank / 10
         scan = ScanFile(model="m", num_layers=L, distances={n: dist})
         fresh = Scorer(model, tok, TEXTS, max_length=64, stride=64)
         c = select_refine(scan, n, fresh, top_k=1)
@@ -346,7 +353,7 @@ def test_budget_search_never_returns_an_n_over_budget(tiny_models):
 
     model, tok = load(tiny_models["qwen3"])  # 8 layers
     L = 8
-    dist = {n: [float((s * 7 + n) % 5) for s in range(L - n + 1)] for n in range(1, L)}
+    dist = {n: [float((s * 7 + n) % 5) / 5 for s in range(L - n + 1)] for n in range(1, L)}
     scan = ScanFile(model="m", num_layers=L, distances=dist)
     probe = budget_search(scan, Scorer(model, tok, TEXTS, max_length=64, stride=64), 1e9)
     ratios = [r["ratio"] for r in probe.curve]

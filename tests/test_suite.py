@@ -14,7 +14,7 @@ from conftest import load, write_jsonl
 from datasets import Dataset
 
 from slice_with_mergekit import suite
-from slice_with_mergekit.benchmarks import TaskOptions, above_chance, chance, compare, paired_diff, run_tasks, task_manager
+from slice_with_mergekit.benchmarks import TaskOptions, above_chance, above_chance_tasks, chance, compare, paired_diff, run_tasks, task_manager
 
 PKG = suite.package_root()
 pytestmark = pytest.mark.skipif(PKG is None, reason=f"{suite.PACKAGE} not installed ({suite.INSTALL})")
@@ -135,9 +135,9 @@ def record(acc: dict[str, list[float]], choices: dict[str, int]) -> dict:
 
 
 def test_retained_above_chance_and_paired_ses_by_hand():
-    dense = record({"a": [1, 1, 1, 0, 1, 1, 0, 1], "b": [1, 0, 1, 1, 0, 1, 1, 1]}, {"a": 4, "b": 2})
-    ours = record({"a": [1, 1, 0, 0, 1, 1, 0, 1], "b": [1, 0, 1, 0, 0, 1, 1, 1]}, {"a": 4, "b": 2})
-    other = record({"a": [0, 1, 0, 0, 1, 0, 0, 1], "b": [0, 0, 1, 0, 0, 1, 0, 1]}, {"a": 4, "b": 2})
+    dense = record({"a": [1, 1, 1, 0, 1, 1, 0, 1], "b": [1, 0, 1, 1, 0, 1, 1, 1] * 2}, {"a": 4, "b": 2})
+    ours = record({"a": [1, 1, 0, 0, 1, 1, 0, 1], "b": [1, 0, 1, 0, 0, 1, 1, 1] * 2}, {"a": 4, "b": 2})
+    other = record({"a": [0, 1, 0, 0, 1, 0, 0, 1], "b": [0, 0, 1, 0, 0, 1, 0, 1] * 2}, {"a": 4, "b": 2})
     assert chance(dense, "a") == 0.25 and chance(dense, "b") == 0.5
     # a: dense 6/8, ours 5/8: (0.625 - 0.25) / (0.75 - 0.25) = 75 %; b: dense 6/8, ours 5/8: (0.625 - .5) / (.75 - .5) = 50 %
     ac = above_chance(dense, ours)
@@ -154,3 +154,14 @@ def test_retained_above_chance_and_paired_ses_by_hand():
     unpaired = json.loads(json.dumps(other))
     unpaired["tasks"]["a"]["per_doc"]["docs"] = "other documents"
     assert paired_diff(ours, unpaired, "a") is None  # never paired across different documents
+
+
+def test_a_task_the_dense_model_barely_beats_chance_is_left_out_of_retained_above_chance():
+    # c: dense 11/20 at chance 1/2, within 2 SE (0.111) of it: (pruned - chance) / 0.05 would swing by 20 points a document
+    dense = record({"a": [1, 1, 1, 0, 1, 1, 0, 1], "c": [1] * 11 + [0] * 9}, {"a": 4, "c": 2})
+    ours = record({"a": [1, 1, 0, 0, 1, 1, 0, 1], "c": [1] * 14 + [0] * 6}, {"a": 4, "c": 2})
+    kept = above_chance_tasks(dense)
+    assert kept["a"] == "" and "within 2 SE" in kept["c"]
+    ac = above_chance(dense, ours)
+    assert set(ac) == {"a", "average"} and ac["average"][0] == pytest.approx(75.0)
+    assert compare(dense, ours, dense)[0] == pytest.approx(100 * (-1 / 8) / 0.5)
