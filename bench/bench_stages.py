@@ -59,7 +59,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from slice_with_mergekit.cli import main as slice_main
-    from slice_with_mergekit.pipeline import stage_costs
+    from slice_with_mergekit.stage_cache import stage_costs
 
     root = Path(args.work or tempfile.mkdtemp(prefix="bench_stages_"))
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from .checkpoint import (
     num_layers_of,
     read_plan,
 )
+from .records import EVAL_FILE, EvalFile, HealLedger, HeldOut, load_eval
 from .repair_record import load_repair
 
 
@@ -57,7 +58,7 @@ def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id
     ranges = kept_ranges_of(config)
     hub = hub_base_model(base, base_model)
     name = repo_id.split('/')[-1] if repo_id else out.name
-    ev = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}
+    ev = load_eval(out / EVAL_FILE)
     results = eval_results(ev)
     meta = ModelCardData(base_model=hub, library_name="transformers", tags=["mergekit", "pruned", "depth-pruning"],
                          model_name=name if results else None, eval_results=results or None)
@@ -89,24 +90,24 @@ def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id
                   f"{cal.get('dataset')} (split {cal.get('split')}, {cal.get('tokens_fit')} tokens) and folded into the "
                   "output projection of the layer before the cut (ReplaceMe). `repair.safetensors` holds T.", ""]
         lines += [f"- [{b['start']}, {b['end']}) via `{b['writer']}`: {b['decision']}" for b in info["bridges"]]
-    if ev:
-        stages = [k for k in ("source", "cut", "repaired", "healed") if isinstance(ev.get(k), dict)]
+    if ev.models:
+        stages = [k for k in ("source", "cut", "repaired", "healed") if k in ev.models]
         lines += ["", "## Evaluation", ""]
         if stages:
             lines += ["| " + " | ".join(("dense" if k == "source" else k) for k in stages) + " |",
                       "|" + "---|" * len(stages),
-                      "| " + " | ".join(f"{ev[k]['perplexity']:.2f}" for k in stages) + " |", "",
+                      "| " + " | ".join(f"{ev.models[k].perplexity:.2f}" for k in stages) + " |", "",
                       "Held-out perplexity (lower is better).", ""]
-        second = ev.get("second_corpus") or {}
-        shown = [k for k in stages if k in second]
+        second = ev.second_corpus
+        shown = [k for k in stages if second and k in second.perplexity]
         if shown:
-            lines += [f"On a second corpus of another kind, `{second['dataset']['name']}` (split "
-                      f"{second['dataset']['split']}), which neither the choice nor the bridge saw: "
-                      + ", ".join(f"{'dense' if k == 'source' else k} {second[k]:.2f}" for k in shown) + ".", ""]
+            lines += [f"On a second corpus of another kind, `{second.dataset.name}` (split "
+                      f"{second.dataset.split}), which neither the choice nor the bridge saw: "
+                      + ", ".join(f"{'dense' if k == 'source' else k} {second.perplexity[k]:.2f}" for k in shown) + ".", ""]
         lines += benchmark_lines(ev)
-    lines += ledger_lines(ev.get("heal") or heal_ledger(out))
-    if ev:
-        lines += ["", "```json", json.dumps(without_per_doc(ev), indent=1), "```"]
+    lines += ledger_lines(ev.heal or heal_ledger(out))
+    if ev.models:
+        lines += ["", "```json", json.dumps(without_per_doc(ev.model_dump(exclude_none=True)), indent=1), "```"]
     lines += ["", "## sliced.yml", "", "```yaml", Path(plan_path).read_text().strip(), "```", ""]
     return "\n".join(lines)
 
@@ -121,33 +122,21 @@ def without_per_doc(v: Any) -> Any:
     return [without_per_doc(x) for x in v] if isinstance(v, list) else v
 
 
-def own_key(ev: dict) -> str | None:
-    """The entry of eval.json that describes this checkpoint: what prune marks, else the evaluate
-    command's most processed result."""
-    if ev.get("checkpoint") in ev:
-        return ev["checkpoint"]
-    named = [k for k, v in ev.items() if isinstance(v, dict) and "perplexity" in v and k not in ("source", "dense")]
-    order = ("healed", "repaired", "pruned", "cut")
-    return next((k for k in order if k in named), named[0] if named else None)
+def tasks_of(ev: EvalFile, key: str | None) -> dict | None:
+    """The lm-eval record of entry ``key`` (None when it has none)."""
+    return ev.models[key].lm_eval if key in ev.models else None
 
 
-def tasks_of(ev: dict, key: str | None) -> dict | None:
-    """The lm-eval record of entry ``key``: prune keeps them under "lm_eval", evaluate beside the perplexity."""
-    if key is None:
-        return None
-    return (ev.get("lm_eval") or {}).get(key) or (ev.get(key) or {}).get("lm_eval")
-
-
-def eval_results(ev: dict) -> list[EvalResult]:
+def eval_results(ev: EvalFile) -> list[EvalResult]:
     """The card's ``model-index``: this checkpoint's held-out perplexity and lm-eval scores."""
-    key = own_key(ev)
+    key = ev.own()
     if key is None:
         return []
-    own, ds = ev[key], ev.get("dataset") or {"name": ev[key].get("dataset"), "split": ev[key].get("split")}
-    out = [perplexity_result(ds, own["perplexity"], "held-out perplexity")]
-    second = ev.get("second_corpus") or {}
-    if key in second:
-        out.append(perplexity_result(second["dataset"], second[key], "perplexity on a second corpus"))
+    ds = ev.dataset or HeldOut()
+    out = [perplexity_result(ds, ev.models[key].perplexity, "held-out perplexity")]
+    second = ev.second_corpus
+    if second and key in second.perplexity:
+        out.append(perplexity_result(second.dataset, second.perplexity[key], "perplexity on a second corpus"))
     rec = tasks_of(ev, key) or {}
     for task, t in rec.get("tasks", {}).items():
         for metric, value in t["metrics"].items():
@@ -160,15 +149,15 @@ def eval_results(ev: dict) -> list[EvalResult]:
     return out
 
 
-def perplexity_result(ds: dict, value: float, name: str) -> EvalResult:
-    """A perplexity on a held-out split of dataset ``ds`` ({"name", "split"}) as a model-index entry."""
-    return EvalResult(task_type="text-generation", dataset_type=str(ds.get("name") or "held-out text"),
-                      dataset_name=f"{ds.get('name')} (held-out split {ds.get('split')})", dataset_split=ds.get("split"),
+def perplexity_result(ds: HeldOut, value: float, name: str) -> EvalResult:
+    """A perplexity on a held-out split of dataset ``ds`` as a model-index entry."""
+    return EvalResult(task_type="text-generation", dataset_type=str(ds.name or "held-out text"),
+                      dataset_name=f"{ds.name} (held-out split {ds.split})", dataset_split=ds.split,
                       metric_type="perplexity", metric_value=float(value), metric_name=name)
 
 
-def benchmark_lines(ev: dict) -> list[str]:
-    rec, dense = tasks_of(ev, own_key(ev)), tasks_of(ev, "source")
+def benchmark_lines(ev: EvalFile) -> list[str]:
+    rec, dense = tasks_of(ev, ev.own()), ev.dense().lm_eval if ev.dense() else None
     if not rec or not rec.get("tasks"):
         return []
     kept = retained(dense, rec) if dense else {}
@@ -191,17 +180,18 @@ def benchmark_lines(ev: dict) -> list[str]:
     return lines
 
 
-def heal_ledger(out: Path) -> dict | None:
+def heal_ledger(out: Path) -> HealLedger | None:
     """The ledger the heal command wrote beside its merged model."""
     path = out / "heal.json"
-    return json.loads(path.read_text()).get("ledger") if path.exists() else None
+    g = json.loads(path.read_text()).get("ledger") if path.exists() else None
+    return HealLedger.model_validate(g) if g else None
 
 
-def ledger_lines(g: dict | None) -> list[str]:
+def ledger_lines(g: HealLedger | None) -> list[str]:
     if not g:
         return []
     return ["", "## Healing", "",
-            f"{g['method']}, `{g['loss']}` loss: {g['optimizer_steps']} optimizer steps, {g['training_tokens']:,} training "
-            f"tokens, {g['wall_s']:.0f} s on {g['world_size']} x {g['device']} ({g['precision']}). Data: {g['data']}; "
-            f"the best step picked by perplexity on {g['held_out_texts']} held-out texts (not those the tables report on): "
-            + ", ".join(f"step {h['step']}: {h['perplexity']:.2f}" for h in g["history"]) + "."]
+            f"{g.method}, `{g.loss}` loss: {g.optimizer_steps} optimizer steps, {g.training_tokens:,} training "
+            f"tokens, {g.wall_s:.0f} s on {g.world_size} x {g.device} ({g.precision}). Data: {g.data}; "
+            f"the best step picked by perplexity on {g.held_out_texts} held-out texts (not those the tables report on): "
+            + ", ".join(f"step {h.step}: {h.perplexity:.2f}" for h in g.history) + "."]

@@ -33,12 +33,13 @@ from compute_block_similarity.flags import add_flags, from_args
 from compute_block_similarity.options import PLACEMENT, DataOptions, ModelOptions
 
 from .benchmarks import TaskOptions, run_tasks, task_manager
-from .evaluate import measure_speed, perplexity, write_eval
-from .heal import HealConfig, heal
+from .evaluate import EvalOutput, SpeedOptions, measure_speed, perplexity, write_eval
+from .heal import HealConfig, HealRun, heal
 from .materialize import materialize
 from .pipeline import PruneArgs, prune
-from .plan import plan, write_config, write_selection
-from .push import push
+from .plan import PlanFlags, plan, write_config, write_selection
+from .push import PushOptions, push
+from .records import HeldOut
 from .repair import repair_checkpoint
 from .repair_fit import RepairOptions, summary
 from .select import SelectOptions
@@ -48,15 +49,16 @@ log = logging.getLogger("slice_with_mergekit")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    check_output_file(args.output, "--output")
+    o = from_args(PlanFlags, args)
+    check_output_file(o.output, "--output")
     choices: list = []
-    config = plan(args.scan, layers_to_skip=args.layers_to_skip, start=args.start, remove=args.remove,
-                  model=args.model, dtype=args.dtype, load=from_args(ModelOptions, args, dtype="auto"),
+    config = plan(o.scan, layers_to_skip=o.layers_to_skip, start=o.start, remove=o.remove,
+                  model=o.model, dtype=o.dtype, load=from_args(ModelOptions, args, dtype="auto"),
                   choice=from_args(SelectOptions, args), repair=args.repair, choice_out=choices)
-    write_config(config, args.output)
+    write_config(config, o.output)
     if choices:
-        log.info("wrote the selection details to %s", write_selection(args.output, choices[0]))
-    log.info("wrote %s; build the pruned model with: mergekit-yaml %s out/", args.output, args.output)
+        log.info("wrote the selection details to %s", write_selection(o.output, choices[0]))
+    log.info("wrote %s; build the pruned model with: mergekit-yaml %s out/", o.output, o.output)
     return 0
 
 
@@ -94,8 +96,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    files = push(args.model, args.repo_id, plan_path=args.plan, scan_path=args.scan, private=args.private,
-                 revision=args.revision, dry_run=args.dry_run, base_model=args.base_model)
+    o = from_args(PushOptions, args)
+    files = push(args.model, args.repo_id, plan_path=o.plan, scan_path=o.scan, private=o.private,
+                 revision=o.revision, dry_run=o.dry_run, base_model=o.base_model)
     for f in files:
         print(f"  {f}  ({(Path(args.model) / f).stat().st_size:,} bytes)")
     return 0
@@ -108,12 +111,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, tok = from_args(ModelOptions, args).load(args.model)
     res = perplexity(model, tok, texts, max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
                      progress=True, logits_bytes=args.logits_bytes)
-    extra = {"dataset": args.dataset, "split": args.dataset_subset}
-    if args.speed:
+    extra: dict = {}
+    speed, where = from_args(SpeedOptions, args), from_args(EvalOutput, args)
+    if speed.speed:
         import dataclasses
 
-        sp = measure_speed(model, tok, texts, prompt_tokens=args.speed_prompt_tokens,
-                           new_tokens=args.speed_new_tokens, repeats=args.speed_repeats)
+        sp = measure_speed(model, tok, texts, prompt_tokens=speed.speed_prompt_tokens,
+                           new_tokens=speed.speed_new_tokens, repeats=speed.speed_repeats)
         extra["speed"] = dataclasses.asdict(sp)
         print(f"speed: prefill {sp.prefill_tokens_per_s:,.0f} tok/s, decode {sp.decode_tokens_per_s:,.1f} tok/s "
               f"(medians of {sp.repeats}; {sp.prompt_tokens}-token prompt, {sp.new_tokens} new tokens, {sp.device}); "
@@ -126,18 +130,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   f"{t['samples']} documents)")
     print(f"perplexity {res.perplexity:.4f} over {res.tokens_scored} tokens ({res.num_texts} texts, "
           f"max_length {res.max_length}, stride {res.stride})")
-    into = args.into or (args.model if os.path.isdir(args.model) else None)
+    into = where.output or (args.model if os.path.isdir(args.model) else None)
     if into:
-        log.info("wrote %s", write_eval(into, args.name, res, extra))
+        held = HeldOut(name=args.dataset, split=args.dataset_subset, texts=res.num_texts)
+        log.info("wrote %s", write_eval(into, where.name, res, held, **extra))
     return 0
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
-    cfg = from_args(HealConfig, args)
+    cfg, run = from_args(HealConfig, args), from_args(HealRun, args)
     train = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
-    held = load_texts(args.dataset, args.dataset_column, args.eval_subset, args.eval_size, args.dataset_config)
-    out = args.output or args.model.rstrip("/") + "-healed"
-    summary = heal(args.model, train, held, out, cfg, teacher=args.teacher, resume=args.resume,
+    held = load_texts(args.dataset, args.dataset_column, run.eval_subset, run.eval_size, args.dataset_config)
+    out = run.output or args.model.rstrip("/") + "-healed"
+    summary = heal(args.model, train, held, out, cfg, teacher=run.teacher, resume=run.resume,
                    data=f"{args.dataset} (split {args.dataset_subset})",
                    teacher_load=from_args(ModelOptions, args, prefix="teacher_"))
     print(f"perplexity before healing {summary['after_cut']:.3f} -> after healing {summary['after_heal']:.3f} "
@@ -180,15 +185,7 @@ def checkpoint_args(p: argparse.ArgumentParser, out_help: str) -> None:
 
 
 def plan_parser(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("--scan", default="block_distances.json", help="block_distances.json written by compute_block_similarity")
-    a("--output", "-o", default="sliced.yml", help="where to write the MergeKit config")
-    a("--layers_to_skip", type=int, default=None, help="remove the scan's best block of n layers (default: the scan's n)")
-    a("--start", type=int, default=None, help="remove the block [start, start+n) instead of the best one")
-    a("--remove", default=None, help="remove any set of 0-based layers, e.g. '21-28,30' (inclusive runs)")
-    a("--model", "--model_path", dest="model", default=None,
-      help="source model path or id; default: the one the scan recorded")
-    a("--dtype", default=None, help="the merged checkpoint's dtype; default: the source model's")
+    add_flags(p, PlanFlags)
     add_flags(p, SelectOptions)
     add_flags(p, RepairOptions, defaults={"repair": "none"}, title="Repair-aware selection: each candidate is scored "
               "after its bridge (sliced.yml stays the plain cut: bridge after the merge with the repair command)")
@@ -231,14 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = parsers["push"]
     u.add_argument("model", help="pruned checkpoint folder")
     u.add_argument("repo_id", help="org/name on the Hub")
-    u.add_argument("--plan", default=None, help="sliced.yml (default: MODEL/mergekit_config.yml)")
-    u.add_argument("--scan", default=None, help="block_distances.json, for the card's scores")
-    u.add_argument("--private", action="store_true", help="create the repository private")
-    u.add_argument("--base_model", default=None, help="Hub id of the source for the card's base_model "
-                   "(default: the plan's model if it is a Hub id, else the id its config came from; left out if unknown)")
-    u.add_argument("--revision", default=None, help="branch to push to (created if missing)")
-    u.add_argument("--dry_run", "--dry-run", dest="dry_run", action="store_true",
-                   help="write the card and list what would be uploaded, upload nothing")
+    add_flags(u, PushOptions)
     e = parsers["evaluate"]
     e.add_argument("model", help="checkpoint folder or Hub id")
     data_args(e, split="test", batching=True, max_length=512, batch_size=4, helps={"max_length": "tokens per window"})
@@ -246,23 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(e, SelectOptions, only=["logits_bytes"], title="Scoring")
     model_args(e, "dtype", "device", "trust_remote_code")
     add_flags(e, TaskOptions)
-    e.add_argument("--output", "--into", dest="into", default=None,
-                   help="folder whose eval.json gets the result (default: MODEL if local)")
-    e.add_argument("--name", default="perplexity", help="key of this result in eval.json (e.g. source, pruned)")
-    e.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s and memory "
-                   "(medians of repeated runs; compare a dense and a pruned model on the same device)")
-    e.add_argument("--speed_prompt_tokens", type=int, default=128, help="prompt length for --speed")
-    e.add_argument("--speed_new_tokens", type=int, default=32, help="greedy tokens decoded for --speed")
-    e.add_argument("--speed_repeats", type=int, default=5, help="timed runs for --speed (after one warm-up)")
+    add_flags(e, EvalOutput)
+    add_flags(e, SpeedOptions)
     h = parsers["heal"]
     h.add_argument("model", help="pruned (and repaired) checkpoint folder")
     data_args(h)
-    h.add_argument("--eval_subset", default="test", help="held-out split for the perplexity that picks the best step")
-    h.add_argument("--eval_size", type=int, default=64)
-    h.add_argument("--output", default=None, help="merged healed model (default: MODEL-healed)")
-    h.add_argument("--teacher", default=None, help="dense teacher for --loss kd (default: the source model named in "
-                   "MODEL/mergekit_config.yml)")
-    h.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.work")
+    add_flags(h, HealRun)
     add_flags(h, HealConfig)
     add_flags(h, ModelOptions, prefix="teacher_", only=PLACEMENT, title="Teacher placement (--loss kd): accelerate "
               "places the dense teacher instead of a whole copy per process")

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
-from compute_block_similarity.atomic import write_text
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.model import decoder_layers, input_device, text_config
+
+from .records import EVAL_FILE, HeldOut, ModelEval, load_eval
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +193,35 @@ def perplexity(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 
     return Perplexity(math.exp(nll / count), nll, count, len(texts), max_length, stride)
 
 
-def write_eval(out_dir: str | Path, key: str, result: Perplexity, extra: dict | None = None) -> Path:
-    """Merge ``{key: result}`` into out_dir/eval.json (atomic), where the model card picks it up."""
+def write_eval(out_dir: str | Path, key: str, result: Perplexity, dataset: HeldOut, **extra: Any) -> Path:
+    """Put ``result`` as entry ``key`` of out_dir/eval.json (atomic; other entries kept), where the model
+    card picks it up. ``extra``: more fields of a ``ModelEval`` (speed, lm_eval)."""
+    path = Path(out_dir) / EVAL_FILE
+    ev = load_eval(path)
+    if ev.dataset is not None and ev.dataset != dataset:
+        log.warning("%s held results on %s (split %s); entry %s is on %s (split %s)", path, ev.dataset.name,
+                    ev.dataset.split, key, dataset.name, dataset.split)
+    ev.dataset = dataset
+    ev.models[key] = ModelEval(**asdict(result), **extra)
+    return ev.save(path)
 
-    path = Path(out_dir) / "eval.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[key] = {**asdict(result), **(extra or {})}
-    write_text(path, json.dumps(data, indent=1) + "\n")
-    return path
+
+class EvalOutput(BaseModel):
+    """Where the result goes"""
+
+    output: str | None = Field(None, description="folder whose eval.json gets the result (default: MODEL if local)",
+                               json_schema_extra={"aliases": ["--into"]})
+    name: str = Field("perplexity", description="key of this result in eval.json (e.g. source, pruned)")
+
+
+class SpeedOptions(BaseModel):
+    """Speed (--speed)"""
+
+    speed: bool = Field(False, description="also measure prefill and decode tokens/s and memory (medians of repeated "
+                        "runs; compare a dense and a pruned model on the same device)")
+    speed_prompt_tokens: int = Field(128, ge=1, description="prompt length for --speed")
+    speed_new_tokens: int = Field(32, ge=1, description="greedy tokens decoded for --speed")
+    speed_repeats: int = Field(5, ge=1, description="timed runs for --speed (after one warm-up)")
 
 
 @dataclass

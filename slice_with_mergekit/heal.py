@@ -34,8 +34,20 @@ from compute_block_similarity.options import ModelOptions
 
 from .checkpoint import copy_companions, kept_source_layers, local_source, read_plan
 from .evaluate import perplexity, tokenize_windows
+from .records import HealLedger
 
 log = logging.getLogger(__name__)
+
+
+class HealRun(BaseModel):
+    """The heal command's run"""
+
+    eval_subset: str = Field("test", description="held-out split for the perplexity that picks the best step")
+    eval_size: int = Field(64, ge=1, description="held-out texts")
+    output: str | None = Field(None, description="merged healed model (default: MODEL-healed)")
+    teacher: str | None = Field(None, description="dense teacher for --loss kd (default: the source model named in "
+                                "MODEL/mergekit_config.yml)")
+    resume: bool = Field(False, description="continue an interrupted run from OUTPUT.work")
 
 
 class HealConfig(BaseModel):
@@ -429,12 +441,13 @@ def ledger(trainer: Any, cfg: HealConfig, history: list[dict], wall: float, resu
     """What a healing run spent, as anyone comparing recovery methods asks first."""
     args = trainer.args
     steps = trainer.state.global_step
-    return {"optimizer_steps": steps, "training_tokens": steps * per_step, "tokens_per_step": per_step,
-            "wall_s": wall, "resumed_from": resumed, "device": str(args.device).split(":")[0],
-            "world_size": args.world_size, "precision": "bf16 autocast" if args.bf16 else _dtype(cfg),
-            "method": f"full training of layers {cfg.train_layers}" if cfg.train_layers else
-            f"LoRA rank {cfg.rank}" + (" (4-bit base)" if cfg.load_in_4bit else ""), "loss": cfg.loss,
-            "data": data, "held_out_texts": held_out_texts, "history": history}
+    return HealLedger(
+        optimizer_steps=steps, training_tokens=steps * per_step, tokens_per_step=per_step, wall_s=wall,
+        resumed_from=resumed, device=str(args.device).split(":")[0], world_size=args.world_size,
+        precision="bf16 autocast" if args.bf16 else _dtype(cfg),
+        method=f"full training of layers {cfg.train_layers}" if cfg.train_layers else
+        f"LoRA rank {cfg.rank}" + (" (4-bit base)" if cfg.load_in_4bit else ""), loss=cfg.loss,
+        data=data, held_out_texts=held_out_texts, history=history).model_dump()
 
 
 def write_output(model: Any, checkpoint: str, output: str, summary: dict, healed: bool) -> None:

@@ -17,6 +17,7 @@ from mergekit.config import (
     MergeConfiguration,
     OutputSliceDefinition,
 )
+from pydantic import BaseModel, Field
 
 from compute_block_similarity import scanfile
 from compute_block_similarity.atomic import write_text
@@ -34,6 +35,20 @@ from compute_block_similarity.scanfile import ScanFile
 from .select import Scorer, SelectOptions, choose
 
 log = logging.getLogger(__name__)
+
+
+class PlanFlags(BaseModel):
+    """The plan"""
+
+    scan: str = Field("block_distances.json", description="block_distances.json written by compute_block_similarity")
+    output: str = Field("sliced.yml", description="where to write the MergeKit config", json_schema_extra={"aliases": ["-o"]})
+    layers_to_skip: int | None = Field(None, description="remove the scan's best block of n layers (default: the "
+                                       "scan's n)")
+    start: int | None = Field(None, description="remove the block [start, start+n) instead of the best one")
+    remove: str | None = Field(None, description="remove any set of 0-based layers, e.g. '21-28,30' (inclusive runs)")
+    model: str | None = Field(None, description="source model path or id; default: the one the scan recorded",
+                              json_schema_extra={"aliases": ["--model_path"]})
+    dtype: str | None = Field(None, description="the merged checkpoint's dtype; default: the source model's")
 
 
 def layers_to_remove(scan: ScanFile, *, layers_to_skip: int | None = None, start: int | None = None,
@@ -142,13 +157,13 @@ def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None
                         "pass --model with the model that was scanned")
     check_architecture(cfg, src)
     if select != "angle" and start is None and remove is None:
-        choice = choose(select, scan, len(removed),
+        picked = choose(select, scan, len(removed),
                         lambda: calibration_scorer(scan, src, choice, load, repair), top_k, choice.race())
-        removed = choice.removed
+        removed = picked.removed
         if choice_out is not None:
-            choice_out.append(choice)
-        log.info("--select %s: remove %s (%.2f calibration passes%s)", select, format_layers(removed), choice.passes,
-                 f", perplexity {choice.perplexity:.3f}" if choice.perplexity else "")
+            choice_out.append(picked)
+        log.info("--select %s: remove %s (%.2f calibration passes%s)", select, format_layers(removed), picked.passes,
+                 f", perplexity {picked.perplexity:.3f}" if picked.perplexity else "")
     config = build_config(src, L, removed, dtype or source_dtype(cfg))
     keep = kept_ranges(L, removed)
     log.info("removing layers %s of %d; keeping %s", format_layers(removed), L, format_ranges(keep))

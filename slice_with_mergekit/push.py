@@ -6,6 +6,8 @@ import logging
 import os
 from pathlib import Path
 
+from pydantic import BaseModel, Field
+
 from compute_block_similarity import scanfile
 from compute_block_similarity.atomic import write_text
 from compute_block_similarity.errors import UserError, first_line
@@ -13,6 +15,19 @@ from compute_block_similarity.errors import UserError, first_line
 from .card import model_card
 
 log = logging.getLogger(__name__)
+
+
+class PushOptions(BaseModel):
+    """Upload"""
+
+    plan: str | None = Field(None, description="sliced.yml (default: MODEL/mergekit_config.yml)")
+    scan: str | None = Field(None, description="block_distances.json, for the card's scores")
+    private: bool = Field(False, description="create the repository private")
+    base_model: str | None = Field(None, description="Hub id of the source for the card's base_model (default: the "
+                                   "plan's model if it is a Hub id, else the id its config came from; left out if unknown)")
+    revision: str | None = Field(None, description="branch to push to (created if missing)")
+    dry_run: bool = Field(False, description="write the card and list what would be uploaded, upload nothing",
+                          json_schema_extra={"aliases": ["--dry-run"]})
 
 UPLOAD_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".md", ".yml", ".yaml", ".gguf")
 NEVER = ("block_distances.json",)

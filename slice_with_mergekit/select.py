@@ -19,6 +19,7 @@ from itertools import takewhile
 from typing import Any, Callable, Iterator, Literal, Sequence, get_args
 
 from pydantic import BaseModel, Field, field_validator
+from tqdm import tqdm
 
 from compute_block_similarity.flags import one_of
 from compute_block_similarity.ranges import format_layers
@@ -237,10 +238,12 @@ class Scorer:
             idx = self.bridge_texts(f)
             # no guard: a bridge is judged by the windows it scores, out of sample; the guard's two held-out
             # perplexities per cut and fold cost 0.18 passes a cut (SmolLM2), more than the shared fit pass
+            log.info("race: fitting the bridges of %d candidates in one pass over %d texts (fold %d of %d)",
+                     len(todo), len(idx), f + 1, self.folds)
             with quiet("slice_with_mergekit.repair_fit"):  # a log line per candidate's bridge is noise
                 fits = fit_repairs(self.model, self.tok, [self.texts[j] for j in idx], todo, method=self.repair,
                                    batch_size=self.batch_size, max_length=self.kw["max_length"], guard=False,
-                                   skip_unfoldable=True, progress=False)
+                                   skip_unfoldable=True, progress=True)
             self.bridges.update({(c, f): r for c, r in fits.items()})
             self.tokens_run += self.total_tokens * len(idx) / len(self.texts)
 
@@ -417,7 +420,8 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tupl
     alive, rnd = list(dropped), 0
     while True:
         idx = score.share(m)
-        nll = {c: score.score_on(c, idx) for c in alive}
+        nll = {c: score.score_on(c, idx) for c in tqdm(alive, desc=f"race round {rnd + 1}: {len(alive)} cuts on {m} of "
+                                                                     f"{W} windows", unit="cut", leave=False)}
         ranked = sorted(alive, key=lambda c: nll[c])
         k = len(alive) if m == W else max(2, math.ceil(len(alive) / 2))  # the last two meet on every window
         if rnd == 0:
@@ -426,6 +430,8 @@ def race(score: Scorer, cuts: list[tuple[int, ...]], cfg: Race = Race()) -> tupl
         else:
             keep = survivors(score, ranked, idx, k, cfg.z)
         dropped.update({c: rnd for c in alive if c not in keep and dropped[c] != -1})
+        log.info("race round %d: %d cuts on %d of %d windows, %d kept; leader %s at perplexity %.3f (%.2f passes so far)",
+                 rnd + 1, len(alive), m, W, len(keep), format_layers(keep[0]), math.exp(nll[keep[0]]), score.passes)
         alive = keep
         if len(alive) == 1 or m == W:
             break

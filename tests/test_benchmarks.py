@@ -57,7 +57,7 @@ def test_local_tasks_score_what_a_plain_computation_scores(tiny_models, local_ta
     assert slice_main(["evaluate", str(ckpt), "--dataset_size", "4", "--max_length", "64", "--stride", "64", "--tasks",
                        "local_mc,local_ppl", "--include_path", str(local_tasks), "--num_fewshot", "0",
                        "--output", str(out), "--name", "dense"]) == 0
-    rec = json.loads((out / "eval.json").read_text())["dense"]["lm_eval"]
+    rec = json.loads((out / "eval.json").read_text())["models"]["dense"]["lm_eval"]
     import lm_eval
 
     assert rec["lm_eval_version"] == lm_eval.__version__
@@ -187,10 +187,10 @@ def test_prune_reports_every_model_and_baseline_with_retained_percent(tiny_model
     assert got[("local_mc", "acc")] == pytest.approx(rec["tasks"]["local_mc"]["metrics"]["acc"])
     assert got[("local_ppl", "word_perplexity")] == pytest.approx(rec["tasks"]["local_ppl"]["metrics"]["word_perplexity"])
     ppl = next(v for (ds, m), v in got.items() if m == "perplexity")
-    assert ppl == pytest.approx(healed["healed"]["perplexity"])
+    assert ppl == pytest.approx(healed["models"]["healed"]["perplexity"])
     repaired_card = front_matter((w / "n2" / "model" / "README.md").read_text())["model-index"][0]["results"]
     ppl = next(m["value"] for r in repaired_card for m in r["metrics"] if m["type"] == "perplexity")
-    assert ppl == pytest.approx(healed["repaired"]["perplexity"])
+    assert ppl == pytest.approx(healed["models"]["repaired"]["perplexity"])
 
 
 def test_baselines_are_checked_by_name(tiny_models, tmp_path, capsys):

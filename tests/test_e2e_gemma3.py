@@ -18,7 +18,7 @@ def test_prune_repairs_gemma3_by_default(gemma3_dir, tmp_path):
     assert slice_main(["prune", gemma3_dir, "--layers_to_skip", "4", "--dataset_size", "24", "--eval_size", "6",
                        "--max_length", "64", "--top_k", "3", "--work_dir", str(work)]) == 0
     ev = json.loads((work / "n4" / "model" / "eval.json").read_text())
-    dense, cut, repaired = ev["source"]["perplexity"], ev["cut"]["perplexity"], ev["repaired"]["perplexity"]
+    dense, cut, repaired = ev["models"]["source"]["perplexity"], ev["models"]["cut"]["perplexity"], ev["models"]["repaired"]["perplexity"]
     assert 1 < dense < cut and repaired < cut  # the bridge through the post-MLP norm undoes part of the cut
     checks = (work / "n4" / "verify.txt").read_text()
     assert "verification passed" in checks and "2/2 patched tensors equal source x recorded T" in checks

@@ -93,7 +93,8 @@ def test_prune_with_healing_and_the_field_on_the_standard_suite_on_smollm2(smoll
             assert all(se is None or math.isfinite(se) for _, se in above.values())
     assert "### Ours against each method" in report and "ours repaired vs shortgpt cut" in report
     ev = json.loads((work / "n4" / "model" / "eval.json").read_text())
-    assert set(ev["retained"]) == {"cut", "repaired", "healed"} and "average" in ev["retained"]["repaired"]["retained"]
+    assert {k for k, m in ev["models"].items() if m.get("retained")} == {"cut", "repaired", "healed"}
+    assert "average" in ev["models"]["repaired"]["retained"]
     card = (work / "n4" / "healed" / "README.md").read_text()
     index = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"]
     acc = next(m["value"] for r in index for m in r["metrics"]
@@ -102,8 +103,8 @@ def test_prune_with_healing_and_the_field_on_the_standard_suite_on_smollm2(smoll
                                 ["tasks"]["piqa_offline"]["metrics"]["acc"])
     assert "per_doc" not in card and "Retained above chance" in card
     assert "## Healing ledger" in report and "## Healing" in card
-    src, cut = ev["source"]["perplexity"], ev["cut"]["perplexity"]
-    repaired, healed = ev["repaired"]["perplexity"], ev["healed"]["perplexity"]
+    src, cut = ev["models"]["source"]["perplexity"], ev["models"]["cut"]["perplexity"]
+    repaired, healed = ev["models"]["repaired"]["perplexity"], ev["models"]["healed"]["perplexity"]
     assert 1 < src < cut  # removing 4 of 30 layers costs something
     assert repaired < cut  # the bridge undoes part of it
     assert healed < cut

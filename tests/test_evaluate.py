@@ -63,8 +63,8 @@ def test_evaluate_cli_writes_eval_json(tiny_models, tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
     ev = json.loads((ckpt / "eval.json").read_text())
     model, tok = load(ckpt)
-    assert ev["pruned"]["tokens_scored"] == sum(len(tok(t).input_ids) - 1 for t in TEXTS)
-    assert ev["pruned"]["max_length"] == 64 and ev["pruned"]["stride"] == 32
+    assert ev["models"]["pruned"]["tokens_scored"] == sum(len(tok(t).input_ids) - 1 for t in TEXTS)
+    assert ev["models"]["pruned"]["max_length"] == 64 and ev["models"]["pruned"]["stride"] == 32
 
 
 def test_evaluate_tasks_without_lm_eval_is_one_line(tiny_llama, tmp_path, capsys, monkeypatch):
@@ -101,7 +101,7 @@ def test_speed_measurement_fields(tiny_llama, tmp_path, capsys):
                        "--max_length", "64", "--stride", "64", "--speed", "--speed_prompt_tokens", "16", "--speed_new_tokens", "2",
                        "--speed_repeats", "2", "--into", str(tmp_path)]) == 0
     ev = json.loads((tmp_path / "eval.json").read_text())
-    assert ev["perplexity"]["speed"]["decode_tokens_per_s"] > 0
+    assert ev["models"]["perplexity"]["speed"]["decode_tokens_per_s"] > 0
     assert "decode" in capsys.readouterr().out
 
 

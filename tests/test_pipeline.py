@@ -62,8 +62,8 @@ def test_prune_pipeline_reruns_only_changed_stages(tiny_models, tmp_path, caplog
     report = (w / "report.md").read_text()
     assert "| 1 |" in report and "| 2 |" in report
     ev = json.loads((w / "n2/model/eval.json").read_text())
-    assert ev["cut"]["perplexity"] > 0 and ev["source"]["perplexity"] > 0
-    assert ev["repaired"]["method"] == "linear" and (w / "n2/model/repair.safetensors").exists()
+    assert ev["models"]["cut"]["perplexity"] > 0 and ev["models"]["source"]["perplexity"] > 0
+    assert ev["models"]["repaired"]["repair"] == "linear" and (w / "n2/model/repair.safetensors").exists()
     assert "| perplexity dense | cut | repaired |" in report
     caplog.clear()
     with caplog.at_level("INFO"):
@@ -107,7 +107,7 @@ def test_prune_reports_every_model_on_a_second_corpus(tiny_models, tmp_path):
                        "--eval_size", "6", "--max_length", "64", "--eval_dataset", READMES_DATASET, "--heal",
                        "--heal_steps", "2", "--heal_seq_len", "32", "--heal_batch_size", "2", "--work_dir", str(w)]) == 0
     ev = json.loads((w / "n2" / "healed" / "eval.json").read_text())
-    s = ev["second_corpus"]
+    s = {**ev["second_corpus"]["perplexity"], "dataset": ev["second_corpus"]["dataset"]}
     texts = load_texts(READMES_DATASET, split="test", size=6)
     for key, path in (("source", tiny_models["llama"]), ("repaired", w / "n2" / "model"), ("healed", w / "n2" / "healed")):
         m, tok = load(path)
@@ -116,7 +116,7 @@ def test_prune_reports_every_model_on_a_second_corpus(tiny_models, tmp_path):
     # healing picks its step on held-out texts of its own; the healed figure is on the texts every row uses
     held = load_texts(split="test", size=12)
     m, tok = load(w / "n2" / "healed")
-    assert ev["healed"]["perplexity"] == pytest.approx(perplexity(m, tok, held[:6], max_length=64, stride=64).perplexity,
+    assert ev["models"]["healed"]["perplexity"] == pytest.approx(perplexity(m, tok, held[:6], max_length=64, stride=64).perplexity,
                                                        rel=1e-6)
     h = json.loads((w / "n2" / "healed" / "heal.json").read_text())
     assert h["after_heal"] == pytest.approx(perplexity(m, tok, held[6:], max_length=64, stride=64).perplexity, rel=1e-6)

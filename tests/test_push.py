@@ -14,7 +14,8 @@ def test_push_dry_run_card_and_file_list(scans, tmp_path, capsys):
     plan = make_plan(scans["llama"], tmp_path, "--remove", "2-3")
     out = tmp_path / "out"
     assert slice_main(["materialize", str(plan), str(out)]) == 0
-    (out / "eval.json").write_text(json.dumps({"perplexity": {"source": 10.0, "pruned": 12.5}}))
+    (out / "eval.json").write_text(json.dumps({"version": 2, "checkpoint": "pruned", "dataset": {"name": "d", "split": "test"},
+                                               "models": {"source": {"perplexity": 10.0}, "pruned": {"perplexity": 12.5}}}))
     (out / ".cache").mkdir(); (out / ".cache" / "x.lock").write_text("")
     (out / "heal").mkdir(); (out / "heal" / "adapter_model.safetensors").write_text("")
     (out / "block_distances.json").write_text("{}"); (out / "foo.tmp").write_text("")
@@ -29,7 +30,8 @@ def test_push_dry_run_card_and_file_list(scans, tmp_path, capsys):
     assert "base_model" not in meta  # a local path is never a base_model; the source's id is unknown here
     assert card.splitlines()[card.splitlines().index("---", 1) + 2] == "# tiny"  # titled after the repository
     assert "**Removed layers:** [2, 4)" in card and "**Kept ranges:** [0, 2), [4, 6)" in card and "angular_last_token" in card
-    assert plan.read_text().strip() in card and '"pruned": 12.5' in card
+    assert plan.read_text().strip() in card and '"perplexity": 12.5' in card
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 12.5  # the entry this checkpoint is
 
 
 def test_card_base_model_is_a_hub_id(scans, tiny_models, tmp_path):
