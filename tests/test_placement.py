@@ -94,7 +94,7 @@ def test_evaluate_with_tasks_offloaded_scores_what_one_device_scores(tiny_models
         assert slice_main(["evaluate", str(tiny_models["llama"]), "--dataset_size", "4", "--max_length", "64",
                            "--stride", "64", "--tasks", "local_mc,local_ppl", "--include_path", str(local_tasks),
                            "--output", str(tmp_path / name), *extra]) == 0
-        runs[name] = json.loads((tmp_path / name / "eval.json").read_text())["perplexity"]
+        runs[name] = json.loads((tmp_path / name / "eval.json").read_text())["models"]["perplexity"]
     assert runs["off"]["perplexity"] == pytest.approx(runs["one"]["perplexity"], rel=1e-6)
     for task, t in runs["one"]["lm_eval"]["tasks"].items():
         for m, v in t["metrics"].items():
