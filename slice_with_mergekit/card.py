@@ -157,7 +157,7 @@ def perplexity_result(ds: HeldOut, value: float, name: str) -> EvalResult:
 
 
 def benchmark_lines(ev: EvalFile) -> list[str]:
-    rec, dense = tasks_of(ev, ev.own()), ev.dense().lm_eval if ev.dense() else None
+    rec, dense = tasks_of(ev, ev.own()), getattr(ev.dense(), "lm_eval", None)
     if not rec or not rec.get("tasks"):
         return []
     kept = retained(dense, rec) if dense else {}
