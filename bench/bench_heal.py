@@ -109,15 +109,15 @@ def main() -> None:
         t0 = time.perf_counter()
         summ = heal(str(ckpt["repaired" if repaired else "cut"]), train, select, str(out), cfg, progress=False)
         wall = time.perf_counter() - t0
-        at = {h["step"]: h["perplexity"] for h in summ["history"]}
+        at = {h.step: h.perplexity for h in summ.history}
         last = at[max(at)]
         gap = (base["cut"]["select"] - last) / (base["cut"]["select"] - base["dense"]["select"])
         unseen_ppl = ppl(out, unseen)
         unseen_gap = (base["cut"]["unseen"] - unseen_ppl) / (base["cut"]["unseen"] - base["dense"]["unseen"])
         rows.append({"recipe": spec, "start": "repaired" if repaired else "cut", "config": cfg.model_dump(),
-                     "perplexity_at": at, "gap_closed_last": gap, "best_step": summ["best_step"],
+                     "perplexity_at": at, "gap_closed_last": gap, "best_step": summ.best_step,
                      "best_unseen": unseen_ppl,
-                     "unseen_gap_closed": unseen_gap, "tokens_per_step": summ["tokens_per_step"], "wall_s": wall})
+                     "unseen_gap_closed": unseen_gap, "tokens_per_step": summ.tokens_per_step, "wall_s": wall})
         shutil.rmtree(f"{out}.work", ignore_errors=True)
         logging.info("%s: %s", spec, rows[-1])
 

@@ -25,6 +25,7 @@ from compute_block_similarity.errors import UserError, first_line
 from compute_block_similarity.model import input_device
 
 from . import suite
+from .records import PerDoc, TaskScore, TasksRecord
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,23 @@ def _digest(hashes: list[str]) -> str:
     return hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
 
 
-def record(res: dict, opts: TaskOptions) -> dict:
+def _metrics(name: str, r: dict) -> tuple[dict[str, float], dict[str, float | None]]:
+    """A task's finite metrics and their standard errors from lm-eval's ``"metric,filter"`` keys."""
+    metrics, stderr = {}, {}
+    for key, v in r.items():
+        if "," not in key:
+            continue
+        metric = key.split(",", 1)[0]
+        if metric.endswith("_stderr"):
+            stderr[metric.removesuffix("_stderr")] = _number(v)
+        elif _number(v) is not None:
+            metrics[metric] = _number(v)
+        else:
+            log.warning("lm-eval task %s: metric %s is %r, left out", name, metric, v)
+    return metrics, {m: stderr.get(m) for m in metrics}
+
+
+def record(res: dict, opts: TaskOptions) -> TasksRecord:
     """What ran and what it scored, from ``lm_eval.simple_evaluate``'s result. A group's subtasks (MMLU's
     57) are kept with ``subtask_of`` set; tables and retained % show the group's aggregate only. With
     logged samples, each top-level task keeps its headline metric per document (``per_doc``: values,
@@ -127,43 +144,49 @@ def record(res: dict, opts: TaskOptions) -> dict:
     parent = {sub: g for g, ss in subs.items() for sub in ss if sub != g}
     tasks = {}
     for name, r in res["results"].items():
-        hib = res.get("higher_is_better", {}).get(name, {})
-        metrics, stderr = {}, {}
-        for key, v in r.items():
-            if "," not in key:
-                continue
-            metric, _filter = key.split(",", 1)
-            if metric.endswith("_stderr"):
-                stderr[metric.removesuffix("_stderr")] = _number(v)
-            elif _number(v) is not None:
-                metrics[metric] = _number(v)
-            else:
-                log.warning("lm-eval task %s: metric %s is %r, left out", name, metric, v)
+        metrics, stderr = _metrics(name, r)
         if not metrics:
             continue
+        hib = res.get("higher_is_better", {}).get(name, {})
         head = next((m for m in HEADLINE if m in metrics), next(iter(metrics)))
         docs = _docs_of(name, res, subs) if name not in parent else []
         pd = per_doc(docs, head) if docs else None
         pd = pd if pd and pd["values"] else None  # a corpus metric (perplexity) has no per-document value
-        tasks[name] = {"version": res.get("versions", {}).get(name), "num_fewshot": res.get("n-shot", {}).get(name),
-                       "samples": res.get("n-samples", {}).get(name, {}).get("effective") or (len(pd["values"]) if pd else None),
-                       "metrics": metrics, "stderr": {m: stderr.get(m) for m in metrics},
-                       "higher_is_better": {m: bool(hib.get(m, True)) for m in metrics}, "headline": head,
-                       "subtask_of": parent.get(name), "split": suite.split_of(name),
-                       **({"per_doc": {"values": pd["values"], "choices": pd["choices"], "docs": _digest(pd["docs"])}}
-                          if pd else {})}
-    return {"lm_eval_version": res.get("lm_eval_version"), "tasks": tasks, "requested": list(opts.tasks or []),
-            "include_path": opts.include_path, "num_fewshot": opts.num_fewshot, "limit": opts.limit}
+        tasks[name] = TaskScore(
+            version=res.get("versions", {}).get(name), num_fewshot=res.get("n-shot", {}).get(name),
+            samples=res.get("n-samples", {}).get(name, {}).get("effective") or (len(pd["values"]) if pd else None),
+            metrics=metrics, stderr=stderr, higher_is_better={m: bool(hib.get(m, True)) for m in metrics},
+            headline=head, subtask_of=parent.get(name), split=suite.split_of(name),
+            per_doc=PerDoc(values=pd["values"], choices=pd["choices"], docs=_digest(pd["docs"])) if pd else None)
+    return TasksRecord(lm_eval_version=res.get("lm_eval_version"), tasks=tasks, requested=list(opts.tasks or []),
+                       include_path=opts.include_path, num_fewshot=opts.num_fewshot, limit=opts.limit)
 
 
-def run_tasks(model: Any, tok: Any, opts: TaskOptions, tm: Any = None) -> dict:
-    """Run ``--tasks`` on a loaded model (its own device and dtype); returns ``record``'s dict."""
+# lm-eval holds a batch's logits over the whole vocabulary, and copies of them (log-softmax, a soft-cap):
+# (rows, tokens, vocabulary) float32 x LOGIT_COPIES. A 262k vocabulary at 16 rows took 24 GiB and was killed.
+TASK_LOGITS_BYTES = 8 * 2**30
+TASK_TOKENS = 512  # the longest request the batch is sized for (the suite's are shorter)
+LOGIT_COPIES = 4
+
+
+def task_batch(requested: int, vocab: int, budget: int = TASK_LOGITS_BYTES) -> int:
+    """``--task_batch_size``, lowered so that a batch's logits fit ``budget`` bytes."""
+    return max(1, min(requested, budget // (LOGIT_COPIES * TASK_TOKENS * vocab * 4)))
+
+
+def run_tasks(model: Any, tok: Any, opts: TaskOptions, tm: Any = None) -> TasksRecord:
+    """Run ``--tasks`` on a loaded model (its own device and dtype); returns ``record``'s."""
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
 
     tm = tm or task_manager(opts)
     names, _ = resolve(opts)
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=opts.task_batch_size)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    batch = task_batch(opts.task_batch_size, vocab)
+    if batch < opts.task_batch_size:
+        log.info("lm-eval batch %d, not --task_batch_size %d: the logits of %d rows x %d tokens x %d vocabulary stay "
+                 "under %.0f GiB", batch, opts.task_batch_size, batch, TASK_TOKENS, vocab, TASK_LOGITS_BYTES / 2**30)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch)
     # lm-eval takes a loaded model's device from model.device, "meta" when accelerate offloads its first
     # weights (--device_map with --max_memory): inputs go where the embedding runs instead
     lm._device = input_device(model)
@@ -175,30 +198,20 @@ def run_tasks(model: Any, tok: Any, opts: TaskOptions, tm: Any = None) -> dict:
         raise UserError(f"--tasks {','.join(opts.tasks or [])}: lm-eval could not load a task's data "
                         f"({first_line(e)}); offline, give local tasks with --include_path") from None
     rec = record(res, opts)
-    for name, t in rec["tasks"].items():
-        log.info("lm-eval %s: %s %.4f (%s-shot, %s documents)", name, t["headline"], t["metrics"][t["headline"]],
-                 t["num_fewshot"], t["samples"])
+    for name, t in rec.tasks.items():
+        log.info("lm-eval %s: %s %.4f (%s-shot, %s documents)", name, t.headline, t.score, t.num_fewshot, t.samples)
     return rec
 
 
-def headline(rec: dict, task: str) -> tuple[str, float, bool] | None:
-    """(metric, value, higher is better) of a task in a record, None if it did not run."""
-    t = rec.get("tasks", {}).get(task)
-    if not t:
-        return None
-    m = t["headline"]
-    return m, t["metrics"][m], t["higher_is_better"][m]
-
-
-def retained(dense: dict, pruned: dict) -> dict[str, float]:
+def retained(dense: TasksRecord, pruned: TasksRecord) -> dict[str, float]:
     """Retained % per top-level task (headline metric, 100 = dense) and ``"average"``; tasks either lacks
     left out."""
     out = {}
-    for task in top_level(dense):
-        d, p = headline(dense, task), headline(pruned, task)
-        if not d or not p or d[0] != p[0]:
+    for task in dense.top_level():
+        d, p = dense.tasks[task], pruned.tasks.get(task)
+        if not p or d.headline != p.headline:
             continue
-        num, den = (p[1], d[1]) if d[2] else (d[1], p[1])
+        num, den = (p.score, d.score) if d.higher else (d.score, p.score)
         if den > 0:
             out[task] = 100.0 * num / den
     if out:
@@ -206,24 +219,24 @@ def retained(dense: dict, pruned: dict) -> dict[str, float]:
     return out
 
 
-def chance(rec: dict, task: str) -> float | None:
+def chance(rec: TasksRecord, task: str) -> float | None:
     """The task's chance accuracy: the mean of 1/k over its documents (k choices each), None where the
     record has no per-document choices (a task that is not multiple choice, or an old record)."""
-    pd = rec.get("tasks", {}).get(task, {}).get("per_doc")
-    if not pd or not pd["choices"] or rec["tasks"][task]["headline"] not in ("acc", "acc_norm"):
+    t = rec.tasks.get(task)
+    if not t or not t.per_doc or not t.per_doc.choices or t.headline not in ("acc", "acc_norm"):
         return None
-    return sum(1.0 / k for k in pd["choices"]) / len(pd["choices"])
+    return sum(1.0 / k for k in t.per_doc.choices) / len(t.per_doc.choices)
 
 
-def paired_values(a: dict, b: dict, task: str) -> tuple[list[float], list[float]] | None:
+def paired_values(a: TasksRecord, b: TasksRecord, task: str) -> tuple[list[float], list[float]] | None:
     """The per-document headline values of one task in two records, when they scored the same documents."""
-    pa, pb = (r.get("tasks", {}).get(task, {}).get("per_doc") for r in (a, b))
-    if not pa or not pb or pa["docs"] != pb["docs"] or len(pa["values"]) < 2:
+    pa, pb = (r.tasks[task].per_doc if task in r.tasks else None for r in (a, b))
+    if not pa or not pb or pa.docs != pb.docs or len(pa.values) < 2:
         return None
-    return pa["values"], pb["values"]
+    return pa.values, pb.values
 
 
-def paired_diff(a: dict, b: dict, task: str) -> tuple[float, float] | None:
+def paired_diff(a: TasksRecord, b: TasksRecord, task: str) -> tuple[float, float] | None:
     """(mean of a - b, its paired standard error) over the documents both records scored."""
     pv = paired_values(a, b, task)
     if pv is None:
@@ -234,33 +247,32 @@ def paired_diff(a: dict, b: dict, task: str) -> tuple[float, float] | None:
     return mean, math.sqrt(var / len(d))
 
 
-def above_chance_tasks(dense: dict) -> dict[str, str]:
+def above_chance_tasks(dense: TasksRecord) -> dict[str, str]:
     """The tasks retained above chance is measured on, each mapped to ``""``, and those left out, each mapped
     to why: no chance level (not multiple choice), or a dense accuracy within 2 of its standard errors
     (binomial, sqrt(p (1 - p) / documents)) of chance, where (dense - chance) is too small a yardstick."""
     out: dict[str, str] = {}
-    for task in top_level(dense):
-        c, d = chance(dense, task), headline(dense, task)
-        if c is None or d is None:
+    for task in dense.top_level():
+        c, d = chance(dense, task), dense.tasks[task]
+        if c is None:
             out[task] = "no chance level"
             continue
-        n = len(dense["tasks"][task]["per_doc"]["values"])
-        se = math.sqrt(max(d[1] * (1 - d[1]), 1e-12) / n)
-        out[task] = "" if d[1] - c > 2 * se else f"dense {d[1]:.3f} within 2 SE ({se:.3f}) of chance {c:.3f}"
+        se = math.sqrt(max(d.score * (1 - d.score), 1e-12) / len(d.per_doc.values))
+        out[task] = "" if d.score - c > 2 * se else f"dense {d.score:.3f} within 2 SE ({se:.3f}) of chance {c:.3f}"
     return out
 
 
-def above_chance(dense: dict, pruned: dict) -> dict[str, tuple[float, float | None]]:
+def above_chance(dense: TasksRecord, pruned: TasksRecord) -> dict[str, tuple[float, float | None]]:
     """Retained above chance per task, 100 x (pruned - chance) / (dense - chance), with its paired SE
     (the dense accuracy and chance taken as fixed); ``"average"``: the mean over tasks, SE from the
     tasks' SEs (independent documents). Only the tasks of :func:`above_chance_tasks`."""
     out: dict[str, tuple[float, float | None]] = {}
     for task, why in above_chance_tasks(dense).items():
-        c, d, p = chance(dense, task), headline(dense, task), headline(pruned, task)
-        if why or not p or d[0] != p[0]:
+        c, d, p = chance(dense, task), dense.tasks[task], pruned.tasks.get(task)
+        if why or not p or d.headline != p.headline:
             continue
         pd = paired_diff(pruned, dense, task)
-        out[task] = (100.0 * (p[1] - c) / (d[1] - c), 100.0 * pd[1] / (d[1] - c) if pd else None)
+        out[task] = (100.0 * (p.score - c) / (d.score - c), 100.0 * pd[1] / (d.score - c) if pd else None)
     if out:
         ses = [se for _, se in out.values()]
         avg_se = math.sqrt(sum(se ** 2 for se in ses)) / len(ses) if all(se is not None for se in ses) else None
@@ -268,25 +280,20 @@ def above_chance(dense: dict, pruned: dict) -> dict[str, tuple[float, float | No
     return out
 
 
-def compare(dense: dict, ours: dict, other: dict) -> tuple[float, float] | None:
+def compare(dense: TasksRecord, ours: TasksRecord, other: TasksRecord) -> tuple[float, float] | None:
     """Ours minus another model in average retained above chance (points of 100), with the paired SE over
     the documents both scored: per task, (ours_i - other_i) / (dense - chance), averaged over the tasks of
     :func:`above_chance_tasks`."""
     diffs = []
     for task, why in above_chance_tasks(dense).items():
-        c, d = chance(dense, task), headline(dense, task)
         pd = paired_diff(ours, other, task)
         if why or pd is None:
             continue
-        diffs.append((100.0 * pd[0] / (d[1] - c), 100.0 * pd[1] / (d[1] - c)))
+        gap = dense.tasks[task].score - chance(dense, task)
+        diffs.append((100.0 * pd[0] / gap, 100.0 * pd[1] / gap))
     if not diffs:
         return None
     return sum(m for m, _ in diffs) / len(diffs), math.sqrt(sum(se ** 2 for _, se in diffs)) / len(diffs)
-
-
-def top_level(rec: dict) -> list[str]:
-    """The tasks of a record that are not a group's subtasks."""
-    return [t for t, r in rec.get("tasks", {}).items() if not r.get("subtask_of")]
 
 
 def fmt(v: float) -> str:

@@ -12,7 +12,7 @@ from compute_block_similarity.errors import UserError, looks_local
 from compute_block_similarity.ranges import format_layers, format_ranges
 from compute_block_similarity.scanfile import ScanFile
 
-from .benchmarks import above_chance, fmt, retained, top_level
+from .benchmarks import above_chance, fmt, retained
 from .checkpoint import (
     REPAIR_FILE,
     kept_ranges_of,
@@ -21,7 +21,7 @@ from .checkpoint import (
     num_layers_of,
     read_plan,
 )
-from .records import EVAL_FILE, EvalFile, HealLedger, HeldOut, load_eval
+from .records import EVAL_FILE, HEAL_FILE, EvalFile, HealLedger, HealRecord, HeldOut, TasksRecord, load_eval
 from .repair_record import load_repair
 
 
@@ -84,12 +84,12 @@ def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id
             lines += [f"| {l} | [{l}, {l + n}) | {v:.4f} | {e:.4f} |" for l, (v, e) in enumerate(zip(row, se))]
     if (out / REPAIR_FILE).exists():
         info, _ = load_repair(out / REPAIR_FILE)
-        cal = info.get("calibration", {})
+        cal = info.calibration
         lines += ["", "## Repair (no training)", "",
-                  f"Each cut is bridged by one d x d matrix T, fitted by `{info['method']}` on {cal.get('size')} texts of "
-                  f"{cal.get('dataset')} (split {cal.get('split')}, {cal.get('tokens_fit')} tokens) and folded into the "
+                  f"Each cut is bridged by one d x d matrix T, fitted by `{info.method}` on {cal.size} texts of "
+                  f"{cal.dataset} (split {cal.split}, {cal.tokens_fit} tokens) and folded into the "
                   "output projection of the layer before the cut (ReplaceMe). `repair.safetensors` holds T.", ""]
-        lines += [f"- [{b['start']}, {b['end']}) via `{b['writer']}`: {b['decision']}" for b in info["bridges"]]
+        lines += [f"- [{b.start}, {b.end}) via `{b.writer}`: {b.decision}" for b in info.bridges]
     if ev.models:
         stages = [k for k in ("source", "cut", "repaired", "healed") if k in ev.models]
         lines += ["", "## Evaluation", ""]
@@ -122,7 +122,7 @@ def without_per_doc(v: Any) -> Any:
     return [without_per_doc(x) for x in v] if isinstance(v, list) else v
 
 
-def tasks_of(ev: EvalFile, key: str | None) -> dict | None:
+def tasks_of(ev: EvalFile, key: str | None) -> TasksRecord | None:
     """The lm-eval record of entry ``key`` (None when it has none)."""
     return ev.models[key].lm_eval if key in ev.models else None
 
@@ -137,14 +137,13 @@ def eval_results(ev: EvalFile) -> list[EvalResult]:
     second = ev.second_corpus
     if second and key in second.perplexity:
         out.append(perplexity_result(second.dataset, second.perplexity[key], "perplexity on a second corpus"))
-    rec = tasks_of(ev, key) or {}
-    for task, t in rec.get("tasks", {}).items():
-        for metric, value in t["metrics"].items():
-            split = (t.get("split") or {}).get("split")
+    rec = tasks_of(ev, key) or TasksRecord()
+    for task, t in rec.tasks.items():
+        for metric, value in t.metrics.items():
             out.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
-                                  dataset_split=split.split()[0] if split else None, metric_type=metric, metric_value=value,
-                                  metric_name=f"{metric} ({t['num_fewshot']}-shot)",
-                                  source_name=f"lm-evaluation-harness {rec.get('lm_eval_version')}",
+                                  dataset_split=t.split.split.split()[0] if t.split else None, metric_type=metric,
+                                  metric_value=value, metric_name=f"{metric} ({t.num_fewshot}-shot)",
+                                  source_name=f"lm-evaluation-harness {rec.lm_eval_version}",
                                   source_url=LM_EVAL_URL))
     return out
 
@@ -158,16 +157,16 @@ def perplexity_result(ds: HeldOut, value: float, name: str) -> EvalResult:
 
 def benchmark_lines(ev: EvalFile) -> list[str]:
     rec, dense = tasks_of(ev, ev.own()), getattr(ev.dense(), "lm_eval", None)
-    if not rec or not rec.get("tasks"):
+    if not rec or not rec.tasks:
         return []
     kept = retained(dense, rec) if dense else {}
-    lines = ["", f"Benchmarks (lm-evaluation-harness {rec['lm_eval_version']}"
-             + (f", limit {rec['limit']:g}" if rec.get("limit") else "") + "):", "",
+    lines = ["", f"Benchmarks (lm-evaluation-harness {rec.lm_eval_version}"
+             + (f", limit {rec.limit:g}" if rec.limit else "") + "):", "",
              "| task | metric | shots | this model | dense | retained % |", "|---|---|---|---|---|---|"]
-    for task in top_level(rec):
-        t, m = rec["tasks"][task], rec["tasks"][task]["headline"]
-        d = (dense or {}).get("tasks", {}).get(task, {}).get("metrics", {}).get(m)
-        lines.append(f"| {task} | {m} | {t['num_fewshot']} | {fmt(t['metrics'][m])} | "
+    for task in rec.top_level():
+        t = rec.tasks[task]
+        d = dense.tasks[task].metrics.get(t.headline) if dense and task in dense.tasks else None
+        lines.append(f"| {task} | {t.headline} | {t.num_fewshot} | {fmt(t.score)} | "
                      f"{'-' if d is None else fmt(d)} | {f'{kept[task]:.1f}' if task in kept else '-'} |")
     if "average" in kept:
         lines.append(f"| average | | | | | {kept['average']:.1f} |")
@@ -182,9 +181,8 @@ def benchmark_lines(ev: EvalFile) -> list[str]:
 
 def heal_ledger(out: Path) -> HealLedger | None:
     """The ledger the heal command wrote beside its merged model."""
-    path = out / "heal.json"
-    g = json.loads(path.read_text()).get("ledger") if path.exists() else None
-    return HealLedger.model_validate(g) if g else None
+    path = out / HEAL_FILE
+    return HealRecord.load(path).ledger if path.exists() else None
 
 
 def ledger_lines(g: HealLedger | None) -> list[str]:

@@ -124,10 +124,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"weights {sp.weights_mib:,.0f} MiB, KV cache {sp.kv_cache_mib:,.1f} MiB"
               + (f", peak {sp.peak_mib:,.0f} MiB" if sp.peak_mib else ""))
     if bench.tasks:
-        extra["lm_eval"] = run_tasks(model, tok, bench, tm)
-        for name, t in extra["lm_eval"]["tasks"].items():
-            print(f"{name}: {t['headline']} {t['metrics'][t['headline']]:.4f} ({t['num_fewshot']}-shot, "
-                  f"{t['samples']} documents)")
+        extra["lm_eval"] = rec = run_tasks(model, tok, bench, tm)
+        for name, t in rec.tasks.items():
+            print(f"{name}: {t.headline} {t.score:.4f} ({t.num_fewshot}-shot, {t.samples} documents)")
     print(f"perplexity {res.perplexity:.4f} over {res.tokens_scored} tokens ({res.num_texts} texts, "
           f"max_length {res.max_length}, stride {res.stride})")
     into = where.output or (args.model if os.path.isdir(args.model) else None)
@@ -145,8 +144,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
     summary = heal(args.model, train, held, out, cfg, teacher=run.teacher, resume=run.resume,
                    data=f"{args.dataset} (split {args.dataset_subset})",
                    teacher_load=from_args(ModelOptions, args, prefix="teacher_"))
-    print(f"perplexity before healing {summary['after_cut']:.3f} -> after healing {summary['after_heal']:.3f} "
-          f"(best step {summary['best_step']}); merged model in {out}")
+    print(f"perplexity before healing {summary.after_cut:.3f} -> after healing {summary.after_heal:.3f} "
+          f"(best step {summary.best_step}); merged model in {out}")
     return 0
 
 

@@ -9,7 +9,6 @@ nothing to condition on and is not scored.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass

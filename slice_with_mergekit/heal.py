@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compute_block_similarity.atomic import write_text
@@ -33,8 +31,9 @@ from compute_block_similarity.model import decoder_layers, load_model
 from compute_block_similarity.options import ModelOptions
 
 from .checkpoint import copy_companions, kept_source_layers, local_source, read_plan
-from .evaluate import perplexity, tokenize_windows
-from .records import HealLedger
+from .evaluate import tokenize_windows
+from .heal_trainer import Blocks, _trainer_class, pack
+from .records import HEAL_FILE, HealLedger, HealRecord, HealStep
 
 log = logging.getLogger(__name__)
 
@@ -97,121 +96,6 @@ class HealConfig(BaseModel):
 
 
 # --- data -----------------------------------------------------------------------------------
-
-
-def pack(tok: Any, texts: Sequence[str], seq_len: int) -> torch.Tensor:
-    """Concatenate tokenized texts (each with the tokenizer's special tokens) into (N, seq_len) blocks."""
-    ids: list[int] = []
-    eos = tok.eos_token_id
-    for t in texts:
-        ids.extend(tok(t, add_special_tokens=True)["input_ids"])
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-    n = len(ids) // seq_len
-    if n == 0:
-        raise UserError(f"the training text has {len(ids)} tokens, fewer than one --seq_len={seq_len} block")
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-
-
-class Blocks(torch.utils.data.Dataset):
-    def __init__(self, data: torch.Tensor):
-        self.data = data  # (N, seq_len)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.data[i], "labels": self.data[i]}
-
-
-# --- the loss -------------------------------------------------------------------------------
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """Mean forward KL(teacher || student) per token, times T^2. Logits (..., V).
-
-    With ``top_k`` the teacher's distribution is its k most likely tokens plus one bucket holding the
-    rest of its mass (the student's bucket: its mass outside those k), so the loss is still an exact
-    KL between two (k+1)-way distributions, zero iff they agree there."""
-    V = student.shape[-1]
-    log_s = F.log_softmax(student.float() / temperature, dim=-1)  # (..., V)
-    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    if 0 < top_k < V:
-        log_t, idx = log_t.topk(top_k, dim=-1)  # (..., k)
-        log_s = log_s.gather(-1, idx)
-        rest_t = torch.log((-torch.expm1(torch.logsumexp(log_t, -1, keepdim=True))).clamp_min(1e-12))
-        rest_s = torch.log((-torch.expm1(torch.logsumexp(log_s, -1, keepdim=True))).clamp_min(1e-12))
-        log_t, log_s = torch.cat([log_t, rest_t], -1), torch.cat([log_s, rest_s], -1)  # (..., k+1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (...)
-    return kl.mean() * temperature**2
-
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; logits (B, S, V), ids (B, S)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-# --- the trainer ----------------------------------------------------------------------------
-
-
-def _trainer_class() -> type:
-    from transformers import Trainer
-
-    class HealTrainer(Trainer):
-        """Trainer whose loss may distil from ``teacher`` and whose metric is held-out perplexity."""
-
-        loss_is_scaled_for_ga = False  # our loss is a per-batch mean; the Trainer divides by grad_accum
-
-        def __init__(self, *a: Any, heal_cfg: HealConfig, teacher: Any, eval_windows: list, **kw: Any):
-            super().__init__(*a, **kw)
-            self.heal_cfg, self.teacher, self.eval_windows = heal_cfg, teacher, eval_windows
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids = inputs["input_ids"]  # (B, S)
-            logits = model(input_ids=ids, use_cache=False).logits  # (B, S, V)
-            loss = 0.0
-            if self.heal_cfg.loss in ("lm", "lm+kd"):
-                loss = loss + lm_loss(logits, ids)
-            if self.heal_cfg.loss in ("kd", "lm+kd"):
-                with torch.no_grad():
-                    t = self.teacher(input_ids=ids, use_cache=False).logits
-                loss = loss + kd_loss(logits[:, :-1], t[:, :-1], self.heal_cfg.kd_temperature, self.heal_cfg.kd_top_k)
-            return (loss, {"logits": logits}) if return_outputs else loss
-
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-            ppl = held_out_perplexity(self.model, self.eval_windows, self.accelerator)
-            metrics = {f"{metric_key_prefix}_loss": math.log(ppl), f"{metric_key_prefix}_perplexity": ppl}
-            self.log(metrics)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-            return metrics
-
-    return HealTrainer
-
-
-@torch.no_grad()
-def held_out_perplexity(model: Any, wins: list, accelerator: Any = None, batch_size: int = 4) -> float:
-    """evaluate.perplexity over ``wins``, each process scoring its share, summed over processes. Under
-    FSDP every forward is collective (each process gathers the layers' shards), so every process
-    scores all the windows instead."""
-
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    if accelerator is not None and getattr(accelerator.state, "fsdp_plugin", None) is not None:
-        rank, world = 0, 1
-    part = wins[rank::world]
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    if part:
-        r = perplexity(model, None, [], batch_size=batch_size, _windows=part)
-        nll, count = r.nll_sum, r.tokens_scored
-    model.train(was_training)
-    if world > 1:
-        t = accelerator.reduce(torch.tensor([nll, count], dtype=torch.float64, device=accelerator.device), "sum")
-        nll, count = float(t[0]), int(t[1])
-    return math.exp(nll / count)
-
-
-# --- models ---------------------------------------------------------------------------------
 
 
 def teacher_of(checkpoint: str | Path) -> str:
@@ -339,7 +223,7 @@ def complete_checkpoint(work: Path) -> Path | None:
 def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str], output: str,
          cfg: HealConfig | None = None, *, teacher: str | None = None, resume: bool = False,
          progress: bool = True, callbacks: Sequence[Any] = (), data: str = "given texts",
-         teacher_load: ModelOptions | None = None) -> dict:
+         teacher_load: ModelOptions | None = None) -> HealRecord:
     """Heal ``checkpoint``; write the best model (merged, a normal checkpoint) to ``output``.
 
     Checkpoints and the Trainer's state go to ``output + '.work'``; ``resume`` continues from its
@@ -347,16 +231,55 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
     ``device_map`` places the distillation teacher with accelerate (over GPUs, CPU, disk) instead of a
     whole copy on each process's device. Returns the summary also written to ``output/heal.json``,
     with the ledger of what healing spent."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, set_seed
 
     cfg = cfg or HealConfig()
+    work = Path(output + ".work")
+    last = _work_folder(checkpoint, cfg, work, resume)
+    teacher_path = (teacher or teacher_of(checkpoint)) if cfg.loss != "lm" else None
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    train = Blocks(pack(tok, train_texts, cfg.seq_len))
+    need = cfg.steps * cfg.batch_size * cfg.grad_accum
+    if len(train) < need:
+        log.warning("%d training blocks of %d tokens for %d x %d x %d per device: the Trainer will repeat them",
+                    len(train), cfg.seq_len, cfg.steps, cfg.batch_size, cfg.grad_accum)
+    wins = tokenize_windows(tok, eval_texts, cfg.max_length, cfg.max_length)
+    args = training_arguments(cfg, work, progress)  # sets the seed and, under torchrun, the process group
+    set_seed(cfg.seed)
+    model = trainable(load_student(checkpoint, cfg, cfg.load_in_4bit), checkpoint, cfg)
+    tmodel = _teacher(teacher_path, checkpoint, model, cfg, args, teacher_load) if teacher_path else None
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=wins, heal_cfg=cfg, teacher=tmodel,
+                               eval_windows=wins, callbacks=list(callbacks))
+    p0, wall = _train(trainer, model, cfg, work, last)
+    history = _history(trainer, p0)
+    best = min(history, key=lambda h: h.perplexity)
+    per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum * trainer.args.world_size
+    summary = HealRecord(after_cut=p0, after_heal=best.perplexity, best_step=best.step, history=history,
+                         teacher=teacher_path, config=cfg.model_dump(), tokens_per_step=per_step,
+                         ledger=ledger(trainer, cfg, history, wall, last, per_step, f"{data}: {len(train_texts)} texts "
+                                       f"packed into {len(train)} blocks of {cfg.seq_len} tokens", len(eval_texts)))
+    merged = trainer.model
+    if trainer.is_fsdp_enabled:  # the weights are sharded over the processes: gather them whole (collective)
+        full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if trainer.is_world_process_zero():
+            merged = trainable(load_student(checkpoint, cfg), checkpoint, cfg)
+            merged.load_state_dict(full)
+    if trainer.is_world_process_zero():
+        write_output(merged, checkpoint, output, summary, healed=best.step > 0)
+    trainer.accelerator.wait_for_everyone()
+    log.info("healed: held-out perplexity %.3f before -> %.3f after healing (step %d); model in %s",
+             p0, best.perplexity, best.step, output)
+    return summary
+
+
+def _work_folder(checkpoint: str, cfg: HealConfig, work: Path, resume: bool) -> Path | None:
+    """Check the inputs against ``work`` (the Trainer's folder); its last complete checkpoint to resume from."""
     if not (Path(checkpoint) / "config.json").exists():
         raise UserError(f"{checkpoint} is not a checkpoint folder (no config.json)")
     if cfg.fsdp and not torch.cuda.is_available():
         raise UserError("--fsdp needs GPUs: accelerate runs FSDP only on accelerators (CUDA, XPU, NPU); on the CPU, "
                         "torchrun heals data parallel without it")
-    work = Path(output + ".work")
-    started = work / "heal_start.json"
+    started = work / START_FILE
     last = complete_checkpoint(work)
     if work.exists() and not resume:
         if last is not None:
@@ -366,35 +289,28 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
         shutil.rmtree(work)
     if resume and started.exists() and json.loads(started.read_text())["config"] != cfg.model_dump():
         raise UserError(f"--resume: {work} was started with other settings; use the same flags or delete it")
-    teacher_path = None
-    if cfg.loss != "lm":
-        teacher_path = teacher or teacher_of(checkpoint)
+    return last
 
-    tok = AutoTokenizer.from_pretrained(checkpoint)
-    train = Blocks(pack(tok, train_texts, cfg.seq_len))
-    need = cfg.steps * cfg.batch_size * cfg.grad_accum
-    if len(train) < need:
-        log.warning("%d training blocks of %d tokens for %d x %d x %d per device: the Trainer will repeat them",
-                    len(train), cfg.seq_len, cfg.steps, cfg.batch_size, cfg.grad_accum)
-    wins = tokenize_windows(tok, eval_texts, cfg.max_length, cfg.max_length)
-    args = training_arguments(cfg, work, progress)  # sets the seed and, under torchrun, the process group
-    from transformers import set_seed
 
-    set_seed(cfg.seed)
-    model = trainable(load_student(checkpoint, cfg, cfg.load_in_4bit), checkpoint, cfg)
-    tmodel = None
-    if teacher_path:
-        if teacher_load is not None and teacher_load.device_map:
-            tmodel = teacher_load.load(teacher_path, dtype=_dtype(cfg))[0].requires_grad_(False)
-        else:
-            tmodel = load_student(teacher_path, cfg).to(args.device).eval().requires_grad_(False)
-        if tmodel.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
-            raise UserError(f"the teacher {teacher_path} has another vocabulary than {checkpoint}; pass --teacher")
-    trainer = _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=wins, heal_cfg=cfg, teacher=tmodel,
-                               eval_windows=wins, callbacks=list(callbacks))
-    last = str(last) if resume and last is not None else None
+START_FILE = "heal_start.json"  # the perplexity before healing and the recipe, for --resume
+
+
+def _teacher(path: str, checkpoint: str, model: Any, cfg: HealConfig, args: Any, load: ModelOptions | None) -> Any:
+    """The distillation teacher, frozen: placed by accelerate with ``load.device_map``, else whole on the device."""
+    if load is not None and load.device_map:
+        t = load.load(path, dtype=_dtype(cfg))[0].requires_grad_(False)
+    else:
+        t = load_student(path, cfg).to(args.device).eval().requires_grad_(False)
+    if t.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
+        raise UserError(f"the teacher {path} has another vocabulary than {checkpoint}; pass --teacher")
+    return t
+
+
+def _train(trainer: Any, model: Any, cfg: HealConfig, work: Path, last: Path | None) -> tuple[float, float]:
+    """Train (from ``last`` when resuming); (the held-out perplexity before healing, the wall time)."""
+    started = work / START_FILE
     if last is None:
-        model.to(args.device)
+        model.to(trainer.args.device)
         p0 = trainer.evaluate()["eval_perplexity"]
         if trainer.is_world_process_zero():
             work.mkdir(parents=True, exist_ok=True)
@@ -406,51 +322,35 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
     if cfg.fsdp and not trainer.is_fsdp_enabled:
         raise UserError("--fsdp: the Trainer did not enable FSDP; launch with torchrun (or accelerate launch)")
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last)
+    trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
     if cfg.fsdp:
         log.info("FSDP: the student was sharded over %d process(es) (%s)", trainer.args.world_size,
                  type(trainer.model_wrapped).__name__)
-    wall = time.perf_counter() - t0
+    return p0, time.perf_counter() - t0
 
-    history = [{"step": 0, "perplexity": p0}] + [
-        {"step": h["step"], "perplexity": h["eval_perplexity"]} for h in trainer.state.log_history
+
+def _history(trainer: Any, p0: float) -> list[HealStep]:
+    """Held-out perplexity at the start and at every evaluation."""
+    return [HealStep(step=0, perplexity=p0)] + [
+        HealStep(step=h["step"], perplexity=h["eval_perplexity"]) for h in trainer.state.log_history
         if "eval_perplexity" in h and h["step"] > 0]
-    best = min(history, key=lambda h: h["perplexity"])
-    per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum * trainer.args.world_size
-    summary = {"after_cut": p0, "after_heal": best["perplexity"], "best_step": best["step"], "history": history,
-               "teacher": teacher_path, "config": cfg.model_dump(), "tokens_per_step": per_step,
-               "ledger": ledger(trainer, cfg, history, wall, last, per_step,
-                                f"{data}: {len(train_texts)} texts packed into {len(train)} blocks of {cfg.seq_len} tokens",
-                                len(eval_texts))}
-    merged = trainer.model
-    if trainer.is_fsdp_enabled:  # the weights are sharded over the processes: gather them whole (collective)
-        full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-        if trainer.is_world_process_zero():
-            merged = trainable(load_student(checkpoint, cfg), checkpoint, cfg)
-            merged.load_state_dict(full)
-    if trainer.is_world_process_zero():
-        write_output(merged, checkpoint, output, summary, healed=best["step"] > 0)
-    trainer.accelerator.wait_for_everyone()
-    log.info("healed: held-out perplexity %.3f before -> %.3f after healing (step %d); model in %s",
-             p0, best["perplexity"], best["step"], output)
-    return summary
 
 
-def ledger(trainer: Any, cfg: HealConfig, history: list[dict], wall: float, resumed: str | None, per_step: int,
-           data: str, held_out_texts: int) -> dict:
+def ledger(trainer: Any, cfg: HealConfig, history: list[HealStep], wall: float, resumed: Path | None, per_step: int,
+           data: str, held_out_texts: int) -> HealLedger:
     """What a healing run spent, as anyone comparing recovery methods asks first."""
     args = trainer.args
     steps = trainer.state.global_step
     return HealLedger(
         optimizer_steps=steps, training_tokens=steps * per_step, tokens_per_step=per_step, wall_s=wall,
-        resumed_from=resumed, device=str(args.device).split(":")[0], world_size=args.world_size,
+        resumed_from=str(resumed) if resumed else None, device=str(args.device).split(":")[0], world_size=args.world_size,
         precision="bf16 autocast" if args.bf16 else _dtype(cfg),
         method=f"full training of layers {cfg.train_layers}" if cfg.train_layers else
         f"LoRA rank {cfg.rank}" + (" (4-bit base)" if cfg.load_in_4bit else ""), loss=cfg.loss,
-        data=data, held_out_texts=held_out_texts, history=history).model_dump()
+        data=data, held_out_texts=held_out_texts, history=history)
 
 
-def write_output(model: Any, checkpoint: str, output: str, summary: dict, healed: bool) -> None:
+def write_output(model: Any, checkpoint: str, output: str, summary: HealRecord, healed: bool) -> None:
     """The best model as a normal checkpoint in ``output``, replaced in one rename."""
 
     tmp = Path(output + ".partial")
@@ -461,7 +361,7 @@ def write_output(model: Any, checkpoint: str, output: str, summary: dict, healed
         copy_companions(Path(checkpoint), tmp)
     else:  # no step beat the starting point: the checkpoint as it was
         shutil.copytree(checkpoint, tmp)
-    write_text(tmp / "heal.json", json.dumps(summary, indent=1) + "\n")
+    summary.save(tmp / HEAL_FILE)
     if Path(output).exists():
         shutil.rmtree(output)
     os.replace(tmp, output)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from compute_block_similarity import scanfile
@@ -32,9 +32,21 @@ from .inmemory import removed_layers
 from .materialize import materialize
 from .methods import OURS, get_method
 from .plan import calibration_scorer, plan, write_config, write_selection
-from .prune_args import PruneArgs, fingerprints, folder_fingerprint, heal_config
-from .prune_report import write_report
-from .records import EVAL_FILE, EvalFile, HeldOut, ModelEval, SecondCorpus
+from .prune_args import Fingerprints, PruneArgs, fingerprints, folder_fingerprint, heal_config
+from .prune_report import Row, write_report
+from .records import (
+    EVAL_FILE,
+    HEAL_FILE,
+    BudgetRecord,
+    EvalFile,
+    HealLedger,
+    HealRecord,
+    HeldOut,
+    ModelEval,
+    PerplexityRecord,
+    SecondCorpus,
+    TasksRecord,
+)
 from .select import budget_search
 from .stage_cache import stage
 from .verify import verify
@@ -51,15 +63,14 @@ def eval_stage(a: PruneArgs, texts: list[str], model: str, out: Path) -> None:
     m, tok = a.load.load(model)
     p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True,
                    logits_bytes=a.choice.logits_bytes)
-    write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
+    PerplexityRecord(**p.__dict__).save(out)
 
 
 def tasks_stage(a: PruneArgs, model: str, removed: list[int], out: Path) -> None:
     """lm-eval --tasks on ``model`` (without the ``removed`` layers, cut in memory, when given)."""
     m, tok = a.load.load(model)
     with removed_layers(m, removed):
-        rec = run_tasks(m, tok, a.bench)
-    write_text(out, json.dumps(rec, indent=1) + "\n")
+        run_tasks(m, tok, a.bench).save(out)
 
 
 def eval_cut_stage(a: PruneArgs, texts: list[str], plan_path: Path, out: Path) -> None:
@@ -67,8 +78,8 @@ def eval_cut_stage(a: PruneArgs, texts: list[str], plan_path: Path, out: Path) -
     m, tok = a.load.load(a.model)
     with removed_layers(m, lineage(plan_path, a.model).removed):
         p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True,
-                   logits_bytes=a.choice.logits_bytes)
-    write_text(out, json.dumps(p.__dict__, indent=1) + "\n")
+                       logits_bytes=a.choice.logits_bytes)
+    PerplexityRecord(**p.__dict__).save(out)
 
 
 def plan_stage(a: PruneArgs, scan_json: Path, n: int, plan_path: Path, removed: list[int] | None = None) -> None:
@@ -84,10 +95,11 @@ def budget_stage(a: PruneArgs, scan_json: Path, out: Path) -> None:
     scan = scanfile.load(scan_json)
     score = calibration_scorer(scan, a.model, a.choice, a.load, a.repair)
     b = budget_search(scan, score, a.max_ppl_ratio, a.choice.select, a.choice.top_k, a.max_layers, a.choice.race())
-    write_text(out, json.dumps({**asdict(b), "passes": score.passes}, indent=1) + "\n")
+    BudgetRecord(**asdict(b), passes=score.passes).save(out)
 
 
-def sizes_to_cut(a: PruneArgs, work: Path, scan: ScanFile, scan_json: Path, scan_fp: str) -> tuple[list[int], dict | None]:
+def sizes_to_cut(a: PruneArgs, work: Path, scan: ScanFile, scan_json: Path,
+                 scan_fp: str) -> tuple[list[int], BudgetRecord | None]:
     """--layers_to_skip, or the n that --target_layers or the --max_ppl_ratio budget asks for."""
     L = scan.num_layers
     if a.target_layers is not None:
@@ -98,15 +110,14 @@ def sizes_to_cut(a: PruneArgs, work: Path, scan: ScanFile, scan_json: Path, scan
         return a.layers_to_skip, None
     bjson = work / "budget.json"
     stage(work, "budget", {"scan": scan_fp, "ratio": a.max_ppl_ratio, "max_layers": a.max_layers,
-                           **fingerprints(a)["select"]}, [bjson], budget_stage, a, scan_json, bjson)
-    budget = json.loads(bjson.read_text())
-    if budget["n"] == 0:
-        first = budget["curve"][0]
-        raise UserError(f"--max_ppl_ratio {a.max_ppl_ratio}: removing even one layer gives {first['ratio']:.3f}x the "
-                        "dense perplexity; raise the budget")
+                           **fingerprints(a).select}, [bjson], budget_stage, a, scan_json, bjson)
+    budget = BudgetRecord.load(bjson)
+    if budget.n == 0:
+        raise UserError(f"--max_ppl_ratio {a.max_ppl_ratio}: removing even one layer gives {budget.curve[0].ratio:.3f}x "
+                        "the dense perplexity; raise the budget")
     log.info("budget %.2fx: %d of %d layers can go (calibration perplexity %.3fx dense)", a.max_ppl_ratio,
-             budget["n"], L, budget["curve"][budget["n"] - 1]["ratio"])
-    return [budget["n"]], budget
+             budget.n, L, budget.curve[budget.n - 1].ratio)
+    return [budget.n], budget
 
 
 def materialize_stage(a: PruneArgs, plan_path: Path, model_dir: Path) -> None:
@@ -128,12 +139,12 @@ def verify_stage(a: PruneArgs, plan_path: Path, model_dir: Path, report: Path) -
 HEAL_TEXTS = 10_000
 
 
-def texts_inputs(fps: dict, texts: list[str]) -> dict:
+def texts_inputs(fps: Fingerprints, texts: list[str]) -> dict:
     """An evaluation stage's inputs: the eval fingerprint and the texts it scores."""
-    return {**fps["eval"], "texts": hashlib.sha256("\x00".join(texts).encode()).hexdigest()}
+    return {**fps.eval, "texts": hashlib.sha256("\x00".join(texts).encode()).hexdigest()}
 
 
-def pick_texts(a: PruneArgs, eval_texts: list[str], fps: dict) -> tuple[list[str], dict]:
+def pick_texts(a: PruneArgs, eval_texts: list[str], fps: Fingerprints) -> tuple[list[str], dict]:
     """Held-out texts that pick healing's best step: the next --eval_size texts of the held-out split after
     the ones every perplexity is reported on, so the healed figure is measured on text that chose nothing."""
     d = a.data
@@ -192,126 +203,150 @@ class Variant:
         return self.dir / "healed"
 
     def read(self, name: str) -> float:
-        return json.loads((self.dir / name).read_text())["perplexity"]
+        return PerplexityRecord.load(self.dir / name).perplexity
 
 
-def build_stages(a: PruneArgs, ctx: dict, v: Variant, fixed: list[int] | None) -> None:
+@dataclass
+class Job:
+    """What every variant of the job shares: the scan, the held-out texts and the dense model's figures on
+    them, each stage's fingerprint."""
+
+    scan: ScanFile
+    scan_json: Path
+    scan_fp: str
+    fps: Fingerprints
+    eval_texts: list[str]
+    eval_in: dict  # the evaluation stages' inputs: fingerprint and texts
+    src_ppl: float
+    src_tasks: TasksRecord | None = None
+    tasks_in: dict = field(default_factory=dict)
+    pick_texts: list[str] = field(default_factory=list)  # --heal: the texts that pick the best step
+    pick_in: dict = field(default_factory=dict)
+    texts2: list[str] = field(default_factory=list)  # --eval_dataset: the second corpus
+    eval2_in: dict = field(default_factory=dict)
+    src_ppl2: float | None = None
+
+
+def build_stages(a: PruneArgs, job: Job, v: Variant, fixed: list[int] | None) -> None:
     """plan -> materialize (+ bridge) -> verify -> held-out perplexity of the checkpoint and the plain cut."""
-    fps, eval_in, texts, work = ctx["fps"], ctx["eval_in"], ctx["eval_texts"], v.work
-    v.plan_fp = stage(work, f"plan-{v.tag}", {"scan": ctx["scan_fp"], "n": v.n, "removed": fixed, **fps["select"]},
-                      [v.plan], plan_stage, a, ctx["scan_json"], v.n, v.plan, fixed)
-    v.mat_fp = stage(work, f"materialize-{v.tag}", {"plan": v.plan_fp, **fps["materialize"]},
+    fps, work = job.fps, v.work
+    v.plan_fp = stage(work, f"plan-{v.tag}", {"scan": job.scan_fp, "n": v.n, "removed": fixed, **fps.select},
+                      [v.plan], plan_stage, a, job.scan_json, v.n, v.plan, fixed)
+    v.mat_fp = stage(work, f"materialize-{v.tag}", {"plan": v.plan_fp, **fps.materialize},
                      [v.model / "config.json"], materialize_stage, a, v.plan, v.model)
     stage(work, f"verify-{v.tag}", {"model": v.mat_fp}, [v.dir / "verify.txt"], verify_stage, a, v.plan, v.model,
           v.dir / "verify.txt")
-    stage(work, f"eval-{v.tag}", {**eval_in, "model": v.mat_fp}, [v.dir / "pruned_eval.json"], eval_stage, a, texts,
-          str(v.model), v.dir / "pruned_eval.json")
+    stage(work, f"eval-{v.tag}", {**job.eval_in, "model": v.mat_fp}, [v.dir / "pruned_eval.json"], eval_stage, a,
+          job.eval_texts, str(v.model), v.dir / "pruned_eval.json")
     if a.repair != "none":
-        stage(work, f"eval-cut-{v.tag}", {**eval_in, "plan": v.plan_fp}, [v.dir / "cut_eval.json"], eval_cut_stage,
-              a, texts, v.plan, v.dir / "cut_eval.json")
+        stage(work, f"eval-cut-{v.tag}", {**job.eval_in, "plan": v.plan_fp}, [v.dir / "cut_eval.json"], eval_cut_stage,
+              a, job.eval_texts, v.plan, v.dir / "cut_eval.json")
 
 
-def second_corpus_stages(a: PruneArgs, ctx: dict, v: Variant) -> dict[str, float]:
+def second_corpus_stages(a: PruneArgs, job: Job, v: Variant) -> dict[str, float]:
     """--eval_dataset: the plain cut's and the checkpoint's perplexity on the second corpus."""
-    if not ctx.get("texts2"):
+    if not job.texts2:
         return {}
-    in2, texts2 = ctx["eval2_in"], ctx["texts2"]
     if a.repair != "none":
-        stage(v.work, f"eval2-cut-{v.tag}", {**in2, "plan": v.plan_fp}, [v.dir / "cut_eval2.json"], eval_cut_stage,
-              a, texts2, v.plan, v.dir / "cut_eval2.json")
-    stage(v.work, f"eval2-{v.tag}", {**in2, "model": v.mat_fp}, [v.dir / "pruned_eval2.json"], eval_stage, a, texts2,
-          str(v.model), v.dir / "pruned_eval2.json")
+        stage(v.work, f"eval2-cut-{v.tag}", {**job.eval2_in, "plan": v.plan_fp}, [v.dir / "cut_eval2.json"],
+              eval_cut_stage, a, job.texts2, v.plan, v.dir / "cut_eval2.json")
+    stage(v.work, f"eval2-{v.tag}", {**job.eval2_in, "model": v.mat_fp}, [v.dir / "pruned_eval2.json"], eval_stage, a,
+          job.texts2, str(v.model), v.dir / "pruned_eval2.json")
     pr2 = v.read("pruned_eval2.json")
     if a.repair == "none":
-        return {"source": ctx["src_ppl2"], "cut": pr2}
-    return {"source": ctx["src_ppl2"], "cut": v.read("cut_eval2.json"), "repaired": pr2}
+        return {"source": job.src_ppl2, "cut": pr2}
+    return {"source": job.src_ppl2, "cut": v.read("cut_eval2.json"), "repaired": pr2}
 
 
-def heal_stages(a: PruneArgs, ctx: dict, v: Variant, shift: dict[str, float]) -> tuple[float | None, dict | None]:
+def heal_stages(a: PruneArgs, job: Job, v: Variant, shift: dict[str, float]) -> tuple[float | None, HealLedger | None]:
     """Heal the checkpoint, its best step picked on held-out texts of its own; (its perplexity on the texts
     every row uses, the healing ledger). The second corpus's healed figure goes into ``shift``."""
     if not a.heal:
         return None, None
-    fps, key = ctx["fps"], {"model": v.mat_fp, "heal": ctx["fps"]["heal"]}
-    stage(v.work, f"heal-{v.tag}", {**ctx["pick_in"], **fps["heal"], "model": v.mat_fp}, [v.healed / "heal.json"],
-          heal_stage, a, v.model, v.mat_fp, ctx["pick_texts"], v.healed)
-    stage(v.work, f"eval-healed-{v.tag}", {**ctx["eval_in"], **key}, [v.dir / "healed_eval.json"], eval_stage, a,
-          ctx["eval_texts"], str(v.healed), v.dir / "healed_eval.json")
-    if ctx.get("texts2"):
-        stage(v.work, f"eval2-healed-{v.tag}", {**ctx["eval2_in"], **key}, [v.dir / "healed_eval2.json"], eval_stage,
-              a, ctx["texts2"], str(v.healed), v.dir / "healed_eval2.json")
+    key = {"model": v.mat_fp, "heal": job.fps.heal}
+    stage(v.work, f"heal-{v.tag}", {**job.pick_in, **job.fps.heal, "model": v.mat_fp}, [v.healed / HEAL_FILE],
+          heal_stage, a, v.model, v.mat_fp, job.pick_texts, v.healed)
+    stage(v.work, f"eval-healed-{v.tag}", {**job.eval_in, **key}, [v.dir / "healed_eval.json"], eval_stage, a,
+          job.eval_texts, str(v.healed), v.dir / "healed_eval.json")
+    if job.texts2:
+        stage(v.work, f"eval2-healed-{v.tag}", {**job.eval2_in, **key}, [v.dir / "healed_eval2.json"], eval_stage,
+              a, job.texts2, str(v.healed), v.dir / "healed_eval2.json")
         shift["healed"] = v.read("healed_eval2.json")
-    return v.read("healed_eval.json"), json.loads((v.healed / "heal.json").read_text()).get("ledger")
+    return v.read("healed_eval.json"), HealRecord.load(v.healed / HEAL_FILE).ledger
 
 
-def task_stages(a: PruneArgs, ctx: dict, v: Variant, removed: list[int]) -> dict[str, dict]:
+def task_stages(a: PruneArgs, job: Job, v: Variant, removed: list[int]) -> dict[str, TasksRecord]:
     """lm-eval on each form of the model: the plain cut (in memory from the source, scored once per set of
     removed layers and shared by every method that removes them), the repaired checkpoint, healed."""
     if not a.bench.tasks:
         return {}
-    repaired = a.repair != "none"
     layers = format_inclusive(removed)  # e.g. "12-19" or "3,7,9-11"
     cut_out = v.work / "cut_tasks" / f"tasks_cut_{layers}.json"
-    stage(v.work, f"tasks-cut-{layers}", {**ctx["tasks_in"], "model": ctx["fps"]["eval"]["model"], "removed": removed},
+    stage(v.work, f"tasks-cut-{layers}", {**job.tasks_in, "model": job.fps.eval["model"], "removed": removed},
           [cut_out], tasks_stage, a, a.model, removed, cut_out)
     write_text(v.dir / "tasks_cut.json", cut_out.read_text())
-    tasks = {"cut": json.loads(cut_out.read_text())}
-    forms = [("repaired", str(v.model), {"model": v.mat_fp})] if repaired else []
+    tasks = {"cut": TasksRecord.load(cut_out)}
+    forms = [("repaired", str(v.model), {"model": v.mat_fp})] if a.repair != "none" else []
     if a.heal:
-        forms.append(("healed", str(v.healed), {"model": v.mat_fp, "heal": ctx["fps"]["heal"]}))
+        forms.append(("healed", str(v.healed), {"model": v.mat_fp, "heal": job.fps.heal}))
     for form, path, key in forms:
         out = v.dir / f"tasks_{form}.json"
-        stage(v.work, f"tasks-{form}-{v.tag}", {**ctx["tasks_in"], **key}, [out], tasks_stage, a, path, [], out)
-        tasks[form] = json.loads(out.read_text())
+        stage(v.work, f"tasks-{form}-{v.tag}", {**job.tasks_in, **key}, [out], tasks_stage, a, path, [], out)
+        tasks[form] = TasksRecord.load(out)
     return tasks
 
 
-def method_args(a: PruneArgs, ctx: dict, name: str) -> tuple[PruneArgs, dict]:
-    """The job's arguments and context for one method: its own repair (None: the job's --repair)."""
+def method_args(a: PruneArgs, job: Job, name: str) -> tuple[PruneArgs, Job]:
+    """The job's arguments and shared state for one method: its own repair (None: the job's --repair)."""
     repair = None if name == OURS else get_method(name).repair
     if repair is None or repair == a.repair:
-        return a, ctx
+        return a, job
     am = a.model_copy(update={"fix": a.fix.model_copy(update={"repair": repair})})
-    return am, {**ctx, "fps": fingerprints(am)}
+    return am, replace(job, fps=fingerprints(am))
 
 
-def variant_stages(a: PruneArgs, work: Path, ctx: dict, n: int, name: str, fixed: list[int] | None) -> dict:
+def variant_stages(a: PruneArgs, job: Job, n: int, name: str, fixed: list[int] | None) -> Row:
     """One pruned model (ours, or a method under the same protocol): build, second corpus, heal,
     benchmarks; its eval.json and card; its row of the report."""
-    a, ctx = method_args(a, ctx, name)
-    v = Variant(n, name, work)
-    build_stages(a, ctx, v, fixed)
+    a, job = method_args(a, job, name)
+    v = Variant(n, name, Path(a.work_dir))
+    build_stages(a, job, v, fixed)
     ranges = kept_ranges_of(read_plan(v.plan))
-    removed = ctx["scan"].removed(ranges)
-    shift = second_corpus_stages(a, ctx, v)
-    healed, ledger = heal_stages(a, ctx, v, shift)
-    tasks = task_stages(a, ctx, v, removed)
+    shift = second_corpus_stages(a, job, v)
+    healed, ledger = heal_stages(a, job, v, shift)
+    row = Row(n=n, name=name, repair=a.repair, removed=job.scan.removed(ranges), ranges=ranges, source=job.src_ppl,
+              cut=0.0, healed=healed, ledger=ledger, shift=shift, dir=v.tag)
+    row.tasks = task_stages(a, job, v, row.removed)
+    pr = PerplexityRecord.load(v.dir / "pruned_eval.json")
+    cut = PerplexityRecord.load(v.dir / "cut_eval.json") if a.repair != "none" else pr
+    row.cut, row.tokens = cut.perplexity, pr.tokens_scored
+    row.repaired = pr.perplexity if a.repair != "none" else None
+    ev = eval_file(a, job, row, cut, pr)
+    write_records(v.model, ev, v.plan, job.scan)
+    if healed:
+        write_records(v.healed, ev.model_copy(update={"checkpoint": "healed"}), v.plan, job.scan)
+    return row
+
+
+def eval_file(a: PruneArgs, job: Job, row: Row, cut: PerplexityRecord, pr: PerplexityRecord) -> EvalFile:
+    """A checkpoint's eval.json: the dense model, the plain cut, the repaired and healed forms, each with its
+    perplexity and lm-eval scores (retained %, retained above chance)."""
     repaired = a.repair != "none"
-    pr = json.loads((v.dir / "pruned_eval.json").read_text())
-    cut = json.loads((v.dir / "cut_eval.json").read_text()) if repaired else pr
+    second = SecondCorpus(dataset=HeldOut(name=a.eval_dataset, split=a.eval_dataset_subset, texts=len(job.texts2)),
+                          perplexity=row.shift) if row.shift else None
     ev = EvalFile(dataset=HeldOut(name=a.data.dataset, split=a.eval_subset, texts=a.eval_size),
-                  checkpoint="repaired" if repaired else "cut", heal=ledger,
-                  second_corpus=SecondCorpus(dataset=HeldOut(name=a.eval_dataset, split=a.eval_dataset_subset,
-                                                             texts=len(ctx["texts2"])), perplexity=shift) if shift else None)
-    ev.models["source"] = ModelEval(perplexity=ctx["src_ppl"])
-    ev.models["cut"] = ModelEval(**cut)
+                  checkpoint="repaired" if repaired else "cut", heal=row.ledger, second_corpus=second)
+    ev.models["source"] = ModelEval(perplexity=job.src_ppl, lm_eval=job.src_tasks if row.tasks else None)
+    ev.models["cut"] = ModelEval(**cut.model_dump())
     if repaired:
-        ev.models["repaired"] = ModelEval(**pr, repair=a.repair)
-    if healed:
-        ev.models["healed"] = ModelEval(perplexity=healed)
-    if tasks:
-        ev.models["source"].lm_eval = ctx["src_tasks"]
-        for form, rec in tasks.items():
-            ev.models[form].lm_eval = rec
-            ev.models[form].retained = retained(ctx["src_tasks"], rec)
-            ev.models[form].above_chance = above_chance(ctx["src_tasks"], rec)
-    write_records(v.model, ev, v.plan, ctx["scan"])
-    if healed:
-        write_records(v.healed, ev.model_copy(update={"checkpoint": "healed"}), v.plan, ctx["scan"])
-    return {"n": n, "name": name, "repair": a.repair, "removed": removed, "ranges": ranges, "source": ctx["src_ppl"],
-            "cut": cut["perplexity"], "repaired": pr["perplexity"] if repaired else None, "pruned": pr["perplexity"],
-            "healed": healed, "ledger": ledger, "tokens": pr["tokens_scored"], "tasks": tasks, "shift": shift,
-            "dir": v.tag}
+        ev.models["repaired"] = ModelEval(**pr.model_dump(), repair=a.repair)
+    if row.healed:
+        ev.models["healed"] = ModelEval(perplexity=row.healed)
+    for form, rec in row.tasks.items():
+        ev.models[form].lm_eval = rec
+        ev.models[form].retained = retained(job.src_tasks, rec)
+        ev.models[form].above_chance = above_chance(job.src_tasks, rec)
+    return ev
 
 
 def write_records(checkpoint: Path, ev: EvalFile, plan_path: Path, scan: ScanFile) -> None:
@@ -330,44 +365,49 @@ def run_prune(a: PruneArgs) -> Path:
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     tm = task_manager(a.bench) if a.bench.tasks else None  # task names checked before any stage runs
+    job = dense_stages(a, work)
+    if tm is not None:
+        job.tasks_in = {**job.fps.tasks, "include": folder_fingerprint(a.bench.include_path)}
+        src_tasks = work / "source_tasks.json"
+        stage(work, "tasks-source", {**job.tasks_in, "model": job.fps.eval["model"]}, [src_tasks], tasks_stage, a,
+              a.model, [], src_tasks)
+        job.src_tasks = TasksRecord.load(src_tasks)
+    sizes, budget = sizes_to_cut(a, work, job.scan, job.scan_json, job.scan_fp)
+    rows = []
+    for n in sizes:
+        ours = variant_stages(a, job, n, OURS, budget.curve[n - 1].removed if budget else None)
+        rows.append(ours)
+        for b in a.baselines:
+            layers = get_method(b).removes(job.scan, n)
+            if layers == ours.removed and method_args(a, job, b)[0].repair == a.repair:
+                log.info("baseline %s for n = %d removes %s, the same layers as our choice, with the same repair", b, n,
+                         format_layers(layers))
+                rows.append(replace(ours, name=b, same_as=OURS))
+                continue
+            rows.append(variant_stages(a, job, n, b, layers))
+    write_report(work, a, rows, job.scan, budget, job.src_tasks)
+    return work / "report.md"
+
+
+def dense_stages(a: PruneArgs, work: Path) -> Job:
+    """The scan and the dense model's held-out perplexity (on the second corpus too); the texts healing
+    picks its step on."""
     fps = fingerprints(a)
     scan_json = work / "scan" / "block_distances.json"
-    scan_fp = stage(work, "scan", fps["scan"], [scan_json], scan_stage, a, work / "scan")
-    scan = scanfile.load(scan_json)
-    data = a.data
-    eval_texts = load_texts(data.dataset, data.dataset_column, a.eval_subset, a.eval_size, data.dataset_config)
+    scan_fp = stage(work, "scan", fps.scan, [scan_json], scan_stage, a, work / "scan")
+    d = a.data
+    eval_texts = load_texts(d.dataset, d.dataset_column, a.eval_subset, a.eval_size, d.dataset_config)
     eval_in = texts_inputs(fps, eval_texts)
     src_eval = work / "source_eval.json"
     stage(work, "eval-source", eval_in, [src_eval], eval_stage, a, eval_texts, a.model, src_eval)
-    ctx = {"scan": scan, "scan_json": scan_json, "scan_fp": scan_fp, "fps": fps, "eval_in": eval_in,
-           "eval_texts": eval_texts, "src_ppl": json.loads(src_eval.read_text())["perplexity"], "src_tasks": None}
+    job = Job(scanfile.load(scan_json), scan_json, scan_fp, fps, eval_texts, eval_in,
+              PerplexityRecord.load(src_eval).perplexity)
     if a.heal:
-        ctx["pick_texts"], ctx["pick_in"] = pick_texts(a, eval_texts, fps)
+        job.pick_texts, job.pick_in = pick_texts(a, eval_texts, fps)
     if a.eval_dataset:
-        ctx["texts2"] = load_texts(a.eval_dataset, data.dataset_column, a.eval_dataset_subset, a.eval_size,
-                                   data.dataset_config)
-        ctx["eval2_in"] = texts_inputs(fps, ctx["texts2"])
+        job.texts2 = load_texts(a.eval_dataset, d.dataset_column, a.eval_dataset_subset, a.eval_size, d.dataset_config)
+        job.eval2_in = texts_inputs(fps, job.texts2)
         src2 = work / "source_eval2.json"
-        stage(work, "eval2-source", ctx["eval2_in"], [src2], eval_stage, a, ctx["texts2"], a.model, src2)
-        ctx["src_ppl2"] = json.loads(src2.read_text())["perplexity"]
-    if tm is not None:
-        ctx["tasks_in"] = {**fps["tasks"], "include": folder_fingerprint(a.bench.include_path)}
-        src_tasks = work / "source_tasks.json"
-        stage(work, "tasks-source", {**ctx["tasks_in"], "model": fps["eval"]["model"]}, [src_tasks], tasks_stage, a,
-              a.model, [], src_tasks)
-        ctx["src_tasks"] = json.loads(src_tasks.read_text())
-    sizes, budget = sizes_to_cut(a, work, scan, scan_json, scan_fp)
-    rows = []
-    for n in sizes:
-        ours = variant_stages(a, work, ctx, n, OURS, budget["curve"][n - 1]["removed"] if budget else None)
-        rows.append(ours)
-        for b in a.baselines:
-            layers = get_method(b).removes(scan, n)
-            if layers == ours["removed"] and method_args(a, ctx, b)[0].repair == a.repair:
-                log.info("baseline %s for n = %d removes %s, the same layers as our choice, with the same repair", b, n,
-                         format_layers(layers))
-                rows.append({**ours, "name": b, "same_as": OURS})
-                continue
-            rows.append(variant_stages(a, work, ctx, n, b, layers))
-    write_report(work, a, rows, scan, budget, ctx["src_tasks"])
-    return work / "report.md"
+        stage(work, "eval2-source", job.eval2_in, [src2], eval_stage, a, job.texts2, a.model, src2)
+        job.src_ppl2 = PerplexityRecord.load(src2).perplexity
+    return job

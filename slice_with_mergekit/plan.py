@@ -5,9 +5,9 @@ Layers are 0-based and half-open ([start, end)), as in MergeKit's ``layer_range`
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +32,8 @@ from compute_block_similarity.ranges import (
 )
 from compute_block_similarity.scanfile import ScanFile
 
-from .select import Scorer, SelectOptions, choose
+from .records import Selection
+from .select import Choice, Scorer, SelectOptions, choose
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +175,6 @@ def write_config(config: MergeConfiguration, path: str | os.PathLike) -> None:
     write_text(path, config.to_yaml() + "\n")
 
 
-def write_selection(plan_path: str | os.PathLike, choice: Any) -> Path:
+def write_selection(plan_path: str | os.PathLike, choice: Choice) -> Path:
     """The selection's evidence beside the plan: sliced.yml -> sliced.select.json (every candidate scored)."""
-    import dataclasses
-
-    sel = Path(plan_path).with_suffix(".select.json")
-    write_text(sel, json.dumps(dataclasses.asdict(choice), indent=1) + "\n")
-    return sel
+    return Selection.model_validate(asdict(choice)).save(Selection.beside(plan_path))

@@ -3,6 +3,7 @@ fingerprint of each stage's inputs, taken from the groups that feed it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -78,22 +79,33 @@ class PruneArgs(BaseModel):
         return self.fix.repair
 
 
-def fingerprints(a: PruneArgs) -> dict[str, dict]:
+@dataclass(frozen=True)
+class Fingerprints:
+    """Each stage's inputs (what the stage cache hashes), from the option groups that feed it."""
+
+    scan: dict
+    select: dict
+    materialize: dict
+    eval: dict
+    heal: dict
+    tasks: dict
+
+
+def fingerprints(a: PruneArgs) -> Fingerprints:
     """Each stage's inputs, from the option groups that feed it (whole ``model_dump()``s, so nothing
     that changes a result can be left out); the stages add the fingerprints of what they read."""
     # placement (--device_map, --max_memory, --offload_folder) changes where the model runs, not what it computes
     model = {"model": a.model, "load": a.load.model_dump(exclude=set(PLACEMENT))}
     scan = a.scan.model_dump(exclude={"output_dir", "no_progress", "checkpoint_every", "resume", "layers_to_skip"})
     evaluation = {**model, "eval_subset": a.eval_subset, "eval_size": a.eval_size, "data": a.data.model_dump()}
-    return {
-        "scan": {**model, "data": a.data.model_dump(), "scan": scan, "n": a.layers_to_skip[0]},
-        "select": {**model, "choice": a.choice.model_dump(), "fix": a.fix.model_dump()},
-        "materialize": {"fix": a.fix.model_dump(), "data": a.data.model_dump(),
-                        "trust_remote_code": a.load.trust_remote_code},
-        "eval": evaluation,
-        "heal": {"heal": heal_config(a).model_dump(), "data": a.data.model_dump()},
-        "tasks": {"bench": a.bench.model_dump(), "load": model["load"]},
-    }
+    return Fingerprints(
+        scan={**model, "data": a.data.model_dump(), "scan": scan, "n": a.layers_to_skip[0]},
+        select={**model, "choice": a.choice.model_dump(), "fix": a.fix.model_dump()},
+        materialize={"fix": a.fix.model_dump(), "data": a.data.model_dump(), "trust_remote_code": a.load.trust_remote_code},
+        eval=evaluation,
+        heal={"heal": heal_config(a).model_dump(), "data": a.data.model_dump()},
+        tasks={"bench": a.bench.model_dump(), "load": model["load"]},
+    )
 
 
 def folder_fingerprint(folder: str | None) -> list:

@@ -60,7 +60,6 @@ def check_lineage(out: Path, src: Path, kept: Sequence[int], plan_path: str, sam
     """Before any weight is touched: ``out`` is not the source itself, and a sample of its tensors that no
     bridge patches equals the source's (bitwise, in the checkpoint's dtype), so the bridge fitted on the
     plan's source is folded into a cut of that source and no other."""
-    from safetensors import safe_open
 
     if out.resolve() == src.resolve():
         raise UserError(f"{out} is the plan's dense source {src}, not a pruned checkpoint of it; repair writes only "

@@ -4,12 +4,12 @@ What verify and the model card need; nothing here fits anything."""
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compute_block_similarity.atomic import atomic_path
 from compute_block_similarity.errors import UserError
@@ -30,16 +30,64 @@ def norm_weight(gain: torch.Tensor, offset: float) -> torch.Tensor:
     return gain.double() - offset
 
 
-def _field(b: Any, key: str, default: Any = None) -> Any:
-    return b.get(key, default) if isinstance(b, dict) else getattr(b, key, default)
+class Calibration(BaseModel):
+    """The text a bridge was fitted on (``load_calibration``'s facts, and the tokens the fit used)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    dataset: str | None = None
+    column: str | None = None
+    split: str | None = None
+    size: int | None = Field(None, description="texts")
+    config: str | None = None
+    tokens_fit: int | None = Field(None, description="tokens per run in the fit part")
+    tokens_heldout: int | None = Field(None, description="tokens per run in the guard's held-out part")
+    max_length: int | None = None
+
+
+class BridgeRecord(BaseModel):
+    """One bridge as recorded: where it sits, what it folds into, and the guard's verdict (T is a tensor)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    start: int
+    end: int
+    writer: str = Field(description="the module T is folded into, in the source model")
+    kind: str
+    applied: bool
+    ridge: float
+    decision: str
+    heldout_mse_cut: float | None = None
+    heldout_mse_bridged: float | None = None
+    heldout_ppl_cut: float | None = None
+    heldout_ppl_bridged: float | None = None
+    bias: bool = False
+    norm: str = ""
+    norm_offset: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.start}_{self.end}"
+
+
+class RepairRecord(BaseModel):
+    """repair.safetensors' metadata: the fit, each bridge, the kept layers, each patched tensor's source and hash."""
+
+    method: str
+    calibration: Calibration = Field(default_factory=Calibration)
+    seconds: float = 0.0
+    bridges: list[BridgeRecord] = Field(default_factory=list)
+    kept: list[int] = Field(default_factory=list)
+    patched: dict[str, str] = Field(default_factory=dict, description="output tensor: its source tensor")
+    hashes: dict[str, str] = Field(default_factory=dict, description="output tensor: sha256 as written")
 
 
 def folded(b: Any, skey: str, source: torch.Tensor, T: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
     """What the patched tensor ``skey`` holds (float64): the writer's weight or bias folded with T, or a
-    post-norm's weight set to the refitted gain. ``b``: a Bridge or its record."""
-    if _field(b, "norm") and skey == f"{_field(b, 'norm')}.weight":
-        return norm_weight(gain, _field(b, "norm_offset", 0.0))
-    return fold_tensor(_field(b, "kind"), skey.endswith(".bias"), source, T)
+    post-norm's weight set to the refitted gain. ``b``: a Bridge or its BridgeRecord."""
+    if b.norm and skey == f"{b.norm}.weight":
+        return norm_weight(gain, b.norm_offset)
+    return fold_tensor(b.kind, skey.endswith(".bias"), source, T)
 
 
 def patched_tensors(result: Any, kept: Sequence[int]) -> dict[str, tuple[str, int]]:
@@ -70,14 +118,14 @@ def save_repair(result: Any, path: Path, kept: Sequence[int], hashes: dict[str, 
                     if getattr(b, "gain", None) is not None})
     if not tensors:
         tensors = {"empty": torch.zeros(0)}
-    meta = {"format": "pt", "repair": json.dumps({**result.record(), "kept": list(kept),
-                                                  "patched": {k: v[0] for k, v in patched_tensors(result, kept).items()},
-                                                  "hashes": hashes or {}})}
+    rec = RepairRecord(**result.record(), kept=list(kept), hashes=hashes or {},
+                       patched={k: v[0] for k, v in patched_tensors(result, kept).items()})
+    meta = {"format": "pt", "repair": rec.model_dump_json()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
 
 
-def load_repair(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_repair(path: Path) -> tuple[RepairRecord, dict[str, torch.Tensor]]:
     """(the recorded facts, {"bridge.S_E": T, "gain.S_E": a post-norm's gain}) from a repair.safetensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -88,8 +136,8 @@ def load_repair(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
-        info = json.loads(meta["repair"])
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+        info = RepairRecord.model_validate_json(meta["repair"])
+    except (SafetensorError, KeyError, ValidationError, OSError) as e:
         raise UserError(f"{path} is not a repair file written by slice_with_mergekit ({e}); run `repair` again") from None
     return info, tensors
 
@@ -100,30 +148,30 @@ def check_repaired(out: Path, src: Path, kept: Sequence[int]) -> tuple[set[str],
     if not path.exists():
         return set(), []
     info, tensors = load_repair(path)
-    bridges = {f"{b['start']}_{b['end']}": b for b in info["bridges"]}
+    bridges = {b.key: b for b in info.bridges}
     bad = []
     with ExitStack() as stack:
         out_of, src_of = tensor_index(out, stack), tensor_index(src, stack)
-        for okey, skey in info["patched"].items():
+        for okey, skey in info.patched.items():
             try:
                 ok = _matches_fold(okey, skey, bridges, tensors, out_of, src_of)
             except (RuntimeError, KeyError, StopIteration, TypeError) as e:
                 raise UserError(f"{path}: its record of {okey} does not fit the checkpoint ({str(e).splitlines()[0]}); "
                                 "the file is damaged or from another checkpoint: run `repair` again") from None
-            want_hash = (info.get("hashes") or {}).get(okey)
+            want_hash = info.hashes.get(okey)
             if not ok or (want_hash and okey in out_of and tensor_hash(out_of[okey].get_tensor(okey)) != want_hash):
                 bad.append(okey)
-    return set(info["patched"]), bad
+    return set(info.patched), bad
 
 
-def _matches_fold(okey: str, skey: str, bridges: dict, tensors: dict, out_of: dict, src_of: dict) -> bool:
+def _matches_fold(okey: str, skey: str, bridges: dict[str, BridgeRecord], tensors: dict, out_of: dict,
+                  src_of: dict) -> bool:
     """Does the output tensor equal the source tensor folded with its recorded T (or the recorded gain), to
     float tolerance?"""
-    b = next(b for b in bridges.values() if skey.startswith(b["writer"] + ".") or skey == f"{b.get('norm')}.weight")
+    b = next(b for b in bridges.values() if skey.startswith(b.writer + ".") or (b.norm and skey == f"{b.norm}.weight"))
     if okey not in out_of or skey not in src_of:
         return False
     got = out_of[okey].get_tensor(okey)
-    key = f"{b['start']}_{b['end']}"
-    want = folded(b, skey, src_of[skey].get_tensor(skey), tensors[f"bridge.{key}"], tensors.get(f"gain.{key}"))
+    want = folded(b, skey, src_of[skey].get_tensor(skey), tensors[f"bridge.{b.key}"], tensors.get(f"gain.{b.key}"))
     eps = torch.finfo(got.dtype).eps
     return torch.allclose(got.double(), want, rtol=4 * eps, atol=4 * eps * float(want.abs().max()))

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import MC_DOCS, PPL_DOCS, load
 
-from slice_with_mergekit.benchmarks import TaskOptions, record, retained, run_tasks
+from slice_with_mergekit.benchmarks import TaskOptions, record, retained, run_tasks, task_batch
+from slice_with_mergekit.records import TasksRecord
 from slice_with_mergekit.cli import main as slice_main
 
 
@@ -75,19 +76,26 @@ def test_local_tasks_score_what_a_plain_computation_scores(tiny_models, local_ta
 def test_limit_scores_only_the_first_documents(tiny_models, local_tasks):
     model, tok = load(tiny_models["llama"])
     rec = run_tasks(model, tok, TaskOptions(tasks=["local_mc"], include_path=str(local_tasks), limit=5))
-    assert rec["tasks"]["local_mc"]["samples"] == 5 and rec["limit"] == 5
+    assert rec.tasks["local_mc"].samples == 5 and rec.limit == 5
+
+
+def test_a_large_vocabulary_shrinks_the_lm_eval_batch():
+    # 16 rows x 512 tokens x 262,144 x 4 bytes x 4 copies = 32 GiB: killed on a 24 GiB machine; 4 rows fit 8 GiB
+    assert task_batch(16, 262_144) == 4 and task_batch(16, 49_152) == 16 and task_batch(2, 262_144) == 2
+    assert task_batch(16, 10**9) == 1
 
 
 def test_retained_percent_by_hand():
-    def rec(acc: float, ppl: float) -> dict:
-        return {"tasks": {"mc": {"metrics": {"acc": acc}, "higher_is_better": {"acc": True}, "headline": "acc"},
-                          "ppl": {"metrics": {"word_perplexity": ppl}, "higher_is_better": {"word_perplexity": False},
-                                  "headline": "word_perplexity"}}}
+    def rec(acc: float, ppl: float) -> TasksRecord:
+        return TasksRecord.model_validate(
+            {"tasks": {"mc": {"metrics": {"acc": acc}, "higher_is_better": {"acc": True}, "headline": "acc"},
+                       "ppl": {"metrics": {"word_perplexity": ppl}, "higher_is_better": {"word_perplexity": False},
+                               "headline": "word_perplexity"}}})
 
     kept = retained(rec(0.8, 10.0), rec(0.6, 20.0))
     assert kept == pytest.approx({"mc": 75.0, "ppl": 50.0, "average": 62.5})
     partial = rec(0.6, 20.0)
-    del partial["tasks"]["ppl"]
+    del partial.tasks["ppl"]
     assert retained(rec(0.8, 10.0), partial) == pytest.approx({"mc": 75.0, "average": 75.0})
 
 
@@ -95,9 +103,9 @@ def test_record_leaves_out_what_is_not_a_number():
     res = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A", "f1,none": float("nan")}},
            "versions": {"t": 2}, "n-shot": {"t": 5}, "n-samples": {"t": {"effective": 10}},
            "higher_is_better": {"t": {"acc": True, "f1": True}}, "lm_eval_version": "x"}
-    t = record(res, TaskOptions(tasks=["t"]))["tasks"]["t"]
-    assert t["metrics"] == {"acc": 0.5} and t["stderr"] == {"acc": None} and t["num_fewshot"] == 5
-    assert t["subtask_of"] is None
+    t = record(res, TaskOptions(tasks=["t"])).tasks["t"]
+    assert t.metrics == {"acc": 0.5} and t.stderr == {"acc": None} and t.num_fewshot == 5
+    assert t.subtask_of is None
 
 
 def test_a_groups_subtasks_do_not_count_twice_in_retained():
@@ -107,7 +115,7 @@ def test_a_groups_subtasks_do_not_count_twice_in_retained():
                 "higher_is_better": {n: {"acc": True} for n in r}}
 
     dense, pruned = (record(res(*v), TaskOptions(tasks=["mmlu"])) for v in ((0.5, 0.4, 0.6), (0.25, 0.1, 0.4)))
-    assert pruned["tasks"]["mmlu_a"]["subtask_of"] == "mmlu"
+    assert pruned.tasks["mmlu_a"].subtask_of == "mmlu"
     assert retained(dense, pruned) == pytest.approx({"mmlu": 50.0, "average": 50.0})
 
 
@@ -149,7 +157,7 @@ def test_prune_reports_every_model_and_baseline_with_retained_percent(tiny_model
                        "--heal_eval_every", "1", "--heal_seq_len", "32", "--heal_batch_size", "2",
                        "--work_dir", str(w)]) == 0
     report = (w / "report.md").read_text()
-    dense = json.loads((w / "source_tasks.json").read_text())
+    dense = TasksRecord.load(w / "source_tasks.json")
     assert (w / "n2-deepest" / "sliced.yml").exists() and (w / "n2-deepest+bridge" / "sliced.yml").exists()
     assert "| deepest | 2 | [3, 5) | [0, 3), [5, 6) | none |" in report  # 6 layers: the two before the last, plain
     assert "| deepest+bridge | 2 | [3, 5) | [0, 3), [5, 6) | linear |" in report  # the same, with our bridge
@@ -164,13 +172,13 @@ def test_prune_reports_every_model_and_baseline_with_retained_percent(tiny_model
                            ("deepest+bridge", w / "n2-deepest+bridge", ("cut", "repaired", "healed")),
                            ("deepest", w / "n2-deepest", ("cut", "healed"))):
         for form in forms:
-            rec = json.loads((d / f"tasks_{form}.json").read_text())
+            rec = TasksRecord.load(d / f"tasks_{form}.json")
             kept = retained(dense, rec)
             if (name, form) == ("deepest+bridge", "cut"):  # the same layers as deepest's cut: one row
                 assert not any(r.startswith("| deepest+bridge n=2, cut |") for r in rows)
                 continue
             line = next(r for r in rows if r.startswith(f"| {name} n=2, {form} |"))
-            acc = rec["tasks"]["local_mc"]["metrics"]["acc"]
+            acc = rec.tasks["local_mc"].metrics["acc"]
             assert f"{acc:.4f}" in line and f"{kept['average']:.1f} %" in line, (line, kept)
     # the in-memory cut scores what the plain checkpoint of the same plan would; the repaired one differs
     cut = json.loads((w / "n2" / "tasks_cut.json").read_text())["tasks"]["local_ppl"]["metrics"]["word_perplexity"]

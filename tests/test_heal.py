@@ -37,7 +37,7 @@ def kl_reference(s: torch.Tensor, t: torch.Tensor, T: float, k: int) -> torch.Te
 
 @pytest.mark.parametrize("T,k", [(1.0, 0), (2.0, 0), (1.0, 5), (0.5, 3)])
 def test_kd_loss_matches_reference(T, k):
-    from slice_with_mergekit.heal import kd_loss
+    from slice_with_mergekit.heal_trainer import kd_loss
 
     torch.manual_seed(0)
     s, t = torch.randn(2, 3, 11) * 2, torch.randn(2, 3, 11) * 2
@@ -63,7 +63,7 @@ def test_kd_heal_of_the_teacher_itself_has_zero_loss_and_gradient(tiny_llama, tm
     train_logs = [g for g in logs if "loss" in g and "grad_norm" in g]
     assert len(train_logs) == 2
     assert all(abs(g["loss"]) < 1e-6 and g["grad_norm"] < 1e-6 for g in train_logs), train_logs
-    assert [h["perplexity"] for h in s["history"]] == pytest.approx([s["after_cut"]] * 3, rel=1e-6)
+    assert [h.perplexity for h in s.history] == pytest.approx([s.after_cut] * 3, rel=1e-6)
 
 
 def _lora(path: Path) -> dict[str, torch.Tensor]:
@@ -79,11 +79,11 @@ def test_heal_improves_keeps_best_and_resume_equals_uninterrupted(tiny_llama, tm
     from slice_with_mergekit.heal import HealConfig, heal
 
     full = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "a"), HealConfig(**CFG), progress=False)
-    assert [h["step"] for h in full["history"]] == [0, 2, 4, 6]
-    assert full["after_heal"] < full["after_cut"]
-    assert full["after_heal"] == min(h["perplexity"] for h in full["history"])
+    assert [h.step for h in full.history] == [0, 2, 4, 6]
+    assert full.after_heal < full.after_cut
+    assert full.after_heal == min(h.perplexity for h in full.history)
     healed, tok = load(tmp_path / "a")
-    assert perplexity(healed, tok, HELD, max_length=64, stride=64).perplexity == pytest.approx(full["after_heal"], rel=1e-4)
+    assert perplexity(healed, tok, HELD, max_length=64, stride=64).perplexity == pytest.approx(full.after_heal, rel=1e-4)
     assert not any("lora" in k for k in healed.state_dict())  # adapters merged into a normal checkpoint
 
     class Die(TrainerCallback):
@@ -100,9 +100,9 @@ def test_heal_improves_keeps_best_and_resume_equals_uninterrupted(tiny_llama, tm
         heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**{**CFG, "lr": 1e-3}), resume=True,
              progress=False)
     resumed = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**CFG), resume=True, progress=False)
-    assert [h["step"] for h in resumed["history"]] == [0, 2, 4, 6]
-    for a, b in zip(full["history"], resumed["history"]):
-        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5)
+    assert [h.step for h in resumed.history] == [0, 2, 4, 6]
+    for a, b in zip(full.history, resumed.history):
+        assert b.perplexity == pytest.approx(a.perplexity, rel=1e-5)
     la, lb = _lora(tmp_path / "a.work" / "checkpoint-6"), _lora(tmp_path / "b.work" / "checkpoint-6")
     for k in la:
         torch.testing.assert_close(lb[k], la[k], rtol=1e-5, atol=1e-7)
@@ -124,8 +124,8 @@ def test_the_best_checkpoint_is_the_one_kept(tiny_llama, tmp_path):
 
     cfg = HealConfig(**{**CFG, "steps": 5, "eval_every": 1})
     s = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "h"), cfg, progress=False, callbacks=[Wreck()])
-    ppl = [h["perplexity"] for h in s["history"]]
-    assert s["best_step"] in (1, 2) and min(ppl) < ppl[-1] and min(ppl) < ppl[0]
+    ppl = [h.perplexity for h in s.history]
+    assert s.best_step in (1, 2) and min(ppl) < ppl[-1] and min(ppl) < ppl[0]
     healed, tok = load(tmp_path / "h")
     assert perplexity(healed, tok, HELD, max_length=64, stride=64).perplexity == pytest.approx(min(ppl), rel=1e-4)
 
@@ -149,7 +149,7 @@ def test_train_layers_auto_trains_only_the_layers_at_the_cut(cut_llama, tmp_path
     assert cut_neighbours(cut_llama, 4) == [1, 2]  # kept 0,1 | 4,5: output layers 1 and 2 meet at the cut
     s = heal(str(cut_llama), TRAIN, HELD, str(tmp_path / "h"), HealConfig(**{**CFG, "train_layers": "auto"}),
              progress=False)
-    assert s["after_heal"] < s["after_cut"]
+    assert s.after_heal < s.after_cut
     before, after = load_file(cut_llama / "model.safetensors"), load_file(tmp_path / "h" / "model.safetensors")
     changed = {k.split(".")[2] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"1", "2"}, changed
@@ -160,8 +160,8 @@ def test_kd_teacher_defaults_to_the_source_in_mergekit_config(cut_llama, tiny_ll
 
     s = heal(str(cut_llama), TRAIN, HELD, str(tmp_path / "h"), HealConfig(**{**CFG, "loss": "lm+kd", "kd_top_k": 8}),
              progress=False)
-    assert Path(s["teacher"]) == Path(tiny_llama)
-    assert s["after_heal"] < s["after_cut"]
+    assert Path(s.teacher) == Path(tiny_llama)
+    assert s.after_heal < s.after_cut
 
 
 def test_heal_cli_flags_come_from_the_config(cut_llama, tmp_path, capsys):

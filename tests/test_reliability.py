@@ -375,7 +375,7 @@ def test_a_heal_killed_as_it_writes_its_first_checkpoint_restarts_or_resumes(tin
         assert r.returncode == -9, r.stderr[-2000:]
         assert ck.is_dir() and not (ck / "trainer_state.json").exists() and not out.exists()
         s = heal(str(tiny_llama), TEXTS * 10, TEXTS, str(out), HealConfig(**HEAL_CFG), resume=resume, progress=False)
-        assert [h["step"] for h in s["history"]] == [0, 2, 4]
+        assert [h.step for h in s.history] == [0, 2, 4]
         shutil.rmtree(out)
         shutil.rmtree(tmp_path / "h.work")
 
@@ -400,9 +400,9 @@ def test_heal_resume_skips_an_incomplete_checkpoint_for_the_last_complete_one(ti
     with pytest.raises(UserError, match="--resume"):  # a complete checkpoint-2 exists: resuming is possible
         heal(str(tiny_llama), TEXTS * 10, TEXTS, str(tmp_path / "b"), cfg, progress=False)
     resumed = heal(str(tiny_llama), TEXTS * 10, TEXTS, str(tmp_path / "b"), cfg, resume=True, progress=False)
-    assert [h["step"] for h in resumed["history"]] == [0, 2, 4]
-    for x, y in zip(full["history"], resumed["history"]):
-        assert y["perplexity"] == pytest.approx(x["perplexity"], rel=1e-5)
+    assert [h.step for h in resumed.history] == [0, 2, 4]
+    for x, y in zip(full.history, resumed.history):
+        assert y.perplexity == pytest.approx(x.perplexity, rel=1e-5)
 
 
 KILL_IN_THE_FOLD = """

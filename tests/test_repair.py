@@ -17,7 +17,14 @@ from slice_with_mergekit.cli import main as slice_main
 from slice_with_mergekit.inmemory import removed_layers
 from slice_with_mergekit.plan import build_config, write_config
 from slice_with_mergekit.repair import apply_to_checkpoint
-from slice_with_mergekit.repair_fit import RunStats, _mse, fit_linear, fit_repair, fit_repairs
+from slice_with_mergekit.repair_fit import (
+    RunStats,
+    _mse,
+    fit_linear,
+    fit_repair,
+    fit_repairs,
+)
+from slice_with_mergekit.repair_record import load_repair
 from slice_with_mergekit.verify import verify
 
 CALIB = TEXTS * 6  # ~2.4k byte tokens: enough for d = 32
@@ -128,6 +135,8 @@ def test_repair_cli_after_plain_mergekit_yaml(tiny_llama, tmp_path):
     info = json.loads(__import__("safetensors").safe_open(str(tmp_path / "out" / REPAIR_FILE), "pt").metadata()["repair"])
     assert info["calibration"]["dataset"] == str(data) and info["calibration"]["size"] == len(CALIB)
     assert info["bridges"][0]["decision"]
+    rec, _ = load_repair(tmp_path / "out" / REPAIR_FILE)  # the same, read back typed
+    assert rec.calibration.size == len(CALIB) and rec.bridges[0].decision == info["bridges"][0]["decision"]
     first = (tmp_path / "out" / "model.safetensors").read_bytes()
     assert slice_main(args) == 0
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == first  # folded from the source, not on top

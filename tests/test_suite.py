@@ -5,7 +5,6 @@ validation rows, scores equal to a plain log-likelihood computation on a tiny mo
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -15,6 +14,7 @@ from datasets import Dataset
 
 from slice_with_mergekit import suite
 from slice_with_mergekit.benchmarks import TaskOptions, above_chance, above_chance_tasks, chance, compare, paired_diff, run_tasks, task_manager
+from slice_with_mergekit.records import TasksRecord
 
 PKG = suite.package_root()
 pytestmark = pytest.mark.skipif(PKG is None, reason=f"{suite.PACKAGE} not installed ({suite.INSTALL})")
@@ -100,11 +100,11 @@ def logprob(model, tok, context: str, continuation: str) -> float:
 def test_the_suite_scores_what_a_plain_computation_scores(tiny_models):
     model, tok = load(tiny_models["llama"])
     rec = run_tasks(model, tok, TaskOptions(tasks=["zero-shot"], limit=4, num_fewshot=0, task_batch_size=4))
-    assert set(rec["tasks"]) == {t.name for t in suite.ZERO_SHOT}
+    assert set(rec.tasks) == {t.name for t in suite.ZERO_SHOT}
     for t in suite.ZERO_SHOT:
-        r = rec["tasks"][t.name]
-        assert r["samples"] == 4 and r["headline"] == "acc" and r["split"]["split"] == t.split
-        assert len(r["per_doc"]["values"]) == 4 and r["metrics"]["acc"] == pytest.approx(sum(r["per_doc"]["values"]) / 4)
+        r = rec.tasks[t.name]
+        assert r.samples == 4 and r.headline == "acc" and r.split.split == t.split
+        assert len(r.per_doc.values) == 4 and r.metrics["acc"] == pytest.approx(sum(r.per_doc.values) / 4)
         if t.stock == "winogrande":  # partial scoring (the context varies): lm-eval's own test covers it
             continue
         task = offline_task(t.name)
@@ -113,25 +113,26 @@ def test_the_suite_scores_what_a_plain_computation_scores(tiny_models):
         for d in docs:
             ll = [logprob(model, tok, task.doc_to_text(d), " " + c) for c in task.doc_to_choice(d)]
             ref.append(float(max(range(len(ll)), key=ll.__getitem__) == task.doc_to_target(d)))
-        assert r["per_doc"]["values"] == ref, t.stock
-        assert r["per_doc"]["choices"] == [len(task.doc_to_choice(d)) for d in docs]
+        assert r.per_doc.values == ref, t.stock
+        assert r.per_doc.choices == [len(task.doc_to_choice(d)) for d in docs]
 
 
 def test_mmlu_is_one_group_of_57_subjects_weighted_by_size(tiny_models):
     model, tok = load(tiny_models["llama"])
     rec = run_tasks(model, tok, TaskOptions(tasks=["mmlu"], limit=1, num_fewshot=0, task_batch_size=4))
-    top = [k for k, v in rec["tasks"].items() if not v["subtask_of"]]
-    assert top == [suite.MMLU_GROUP] and len(rec["tasks"]) == 58
-    g = rec["tasks"][suite.MMLU_GROUP]
-    assert g["per_doc"]["choices"] == [4] * 57 and chance(rec, suite.MMLU_GROUP) == 0.25
-    assert g["metrics"]["acc"] == pytest.approx(sum(g["per_doc"]["values"]) / 57)
-    assert g["split"]["split"].startswith("test")
+    top = [k for k, v in rec.tasks.items() if not v.subtask_of]
+    assert top == [suite.MMLU_GROUP] and len(rec.tasks) == 58
+    g = rec.tasks[suite.MMLU_GROUP]
+    assert g.per_doc.choices == [4] * 57 and chance(rec, suite.MMLU_GROUP) == 0.25
+    assert g.metrics["acc"] == pytest.approx(sum(g.per_doc.values) / 57)
+    assert g.split.split.startswith("test")
 
 
-def record(acc: dict[str, list[float]], choices: dict[str, int]) -> dict:
-    return {"tasks": {t: {"headline": "acc", "metrics": {"acc": sum(v) / len(v)}, "higher_is_better": {"acc": True},
-                          "per_doc": {"values": v, "choices": [choices[t]] * len(v), "docs": "same"}}
-                      for t, v in acc.items()}}
+def record(acc: dict[str, list[float]], choices: dict[str, int]) -> TasksRecord:
+    return TasksRecord.model_validate(
+        {"tasks": {t: {"headline": "acc", "metrics": {"acc": sum(v) / len(v)}, "higher_is_better": {"acc": True},
+                       "per_doc": {"values": v, "choices": [choices[t]] * len(v), "docs": "same"}}
+                   for t, v in acc.items()}})
 
 
 def test_retained_above_chance_and_paired_ses_by_hand():
@@ -151,8 +152,8 @@ def test_retained_above_chance_and_paired_ses_by_hand():
     m, s = compare(dense, ours, other)
     # ours - other: a +2/8 over (0.75 - 0.25), b +2/8 over (0.75 - 0.5): 50 and 100 points, averaged
     assert m == pytest.approx((100 * 0.25 / 0.5 + 100 * 0.25 / 0.25) / 2) and s > 0
-    unpaired = json.loads(json.dumps(other))
-    unpaired["tasks"]["a"]["per_doc"]["docs"] = "other documents"
+    unpaired = other.model_copy(deep=True)
+    unpaired.tasks["a"].per_doc.docs = "other documents"
     assert paired_diff(ours, unpaired, "a") is None  # never paired across different documents
 
 
