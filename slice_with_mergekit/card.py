@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from compute_block_similarity.atomic import write_text
 from compute_block_similarity.errors import UserError, looks_local
 from compute_block_similarity.ranges import format_layers, format_ranges
 from compute_block_similarity.scanfile import ScanFile
@@ -23,6 +25,9 @@ from .checkpoint import (
 )
 from .records import EVAL_FILE, HEAL_FILE, EvalFile, HealLedger, HealRecord, HeldOut, TasksRecord, load_eval
 from .repair_record import load_repair
+
+log = logging.getLogger(__name__)
+PLAN_FILE = "mergekit_config.yml"  # the plan every merge writes into its checkpoint
 
 
 def source_layers(source: str) -> int:
@@ -49,15 +54,27 @@ def hub_base_model(source: str, base_model: str | None = None) -> str | None:
     return name if name and not looks_local(name) and not Path(name).exists() else None
 
 
+def write_card(folder: Path, plan_path: Path | None = None, scan: ScanFile | None = None,
+               name: str | None = None) -> Path | None:
+    """The project's card as ``folder``/README.md, from the records beside it (the plan: ``plan_path``, else
+    the folder's mergekit_config.yml; None, and nothing written, when there is neither)."""
+    plan = Path(plan_path) if plan_path else folder / PLAN_FILE
+    if not plan.exists():
+        log.info("%s: no plan (%s) to describe the cut; its card is left as it is", folder, PLAN_FILE)
+        return None
+    write_text(folder / "README.md", model_card(folder, plan, scan, name=name))
+    return folder / "README.md"
+
+
 def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id: str | None = None,
-               base_model: str | None = None) -> str:
+               base_model: str | None = None, name: str | None = None) -> str:
     config = read_plan(plan_path)
     base, kept = kept_source_layers(config)
     L = scan.num_layers if scan else source_layers(base)
     removed = sorted(set(range(L)) - set(kept))
     ranges = kept_ranges_of(config)
     hub = hub_base_model(base, base_model)
-    name = repo_id.split('/')[-1] if repo_id else out.name
+    name = repo_id.split('/')[-1] if repo_id else name or out.name
     ev = load_eval(out / EVAL_FILE)
     results = eval_results(ev)
     meta = ModelCardData(base_model=hub, library_name="transformers", tags=["mergekit", "pruned", "depth-pruning"],

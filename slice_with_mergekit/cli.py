@@ -33,6 +33,7 @@ from compute_block_similarity.flags import add_flags, from_args
 from compute_block_similarity.options import PLACEMENT, DataOptions, ModelOptions
 
 from .benchmarks import TaskOptions, run_tasks, task_manager
+from .card import PLAN_FILE, write_card
 from .evaluate import EvalOutput, SpeedOptions, measure_speed, perplexity, write_eval
 from .heal import HealConfig, HealRun, heal
 from .materialize import materialize
@@ -86,6 +87,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     for b in res.bridges:
         print(f"  [{b.start}, {b.end}) -> {b.writer}: {b.decision}")
     print(f"repair {summary(res)}; recorded in {args.model.rstrip('/')}/repair.safetensors")
+    write_card(Path(args.model), Path(args.plan) if args.plan else None)
     return 0
 
 
@@ -146,6 +148,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
                    teacher_load=from_args(ModelOptions, args, prefix="teacher_"))
     print(f"perplexity before healing {summary.after_cut:.3f} -> after healing {summary.after_heal:.3f} "
           f"(best step {summary.best_step}); merged model in {out}")
+    write_card(Path(out), Path(args.model) / PLAN_FILE)  # with the healing ledger
     return 0
 
 

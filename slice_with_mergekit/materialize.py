@@ -14,6 +14,7 @@ from mergekit.config import MergeConfiguration
 from compute_block_similarity.atomic import atomic_path, output_lock, write_text
 from compute_block_similarity.options import ModelOptions
 
+from .card import write_card
 from .checkpoint import (
     copy_companions,
     is_depth_cut,
@@ -55,9 +56,8 @@ def merge_passthrough(config: MergeConfiguration, out: Path, options: Any, out_c
     save a config whose per-layer lists (layer_types, ...) no longer match it, so run_merge fails on
     Qwen3, Gemma 3 and the like. MergeKit has no hook for the output config; rather than patch its
     private builder, we drive its public pieces (the same planner and executor write the same tensors)
-    and write the config, mergekit_config.yml and MergeKit's card ourselves."""
+    and write the config and mergekit_config.yml ourselves (the card is ours: `card.write_card`)."""
     from mergekit.architecture import get_architecture_info
-    from mergekit.card import generate_card
     from mergekit.graph import Executor
     from mergekit.io.tasks import LoaderCache
     from mergekit.plan import MergePlanner
@@ -69,8 +69,6 @@ def merge_passthrough(config: MergeConfiguration, out: Path, options: Any, out_c
         pass
     out_cfg.save_pretrained(out)
     (out / "mergekit_config.yml").write_text(config_source, encoding="utf-8")
-    (out / "README.md").write_text(generate_card(config=config, config_yaml=config_source, name=out.name),
-                                   encoding="utf-8")
 
 
 def drop_spurious_lm_head(out: Path) -> None:
@@ -134,6 +132,7 @@ def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_rem
                               load=load or ModelOptions(device=device, trust_remote_code=trust_remote_code),
                               batch_size=batch_size, max_length=max_length, calibration=repair_calibration,
                               skip_unfoldable=skip_unfoldable)
+        write_card(tmp, Path(plan_path), name=out.name)  # what was cut, the bridge; scores join it later
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():

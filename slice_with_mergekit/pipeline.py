@@ -24,7 +24,7 @@ from compute_block_similarity.ranges import format_inclusive, format_layers
 from compute_block_similarity.scanfile import ScanFile
 
 from .benchmarks import above_chance, retained, run_tasks, task_manager
-from .card import model_card
+from .card import write_card
 from .checkpoint import kept_ranges_of, lineage, read_plan
 from .evaluate import perplexity
 from .heal import heal
@@ -352,7 +352,7 @@ def eval_file(a: PruneArgs, job: Job, row: Row, cut: PerplexityRecord, pr: Perpl
 def write_records(checkpoint: Path, ev: EvalFile, plan_path: Path, scan: ScanFile) -> None:
     """A checkpoint's eval.json and its model card (README.md), which reads it."""
     ev.save(checkpoint / EVAL_FILE)
-    write_text(checkpoint / "README.md", model_card(checkpoint, plan_path, scan))
+    write_card(checkpoint, plan_path, scan)
 
 
 def prune(a: PruneArgs) -> Path:

@@ -180,6 +180,17 @@ def test_prune_reports_every_model_and_baseline_with_retained_percent(tiny_model
             line = next(r for r in rows if r.startswith(f"| {name} n=2, {form} |"))
             acc = rec.tasks["local_mc"].metrics["acc"]
             assert f"{acc:.4f}" in line and f"{kept['average']:.1f} %" in line, (line, kept)
+    # every artifact the job wrote reads back through its typed record
+    from slice_with_mergekit.records import HealRecord, PerplexityRecord, Selection, load_eval
+    from slice_with_mergekit.repair_record import load_repair
+
+    assert PerplexityRecord.load(w / "source_eval.json").tokens_scored > 0
+    sel = Selection.load(Selection.beside(w / "n2" / "sliced.yml"))
+    assert len(sel.removed) == 2 and sel.candidates
+    assert HealRecord.load(w / "n2" / "healed" / "heal.json").ledger.optimizer_steps == 2
+    assert load_eval(w / "n2" / "model" / "eval.json", missing_ok=False).models["repaired"].lm_eval == \
+        TasksRecord.load(w / "n2" / "tasks_repaired.json")
+    assert load_repair(w / "n2" / "model" / "repair.safetensors")[0].bridges
     # the in-memory cut scores what the plain checkpoint of the same plan would; the repaired one differs
     cut = json.loads((w / "n2" / "tasks_cut.json").read_text())["tasks"]["local_ppl"]["metrics"]["word_perplexity"]
     rep = json.loads((w / "n2" / "tasks_repaired.json").read_text())["tasks"]["local_ppl"]["metrics"]["word_perplexity"]

@@ -56,3 +56,17 @@ def test_surgery_remaps_index_lists_and_counts():
     assert out["layer_types"] == list("abab") and out["no_rope_layers"] == [1, 0, 1, 0]
     assert out["mlp_only_layers"] == [0, 3] and out["max_window_layers"] == 2 and out["num_hidden_layers"] == 4
     assert out["rope_long_factor"] == [1.0] * 6  # not a per-layer field
+
+
+def test_every_checkpoint_written_carries_our_card(scans, tmp_path):
+    """materialize and repair leave the project's card (what was removed, the bridge), not MergeKit's generic one."""
+    from conftest import write_jsonl
+
+    plan = make_plan(scans["llama"], tmp_path, "--remove", "2-3")
+    out = tmp_path / "out"
+    assert slice_main(["materialize", str(plan), str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "Untitled" not in card and "# out" in card and "**Removed layers:** [2, 4)" in card
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"text number {i} " * 20} for i in range(12)])
+    assert slice_main(["repair", str(out), "--plan", str(plan), "--dataset", str(data)]) == 0
+    assert "## Repair (no training)" in (out / "README.md").read_text()

@@ -48,3 +48,48 @@ def test_an_older_eval_json_is_not_read_and_a_new_entry_replaces_it(tmp_path, ca
     assert "older format" in caplog.text
     write_eval(tmp_path, "pruned", Perplexity(12.5, 30.0, 12, 3, 64, 64), HeldOut(name="d", split="test"))
     assert list(load_eval(tmp_path / "eval.json").models) == ["pruned"]
+
+
+def records_of_each_kind():
+    from slice_with_mergekit.records import (
+        BudgetPoint, BudgetRecord, HealLedger, HealRecord, HealStep, PerplexityRecord, Selection, TasksRecord, TaskScore)
+
+    steps = [HealStep(step=0, perplexity=30.0), HealStep(step=2, perplexity=25.0)]
+    ledger = HealLedger(optimizer_steps=2, training_tokens=128, tokens_per_step=64, wall_s=1.0, device="cpu", world_size=1,
+                        precision="float32", method="LoRA rank 8", loss="lm", data="d", held_out_texts=4, history=steps)
+    return [
+        TasksRecord(lm_eval_version="0.4", tasks={"t": TaskScore(metrics={"acc": 0.5}, headline="acc")}),
+        HealRecord(after_cut=30.0, after_heal=25.0, best_step=2, history=steps, config={}, tokens_per_step=64,
+                   ledger=ledger),
+        Selection(strategy="race", removed=[3, 4], passes=1.5, candidates=[{"start": 3, "perplexity": 20.0}]),
+        BudgetRecord(max_ratio=1.5, dense=10.0, n=1, curve=[BudgetPoint(n=1, removed=[3], perplexity=12.0, ratio=1.2,
+                                                                           within=True)]),
+        PerplexityRecord(perplexity=10.0, tokens_scored=100),
+    ]
+
+
+@pytest.mark.parametrize("rec", records_of_each_kind(), ids=lambda r: type(r).__name__)
+def test_every_record_round_trips_and_a_tampered_file_is_one_line(tmp_path, rec):
+    path = rec.save(tmp_path / "r.json")
+    assert type(rec).load(path) == rec
+    raw = json.loads(path.read_text())
+    field = next(k for k, v in raw.items() if isinstance(v, (int, float, dict, list)) and not isinstance(v, bool)
+                 and k != "version")
+    raw[field] = "tampered"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(UserError) as e:
+        type(rec).load(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and field in msg, msg
+    path.write_text("{cut off")
+    with pytest.raises(UserError, match="not JSON"):
+        type(rec).load(path)
+
+
+def test_a_selection_of_another_version_is_one_line(tmp_path):
+    from slice_with_mergekit.records import Selection
+
+    path = Selection(strategy="angle", removed=[1], passes=0.0).save(tmp_path / "sliced.select.json")
+    path.write_text(path.read_text().replace('"version": 1', '"version": 0'))
+    with pytest.raises(UserError, match="version"):
+        Selection.load(path)
