@@ -14,9 +14,10 @@ Types map as: bool -> ``--flag`` (``--flag/--no-flag`` when it defaults to True)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import types
 import typing
-from typing import Any, Iterable, Literal, TypeVar
+from typing import Any, Iterable, Iterator, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -145,3 +146,24 @@ def flag_error(e: ValidationError, group: type[BaseModel], prefix: str = "") -> 
     field = group.model_fields.get(loc)
     hint = f" ({field.description})" if field is not None and field.description else ""
     return f"{flag}: {msg}, got {got!r}{hint}"
+
+
+@contextlib.contextmanager
+def progress_shown(show: bool = True) -> Iterator[None]:
+    """``--no_progress`` (``show`` False): every progress bar this process draws is hidden while the block
+    runs (ours, lm-eval's, the Trainer's, the Hub's: all tqdm), then restored."""
+    import tqdm
+
+    if show:
+        yield
+        return
+    init = tqdm.tqdm.__init__
+
+    def hidden(self: Any, *a: Any, **kw: Any) -> None:
+        init(self, *a, **{**kw, "disable": True})
+
+    tqdm.tqdm.__init__ = hidden
+    try:
+        yield
+    finally:
+        tqdm.tqdm.__init__ = init

@@ -29,7 +29,7 @@ from compute_block_similarity.errors import (
     debug_enabled,
     run_cli,
 )
-from compute_block_similarity.flags import add_flags, from_args
+from compute_block_similarity.flags import add_flags, from_args, progress_shown
 from compute_block_similarity.options import PLACEMENT, DataOptions, ModelOptions
 
 from .benchmarks import TaskOptions, run_tasks, task_manager
@@ -209,7 +209,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slice_with_mergekit", description=__doc__ + "\nAny command takes --debug "
-                                "(or DEPTH_PRUNE_DEBUG=1) to show the traceback of an error.",
+                                "(or DEPTH_PRUNE_DEBUG=1) to show the traceback of an error, and --no_progress to "
+                                "hide every progress bar.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     parsers = {name: sub.add_parser(name, help=h, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -258,9 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["plan", *argv]
-    debug = debug_enabled(argv)
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
-    return run_cli(lambda: COMMANDS[args.command][0](args), debug)
+    debug, quiet = debug_enabled(argv), "--no_progress" in argv
+    args = build_parser().parse_args([a for a in argv if a not in ("--debug", "--no_progress")])
+    if quiet and hasattr(args, "no_progress"):
+        args.no_progress = True
+    with progress_shown(not quiet):
+        return run_cli(lambda: COMMANDS[args.command][0](args), debug)
 
 
 if __name__ == "__main__":
