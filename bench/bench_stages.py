@@ -81,9 +81,9 @@ def main() -> None:
           f"max_length {args.max_length}, --heal_steps {args.heal_steps} (defaults otherwise: race, linear bridge)")
     print(f"{'stage':<24} {'wall s':>8} {'peak CUDA MiB':>14}")
     for r in rows:
-        peak = f"{r['peak_cuda_mib']:,.0f}" if r["peak_cuda_mib"] else "-"
-        print(f"{r['stage']:<24} {r['seconds']:>8.1f} {peak:>14}")
-    print(f"{'total':<24} {sum(r['seconds'] for r in rows):>8.1f}")
+        peak = f"{r.peak_cuda_mib:,.0f}" if r.peak_cuda_mib else "-"
+        print(f"{r.stage:<24} {r.seconds:>8.1f} {peak:>14}")
+    print(f"{'total':<24} {sum(r.seconds for r in rows):>8.1f}")
 
 
 if __name__ == "__main__":
