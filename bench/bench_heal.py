@@ -72,6 +72,7 @@ def main() -> None:
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.heal import HealConfig, heal
     from slice_with_mergekit.materialize import materialize
+    from slice_with_mergekit.repair_fit import FitOptions
     from slice_with_mergekit.plan import build_config, write_config
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -88,8 +89,8 @@ def main() -> None:
     if not ckpt["cut"].exists():
         materialize(str(work / "sliced.yml"), str(ckpt["cut"]))
     if not ckpt["repaired"].exists():
-        materialize(str(work / "sliced.yml"), str(ckpt["repaired"]), repair="linear",
-                    repair_texts=load_texts(size=256), max_length=256)
+        materialize(str(work / "sliced.yml"), str(ckpt["repaired"]), repair=FitOptions(max_length=256),
+                    repair_texts=load_texts(size=256))
 
     def ppl(path: Path | str, texts: list[str]) -> float:
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

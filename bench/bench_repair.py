@@ -36,7 +36,7 @@ def main() -> None:
     from compute_block_similarity.model import decoder_of, input_device
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
-    from slice_with_mergekit.repair_fit import fit_repair
+    from slice_with_mergekit.repair_fit import FitOptions, fit_repair
 
     model, tok, calib, held = load(args)
     dev = input_device(model)
@@ -63,7 +63,7 @@ def main() -> None:
             cut = heldout_ppl()
         row = {"block": [s, e], "n": e - s, "picked_by": why, "dense": dense, "cut": cut}
         for method in args.methods.split(","):
-            fit = fit_repair(model, tok, calib, removed, method=method, max_length=args.max_length, progress=False)
+            fit = fit_repair(model, tok, calib, removed, FitOptions(method=method, max_length=args.max_length, progress=False))
             applied = [b for b in fit.bridges if b.applied]
             with removed_layers(model, removed), fit.in_memory():
                 rep = heldout_ppl()

@@ -92,11 +92,11 @@ def run_mode(args: argparse.Namespace) -> dict:
                                   position_ids=(m.cumsum(-1) - 1).clamp_min(0), use_cache=False)
     elif args.mode == "repair_fit":
         from compute_block_similarity.model import decoder_layers
-        from slice_with_mergekit.repair_fit import fit_repair
+        from slice_with_mergekit.repair_fit import FitOptions, fit_repair
 
         s = (len(decoder_layers(model)) - n) // 2
-        fit_repair(model, tok, texts, list(range(s, s + n)), batch_size=args.batch_size, max_length=args.max_length,
-                   progress=False)
+        fit_repair(model, tok, texts, list(range(s, s + n)),
+                   FitOptions(batch_size=args.batch_size, max_length=args.max_length, progress=False))
     elif args.mode.startswith("scan"):
         metrics = {"scan_all_metrics": None, "scan_default_metric": ["angular_last_token"],
                    "scan_last_token_metrics": ["angular_last_token", "relative_magnitude", "euclidean_last_token"]}[args.mode]

@@ -65,7 +65,7 @@ def main() -> None:
     from compute_block_similarity.scanfile import ScanFile
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
-    from slice_with_mergekit.repair_fit import fit_repairs
+    from slice_with_mergekit.repair_fit import FitOptions, fit_repairs
     from slice_with_mergekit.select import Race, Scorer, SelectOptions, bridge_dependence, select_race
 
     path = model_path(args.model)
@@ -101,8 +101,8 @@ def main() -> None:
     for n in map(int, args.sizes.split(",")):
         blocks = [list(range(s, s + n)) for s in range(L - n + 1)]
         todo = [b for b in blocks if key_of(b) not in cache]  # the bridges of blocks not judged yet
-        fits = fit_repairs(model, tok, calib, todo, method="linear", max_length=ml, skip_unfoldable=True,
-                           progress=False) if todo else {}
+        fits = fit_repairs(model, tok, calib, todo, FitOptions(max_length=ml, skip_unfoldable=True,
+                                                               progress=False)) if todo else {}
         ex = {b[0]: judge(b, fits.get(tuple(b))) for b in blocks}
         for g, bt, tb, tm in [(g, bt, tb, tm) for g in args.gains.split(",") for bt in args.bridge_texts.split(",")
                               for tb in args.tie_breaks.split(",") for tm in margins]:

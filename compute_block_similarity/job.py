@@ -9,7 +9,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from .data import load_texts
 from .errors import check_output_dir
 from .model import default_model_dir
 from .options import DataOptions, ModelOptions, ScanOptions, metric_names
@@ -37,8 +36,7 @@ def run_scan(mo: ModelOptions, do: DataOptions, so: ScanOptions) -> dict[str, st
     check_output_dir(so.output_dir, "--output_dir")
     device = init_distributed(mo.device)
     model_path = mo.model_path or default_model_dir()
-    texts = load_texts(do.dataset, do.dataset_column, do.dataset_subset, do.dataset_size, do.dataset_config,
-                       do.streaming)
+    texts = do.texts()
     model, tok = mo.load(model_path, device=device)
     L = model.config.get_text_config().num_hidden_layers
     if so.layers_to_skip >= L:

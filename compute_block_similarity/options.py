@@ -7,7 +7,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .data import BUILTIN_DATASET, DOCS_DATASET, READMES_DATASET
+from .data import (
+    BUILTIN_DATASET,
+    DOCS_DATASET,
+    READMES_DATASET,
+    load_calibration,
+    load_texts,
+)
 from .flags import one_of
 from .metrics import DEFAULT_METRIC, METRICS
 from .model import load_model, parse_max_memory
@@ -71,6 +77,17 @@ class DataOptions(BaseModel):
     streaming: bool = Field(False, description="stream the dataset instead of downloading it whole")
     batch_size: int = Field(8, ge=1, description="texts per forward pass")
     max_length: int = Field(1024, ge=1, description="truncate each text to this many tokens")
+
+    def texts(self, split: str | None = None, size: int | None = None, dataset: str | None = None) -> list[str]:
+        """The first ``size`` (default --dataset_size) texts of ``split`` (default --dataset_subset) of
+        ``dataset`` (default --dataset)."""
+        return load_texts(dataset or self.dataset, self.dataset_column, split or self.dataset_subset,
+                          size or self.dataset_size, self.dataset_config, self.streaming)
+
+    def calibration(self) -> tuple[list[str], dict]:
+        """The calibration texts and the facts a repair records about them (``load_calibration``)."""
+        return load_calibration(self.dataset, self.dataset_column, self.dataset_subset, self.dataset_size,
+                                self.dataset_config)
 
 
 class ScanOptions(BaseModel):

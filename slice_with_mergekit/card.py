@@ -23,7 +23,16 @@ from .checkpoint import (
     num_layers_of,
     read_plan,
 )
-from .records import EVAL_FILE, HEAL_FILE, EvalFile, HealLedger, HealRecord, HeldOut, TasksRecord, load_eval
+from .records import (
+    EVAL_FILE,
+    HEAL_FILE,
+    EvalFile,
+    HealLedger,
+    HealRecord,
+    HeldOut,
+    TasksRecord,
+    load_eval,
+)
 from .repair_record import load_repair
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from compute_block_similarity.data import load_calibration, load_texts
 from compute_block_similarity.errors import (
     check_output_dir,
     check_output_file,
@@ -42,7 +41,7 @@ from .plan import PlanFlags, plan, write_config, write_selection
 from .push import PushOptions, push
 from .records import HeldOut
 from .repair import repair_checkpoint
-from .repair_fit import RepairOptions, summary
+from .repair_fit import FitOptions, RepairOptions, summary
 from .select import SelectOptions
 from .verify import verify
 
@@ -64,25 +63,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def repair_inputs(args: argparse.Namespace) -> tuple[list[str], dict]:
-    return load_calibration(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size,
-                            args.dataset_config)
+    return from_args(DataOptions, args).calibration()
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "out")
     check_output_dir(os.path.dirname(os.path.abspath(args.out)), "out")  # the finished folder is renamed into place
     texts, cal = repair_inputs(args) if args.repair != "none" else ([], {})
-    materialize(args.plan, args.out, device=args.device, trust_remote_code=args.trust_remote_code,
-                repair=args.repair, repair_texts=texts, repair_calibration=cal, max_length=args.max_length,
-                batch_size=args.batch_size, load=from_args(ModelOptions, args))
+    fit = FitOptions(method=args.repair, batch_size=args.batch_size, max_length=args.max_length)
+    materialize(args.plan, args.out, device=args.device, trust_remote_code=args.trust_remote_code, repair=fit,
+                repair_texts=texts, repair_calibration=cal, load=from_args(ModelOptions, args))
     return 0
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
     check_output_dir(args.model, "model")
     texts, cal = repair_inputs(args)
-    res = repair_checkpoint(args.model, args.plan, texts, method=args.repair, source=args.source,
-                            load=from_args(ModelOptions, args), batch_size=args.batch_size, max_length=args.max_length,
+    fit = FitOptions(method=args.repair, batch_size=args.batch_size, max_length=args.max_length)
+    res = repair_checkpoint(args.model, args.plan, texts, fit, source=args.source, load=from_args(ModelOptions, args),
                             calibration=cal)
     for b in res.bridges:
         print(f"  [{b.start}, {b.end}) -> {b.writer}: {b.decision}")
@@ -109,7 +107,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     bench = from_args(TaskOptions, args)
     tm = task_manager(bench) if bench.tasks else None  # task names checked before the model loads
-    texts = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
+    texts = from_args(DataOptions, args).texts()
     model, tok = from_args(ModelOptions, args).load(args.model)
     res = perplexity(model, tok, texts, max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
                      progress=True, logits_bytes=args.logits_bytes)
@@ -140,8 +138,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_heal(args: argparse.Namespace) -> int:
     cfg, run = from_args(HealConfig, args), from_args(HealRun, args)
-    train = load_texts(args.dataset, args.dataset_column, args.dataset_subset, args.dataset_size, args.dataset_config)
-    held = load_texts(args.dataset, args.dataset_column, run.eval_subset, run.eval_size, args.dataset_config)
+    data = from_args(DataOptions, args)
+    train, held = data.texts(), data.texts(run.eval_subset, run.eval_size)
     out = run.output or args.model.rstrip("/") + "-healed"
     summary = heal(args.model, train, held, out, cfg, teacher=run.teacher, resume=run.resume,
                    data=f"{args.dataset} (split {args.dataset_subset})",

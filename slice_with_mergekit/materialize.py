@@ -24,6 +24,7 @@ from .checkpoint import (
     read_plan,
 )
 from .repair import repair_checkpoint
+from .repair_fit import FitOptions
 from .surgery import slice_per_layer_fields
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,12 @@ def drop_spurious_lm_head(out: Path) -> None:
 
 
 def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_remote_code: bool = False,
-                repair: str = "none", repair_texts: list[str] | None = None, repair_calibration: dict | None = None,
-                max_length: int = 256, batch_size: int = 8, skip_unfoldable: bool = False,
-                load: ModelOptions | None = None) -> Path:
+                repair: FitOptions | None = None, repair_texts: list[str] | None = None,
+                repair_calibration: dict | None = None, load: ModelOptions | None = None) -> Path:
     """sliced.yml -> a loadable pruned checkpoint in ``out_path`` (written to a temporary folder first),
     MergeKit computing on ``device``.
 
-    ``repair`` (see repair.REPAIRS) fits bridges on ``repair_texts`` (the source loaded and placed by
+    ``repair`` (its method one of repair.REPAIRS; None: the plain cut) fits bridges on ``repair_texts`` (the source loaded and placed by
     ``load``, default: on ``device``) and folds them in before the folder replaces ``out_path``, so a
     failed repair leaves the previous checkpoint as it was."""
     from mergekit.options import MergeOptions
@@ -127,11 +127,10 @@ def materialize(plan_path: str, out_path: str, *, device: str = "cpu", trust_rem
         merge_passthrough(config, tmp, options, out_cfg, Path(plan_path).read_text())
         drop_spurious_lm_head(tmp)
         copy_companions(src, tmp)
-        if repair != "none":
-            repair_checkpoint(str(tmp), plan_path, repair_texts or [], method=repair, source=str(src),
+        if repair is not None and repair.method != "none":
+            repair_checkpoint(str(tmp), plan_path, repair_texts or [], repair, source=str(src),
                               load=load or ModelOptions(device=device, trust_remote_code=trust_remote_code),
-                              batch_size=batch_size, max_length=max_length, calibration=repair_calibration,
-                              skip_unfoldable=skip_unfoldable)
+                              calibration=repair_calibration)
         write_card(tmp, Path(plan_path), name=out.name)  # what was cut, the bridge; scores join it later
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)

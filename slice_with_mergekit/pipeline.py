@@ -17,7 +17,6 @@ from pathlib import Path
 
 from compute_block_similarity import scanfile
 from compute_block_similarity.atomic import output_lock, write_text
-from compute_block_similarity.data import load_calibration, load_texts
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.job import run_scan
 from compute_block_similarity.ranges import format_inclusive, format_layers
@@ -32,7 +31,13 @@ from .inmemory import removed_layers
 from .materialize import materialize
 from .methods import OURS, get_method
 from .plan import calibration_scorer, plan, write_config, write_selection
-from .prune_args import Fingerprints, PruneArgs, fingerprints, folder_fingerprint, heal_config
+from .prune_args import (
+    Fingerprints,
+    PruneArgs,
+    fingerprints,
+    folder_fingerprint,
+    heal_config,
+)
 from .prune_report import Row, write_report
 from .records import (
     EVAL_FILE,
@@ -47,6 +52,7 @@ from .records import (
     SecondCorpus,
     TasksRecord,
 )
+from .repair_fit import FitOptions
 from .select import budget_search
 from .stage_cache import stage
 from .verify import verify
@@ -121,12 +127,10 @@ def sizes_to_cut(a: PruneArgs, work: Path, scan: ScanFile, scan_json: Path,
 
 
 def materialize_stage(a: PruneArgs, plan_path: Path, model_dir: Path) -> None:
-    d = a.data
-    texts, cal = (load_calibration(d.dataset, d.dataset_column, d.dataset_subset, d.dataset_size, d.dataset_config)
-                  if a.repair != "none" else ([], {}))
-    materialize(str(plan_path), str(model_dir), trust_remote_code=a.load.trust_remote_code, repair=a.repair,
-                repair_texts=texts, repair_calibration=cal, max_length=d.max_length, batch_size=d.batch_size,
-                skip_unfoldable=True, load=a.load)
+    texts, cal = a.data.calibration() if a.repair != "none" else ([], {})
+    fit = FitOptions(method=a.repair, batch_size=a.data.batch_size, max_length=a.data.max_length, skip_unfoldable=True)
+    materialize(str(plan_path), str(model_dir), trust_remote_code=a.load.trust_remote_code, repair=fit,
+                repair_texts=texts, repair_calibration=cal, load=a.load)
 
 
 def verify_stage(a: PruneArgs, plan_path: Path, model_dir: Path, report: Path) -> None:
@@ -147,8 +151,7 @@ def texts_inputs(fps: Fingerprints, texts: list[str]) -> dict:
 def pick_texts(a: PruneArgs, eval_texts: list[str], fps: Fingerprints) -> tuple[list[str], dict]:
     """Held-out texts that pick healing's best step: the next --eval_size texts of the held-out split after
     the ones every perplexity is reported on, so the healed figure is measured on text that chose nothing."""
-    d = a.data
-    more = load_texts(d.dataset, d.dataset_column, a.eval_subset, 2 * a.eval_size, d.dataset_config)[a.eval_size:]
+    more = a.data.texts(a.eval_subset, 2 * a.eval_size)[a.eval_size:]
     if not more:
         log.warning("the held-out split %s has no texts beyond the %d reported on: healing picks its best step on "
                     "those same texts, which flatters the healed figure; use a larger split", a.eval_subset, a.eval_size)
@@ -159,7 +162,7 @@ def pick_texts(a: PruneArgs, eval_texts: list[str], fps: Fingerprints) -> tuple[
 def heal_stage(a: PruneArgs, model_dir: Path, model_fp: str, eval_texts: list[str], hdir: Path) -> None:
     # healing wants far more text than the calibration: up to HEAL_TEXTS of the training split
     d = a.data
-    train = load_texts(d.dataset, d.dataset_column, d.dataset_subset, HEAL_TEXTS, d.dataset_config)
+    train = d.texts(size=HEAL_TEXTS)
     cfg = heal_config(a)
     work, inputs = Path(f"{hdir}.work"), json.dumps({"model": model_fp, "heal": cfg.model_dump()}, sort_keys=True)
     marker = work / "prune_inputs.json"
@@ -396,7 +399,7 @@ def dense_stages(a: PruneArgs, work: Path) -> Job:
     scan_json = work / "scan" / "block_distances.json"
     scan_fp = stage(work, "scan", fps.scan, [scan_json], scan_stage, a, work / "scan")
     d = a.data
-    eval_texts = load_texts(d.dataset, d.dataset_column, a.eval_subset, a.eval_size, d.dataset_config)
+    eval_texts = d.texts(a.eval_subset, a.eval_size)
     eval_in = texts_inputs(fps, eval_texts)
     src_eval = work / "source_eval.json"
     stage(work, "eval-source", eval_in, [src_eval], eval_stage, a, eval_texts, a.model, src_eval)
@@ -405,7 +408,7 @@ def dense_stages(a: PruneArgs, work: Path) -> Job:
     if a.heal:
         job.pick_texts, job.pick_in = pick_texts(a, eval_texts, fps)
     if a.eval_dataset:
-        job.texts2 = load_texts(a.eval_dataset, d.dataset_column, a.eval_dataset_subset, a.eval_size, d.dataset_config)
+        job.texts2 = d.texts(a.eval_dataset_subset, a.eval_size, dataset=a.eval_dataset)
         job.eval2_in = texts_inputs(fps, job.texts2)
         src2 = work / "source_eval2.json"
         stage(work, "eval2-source", job.eval2_in, [src2], eval_stage, a, job.texts2, a.model, src2)

@@ -9,7 +9,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compute_block_similarity.flags import one_of
-from compute_block_similarity.options import PLACEMENT, DataOptions, ModelOptions, ScanOptions
+from compute_block_similarity.options import (
+    PLACEMENT,
+    DataOptions,
+    ModelOptions,
+    ScanOptions,
+)
 
 from .benchmarks import TaskOptions
 from .heal import HealConfig

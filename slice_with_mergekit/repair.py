@@ -14,8 +14,16 @@ from compute_block_similarity.atomic import atomic_path
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.options import ModelOptions
 
-from .checkpoint import REPAIR_FILE, clean_leftovers, layer_of, lineage, output_key, tensor_files, tensor_index
-from .repair_fit import RepairResult, fit_repair
+from .checkpoint import (
+    REPAIR_FILE,
+    clean_leftovers,
+    layer_of,
+    lineage,
+    output_key,
+    tensor_files,
+    tensor_index,
+)
+from .repair_fit import FitOptions, RepairResult, fit_repair
 from .repair_record import folded, patched_tensors, save_repair, tensor_hash
 
 log = logging.getLogger(__name__)
@@ -83,11 +91,10 @@ def check_lineage(out: Path, src: Path, kept: Sequence[int], plan_path: str, sam
 
 
 
-def repair_checkpoint(out_path: str, plan_path: str, texts: Sequence[str], *, method: str = "linear",
-                      source: str | None = None, load: ModelOptions | None = None, batch_size: int = 8,
-                      max_length: int = 256, calibration: dict | None = None,
-                      skip_unfoldable: bool = False) -> RepairResult:
-    """Fit bridges on the plan's dense source (loaded and placed by ``load``) and fold them into the
+def repair_checkpoint(out_path: str, plan_path: str, texts: Sequence[str], fit: FitOptions = FitOptions(), *,
+                      source: str | None = None, load: ModelOptions | None = None,
+                      calibration: dict | None = None) -> RepairResult:
+    """Fit bridges (``fit``) on the plan's dense source (loaded and placed by ``load``) and fold them into the
     checkpoint ``out_path`` built from it."""
     out = Path(out_path)
     if not (out / "config.json").exists():
@@ -96,10 +103,9 @@ def repair_checkpoint(out_path: str, plan_path: str, texts: Sequence[str], *, me
     lin = lineage(plan_path, source, load.trust_remote_code)
     check_lineage(out, lin.source_dir, lin.kept, plan_path)
     model, tok = load.load(str(lin.source_dir))
-    result = fit_repair(model, tok, texts, lin.removed, method=method, batch_size=batch_size, max_length=max_length,
-                        calibration=calibration, skip_unfoldable=skip_unfoldable)
+    result = fit_repair(model, tok, texts, lin.removed, fit, calibration)
     del model
     done = apply_to_checkpoint(out, lin.source_dir, result, lin.kept)
-    log.info("repair %s: %d of %d bridge(s) folded into %s (%s) in %.1fs", method, len(result.applied),
+    log.info("repair %s: %d of %d bridge(s) folded into %s (%s) in %.1fs", fit.method, len(result.applied),
              len(result.bridges), out, ", ".join(done) or "nothing changed", result.seconds)
     return result

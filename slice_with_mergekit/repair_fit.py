@@ -530,100 +530,110 @@ class RepairResult:
 STATS_BYTES = 2 * 2**30  # float64 d x d sums collected in one shared pass (fit_repairs)
 
 
-def fit_repair(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[int], *, method: str = "linear",
-               batch_size: int = 8, max_length: int = 256, guard: bool = True, cosine_steps: int = 100,
-               sample_tokens: int = 32768, calibration: dict | None = None, skip_unfoldable: bool = False,
-               progress: bool = True) -> RepairResult:
+@dataclass(frozen=True)
+class FitOptions:
+    """How bridges are fitted: the repair (`--repair`) and the fit's settings, travelling whole from
+    materialize and repair to the fit."""
+
+    method: str = "linear"  # a repair of REPAIRS
+    batch_size: int = 8
+    max_length: int = 256  # calibration tokens per text
+    guard: bool = True  # keep a bridge only if it lowers held-out calibration loss
+    cosine_steps: int = 100  # --repair cosine: optimizer steps
+    sample_tokens: int = 32768  # --repair cosine: token rows kept for the fit
+    skip_unfoldable: bool = False  # a run whose bridge cannot fold exactly is left plain, not refused
+    progress: bool = True
+
+
+@dataclass
+class Collected:
+    """What one shared pass of the dense model leaves for the fits: each run's writer (or why it has none)
+    and its normal equations."""
+
+    writers: dict[int, Writer]
+    refused: dict[int, str]
+    stats: dict[tuple[int, int], RunStats]
+
+
+def fit_repair(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[int], fit: FitOptions = FitOptions(),
+               calibration: dict | None = None) -> RepairResult:
     """Fit one bridge per contiguous run of ``removed`` on the dense ``model`` (nothing is written).
 
     A bridge is kept only if the model without the layers but with the bridge has a lower loss on the
-    held-out fifth of the calibration text than the plain cut (``guard``). A run whose bridge cannot be
-    folded exactly raises UserError, or with ``skip_unfoldable`` is left plain and recorded so."""
+    held-out fifth of the calibration text than the plain cut (``fit.guard``). A run whose bridge cannot be
+    folded exactly raises UserError, or with ``fit.skip_unfoldable`` is left plain and recorded so."""
     removed = sorted(set(removed))
-    return fit_repairs(model, tok, texts, [removed], method=method, batch_size=batch_size, max_length=max_length,
-                       guard=guard, cosine_steps=cosine_steps, sample_tokens=sample_tokens, calibration=calibration,
-                       skip_unfoldable=skip_unfoldable, progress=progress)[tuple(removed)]
+    return fit_repairs(model, tok, texts, [removed], fit, calibration)[tuple(removed)]
 
 
-def fit_repairs(model: nn.Module, tok: Any, texts: Sequence[str], cuts: Sequence[Sequence[int]], *,
-                method: str = "linear", batch_size: int = 8, max_length: int = 256, guard: bool = True,
-                cosine_steps: int = 100, sample_tokens: int = 32768, calibration: dict | None = None,
-                skip_unfoldable: bool = False, progress: bool = True,
+def fit_repairs(model: nn.Module, tok: Any, texts: Sequence[str], cuts: Sequence[Sequence[int]],
+                fit: FitOptions = FitOptions(), calibration: dict | None = None,
                 stats_bytes: int = STATS_BYTES) -> dict[tuple[int, ...], RepairResult]:
     """fit_repair for every cut in ``cuts`` (each: the removed layers), their bridges' normal equations
     collected in shared forward passes: as many runs per pass as fit in ``stats_bytes``. Returns
     {cut (sorted tuple): its RepairResult}; each result equals fit_repair's for that cut alone."""
-    meth = get_repair(method)
     keys = [tuple(sorted(set(c))) for c in cuts]
-    if method == "none":
+    if fit.method == "none":
         return {k: RepairResult("none", [], dict(calibration or {}), 0.0) for k in keys}
     if not all(keys):
         raise UserError("the plan removes no layers, so there is nothing to repair")
     t0 = time.perf_counter()
+    got = collect_all(model, tok, texts, keys, fit, stats_bytes)
+    shared = time.perf_counter() - t0
+    out = {}
+    for key in keys:
+        t1 = time.perf_counter()
+        out[key] = _bridge_cut(model, tok, texts, key, got, fit, calibration)
+        out[key].seconds = shared + time.perf_counter() - t1
+    return out
+
+
+def collect_all(model: nn.Module, tok: Any, texts: Sequence[str], keys: list[tuple[int, ...]], fit: FitOptions,
+                stats_bytes: int) -> Collected:
+    """Every run's writer, then the normal equations of every run, in as few passes as ``stats_bytes`` allows."""
     ids, _ = tokenize(tok, texts[:1], 16)
     if not ids:
         raise UserError("the calibration text is empty; give --dataset with real text")
     dev = input_device(model)
     probe = (torch.tensor(ids[:1], device=dev), torch.ones((1, len(ids[0])), dtype=torch.long, device=dev))
-    writers: dict[int, Writer] = {}
-    refused: dict[int, str] = {}
+    got = Collected({}, {}, {})
     for s in sorted({s for k in keys for s, _ in ranges_runs(k)}):
         try:
-            writers[s] = find_writer(model, s, probe)
+            got.writers[s] = find_writer(model, s, probe)
         except UserError as err:
-            if not skip_unfoldable:
+            if not fit.skip_unfoldable:
                 raise
-            refused[s] = str(err)
-    runs = sorted({r for k in keys for r in ranges_runs(k) if r[0] in writers})
-    if method == "cosine" and any(writers[s].norm is not None for s, _ in runs):
+            got.refused[s] = str(err)
+    runs = sorted({r for k in keys for r in ranges_runs(k) if r[0] in got.writers})
+    if fit.method == "cosine" and any(got.writers[s].norm is not None for s, _ in runs):
         raise UserError("--repair cosine cannot fit through the norm after a post-norm layer (Gemma-2/3, OLMo-2); "
                         "use --repair linear")
     d = text_config(model).hidden_size
     per_pass = max(1, stats_bytes // (4 * d * d * 8))  # AtA and AtY for the fit and held-out parts
-    stats: dict[tuple[int, int], RunStats] = {}
+    sample = fit.sample_tokens if get_repair(fit.method).stores_tokens else 0
     for k in range(0, len(runs), per_pass):
-        stats.update(collect(model, tok, texts, runs[k : k + per_pass], writers, batch_size=batch_size,
-                             max_length=max_length, sample_tokens=sample_tokens if meth.stores_tokens else 0,
-                             progress=progress))
-    shared = time.perf_counter() - t0
-    out = {}
-    for key in keys:
-        t1 = time.perf_counter()
-        out[key] = _bridge_cut(model, tok, texts, key, writers, refused, stats, method=method, guard=guard,
-                               cosine_steps=cosine_steps, calibration=calibration, max_length=max_length,
-                               batch_size=batch_size)
-        out[key].seconds = shared + time.perf_counter() - t1
-    return out
+        got.stats.update(collect(model, tok, texts, runs[k : k + per_pass], got.writers, batch_size=fit.batch_size,
+                                 max_length=fit.max_length, sample_tokens=sample, progress=fit.progress))
+    return got
 
 
-def _bridge_cut(model: nn.Module, tok: Any, texts: Sequence[str], removed: tuple[int, ...], writers: dict[int, Writer],
-                refused: dict[int, str], stats: dict[tuple[int, int], RunStats], *, method: str, guard: bool,
-                cosine_steps: int, calibration: dict | None, max_length: int, batch_size: int) -> RepairResult:
+def _bridge_cut(model: nn.Module, tok: Any, texts: Sequence[str], removed: tuple[int, ...], got: Collected,
+                fit: FitOptions, calibration: dict | None) -> RepairResult:
     """One cut's bridges from the collected statistics: fit, refit the post-norm gains, guard."""
-    d = text_config(model).hidden_size
+    writers, stats = got.writers, got.stats
     runs = ranges_runs(removed)
-    bridges = [Bridge(s, e, "", "", torch.eye(d, dtype=torch.float64), False, 0.0, f"not bridged: {refused[s]}",
-                      None, None) for s, e in runs if s in refused]
-    runs = [r for r in runs if r[0] not in refused]
+    d = text_config(model).hidden_size
+    bridges = [Bridge(s, e, "", "", torch.eye(d, dtype=torch.float64), False, 0.0, f"not bridged: {got.refused[s]}",
+                      None, None) for s, e in runs if s in got.refused]
+    runs = [r for r in runs if r[0] not in got.refused]
     if not runs:
         for b in bridges:
             log.warning("repair [%d, %d): %s", b.start, b.end, b.decision)
-        return RepairResult(method, bridges, dict(calibration or {}), 0.0)
-    for s, e in runs:
-        st, pn = stats[(s, e)], writers[s].norm
-        T_fit, T_all, alpha, mse_cut, mse_br = fit_linear(st, d)
-        if method == "cosine":
-            T_fit = T_all = fit_cosine(st, T_all, steps=cosine_steps)
-            mse_br = _mse(T_fit, st.AtA[1], st.AtY[1], st.YtY[1]) / max(st.tokens[1], 1)
-        post = {} if pn is None else {"norm": pn.name, "norm_offset": pn.offset, "gain": fit_gain(st, T_all, pn),
-                                      "gain_fit": fit_gain(st, T_fit, pn)}
-        finite = all(bool(torch.isfinite(x).all()) for x in (T_fit, T_all, *(post.get(k, T_all) for k in ("gain", "gain_fit"))))
-        bridges.append(Bridge(s, e, writers[s].name, writers[s].kind, T_all.cpu(), finite, alpha,
-                              "" if finite else "not bridged: the fit is not finite (degenerate calibration activations)",
-                              mse_cut, mse_br, bias="bias" in writers[s].params(), T_fit=T_fit.cpu(), **post))
+        return RepairResult(fit.method, bridges, dict(calibration or {}), 0.0)
+    bridges += [_fit_run(stats[(s, e)], writers[s], s, e, d, fit) for s, e in runs]
     fitted = [b for b in bridges if b.start in writers and b.applied]
-    if guard:
-        _guard(model, tok, texts, removed, fitted, [writers[b.start] for b in fitted], max_length, batch_size)
+    if fit.guard:
+        _guard(model, tok, texts, removed, fitted, [writers[b.start] for b in fitted], fit.max_length, fit.batch_size)
     else:
         for b in fitted:
             b.decision = "applied (no guard)"
@@ -631,8 +641,23 @@ def _bridge_cut(model: nn.Module, tok: Any, texts: Sequence[str], removed: tuple
     for b in bridges:
         log.info("repair [%d, %d) via %s: %s", b.start, b.end, b.writer, b.decision)
     cal = {**(calibration or {}), "tokens_fit": sum(stats[r].tokens[0] for r in runs) // len(runs),
-           "tokens_heldout": sum(stats[r].tokens[1] for r in runs) // len(runs), "max_length": max_length}
-    return RepairResult(method, bridges, cal, 0.0, {s: writers[s] for s, _ in runs})
+           "tokens_heldout": sum(stats[r].tokens[1] for r in runs) // len(runs), "max_length": fit.max_length}
+    return RepairResult(fit.method, bridges, cal, 0.0, {s: writers[s] for s, _ in runs})
+
+
+def _fit_run(st: RunStats, w: Writer, s: int, e: int, d: int, fit: FitOptions) -> Bridge:
+    """The bridge of one run [s, e) from its normal equations (and a post-norm's refitted gain)."""
+    pn = w.norm
+    T_fit, T_all, alpha, mse_cut, mse_br = fit_linear(st, d)
+    if fit.method == "cosine":
+        T_fit = T_all = fit_cosine(st, T_all, steps=fit.cosine_steps)
+        mse_br = _mse(T_fit, st.AtA[1], st.AtY[1], st.YtY[1]) / max(st.tokens[1], 1)
+    post = {} if pn is None else {"norm": pn.name, "norm_offset": pn.offset, "gain": fit_gain(st, T_all, pn),
+                                  "gain_fit": fit_gain(st, T_fit, pn)}
+    finite = all(bool(torch.isfinite(x).all()) for x in (T_fit, T_all, *(post.get(k, T_all) for k in ("gain", "gain_fit"))))
+    return Bridge(s, e, w.name, w.kind, T_all.cpu(), finite, alpha,
+                  "" if finite else "not bridged: the fit is not finite (degenerate calibration activations)",
+                  mse_cut, mse_br, bias="bias" in w.params(), T_fit=T_fit.cpu(), **post)
 
 
 def _guard(model: nn.Module, tok: Any, texts: Sequence[str], removed: Sequence[int], bridges: list[Bridge],

@@ -33,7 +33,7 @@ from .evaluate import (
     tokenize_windows,
 )
 from .inmemory import removed_layers
-from .repair_fit import TooFewTokens, fit_repairs
+from .repair_fit import FitOptions, TooFewTokens, fit_repairs
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +241,9 @@ class Scorer:
             log.info("race: fitting the bridges of %d candidates in one pass over %d texts (fold %d of %d)",
                      len(todo), len(idx), f + 1, self.folds)
             with quiet("slice_with_mergekit.repair_fit"):  # a log line per candidate's bridge is noise
-                fits = fit_repairs(self.model, self.tok, [self.texts[j] for j in idx], todo, method=self.repair,
-                                   batch_size=self.batch_size, max_length=self.kw["max_length"], guard=False,
-                                   skip_unfoldable=True, progress=True)
+                fit = FitOptions(method=self.repair, batch_size=self.batch_size, max_length=self.kw["max_length"],
+                                 guard=False, skip_unfoldable=True)
+                fits = fit_repairs(self.model, self.tok, [self.texts[j] for j in idx], todo, fit)
             self.bridges.update({(c, f): r for c, r in fits.items()})
             self.tokens_run += self.total_tokens * len(idx) / len(self.texts)
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from slice_with_mergekit.cli import main as slice_main
 from slice_with_mergekit.evaluate import perplexity
 from slice_with_mergekit.inmemory import read_weight
-from slice_with_mergekit.repair_fit import bridged, fit_repair
+from slice_with_mergekit.repair_fit import FitOptions, bridged, fit_repair
 
 
 def offloaded(path, tmp_path, cpu: str = "150KB"):
@@ -33,8 +33,8 @@ def test_bridge_on_an_offloaded_model_equals_the_one_device_bridge(tiny_models, 
     one, tok = load(tiny_models[arch])
     off, _ = offloaded(tiny_models[arch], tmp_path)
     texts = TEXTS * 4
-    r1 = fit_repair(one, tok, texts, [2, 3], max_length=64)
-    r2 = fit_repair(off, tok, texts, [2, 3], max_length=64)
+    r1 = fit_repair(one, tok, texts, [2, 3], FitOptions(max_length=64))
+    r2 = fit_repair(off, tok, texts, [2, 3], FitOptions(max_length=64))
     b1, b2 = r1.bridges[0], r2.bridges[0]
     assert b1.writer == b2.writer and b1.decision == b2.decision
     assert torch.allclose(b1.T, b2.T, atol=1e-9)

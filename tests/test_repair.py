@@ -18,6 +18,7 @@ from slice_with_mergekit.inmemory import removed_layers
 from slice_with_mergekit.plan import build_config, write_config
 from slice_with_mergekit.repair import apply_to_checkpoint
 from slice_with_mergekit.repair_fit import (
+    FitOptions,
     RunStats,
     _mse,
     fit_linear,
@@ -68,7 +69,7 @@ def test_identity_block_gives_identity_bridge(tmp_path):
         for i in (2, 3):
             model.model.layers[i].self_attn.o_proj.weight.zero_()
             model.model.layers[i].mlp.down_proj.weight.zero_()
-    res = fit_repair(model, tok, CALIB, [2, 3], guard=False, progress=False)
+    res = fit_repair(model, tok, CALIB, [2, 3], FitOptions(guard=False, progress=False))
     (b,) = res.bridges
     assert (b.start, b.end, b.writer) == (2, 4, "model.layers.1.mlp.down_proj")
     torch.testing.assert_close(b.T, torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-3)
@@ -85,7 +86,7 @@ def test_folded_checkpoint_equals_in_memory_bridge(tiny_models, tmp_path, arch, 
     assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 0
     model, tok = load(src)
     removed = parse_layers(remove)
-    res = fit_repair(model, tok, CALIB, removed, guard=False, progress=False)
+    res = fit_repair(model, tok, CALIB, removed, FitOptions(guard=False, progress=False))
     assert len(res.bridges) == len(contiguous_runs(removed))
     kept = [i for i in range(model.config.get_text_config().num_hidden_layers) if i not in removed]
     patched = apply_to_checkpoint(tmp_path / "out", src, res, kept)
@@ -111,7 +112,7 @@ def test_verify_fails_when_a_patched_tensor_is_altered(tiny_llama, tmp_path):
     plan = _plan(tiny_llama, tmp_path, "2-3")
     assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 0
     model, tok = load(tiny_llama)
-    res = fit_repair(model, tok, CALIB, [2, 3], guard=False, progress=False)
+    res = fit_repair(model, tok, CALIB, [2, 3], FitOptions(guard=False, progress=False))
     (key,) = apply_to_checkpoint(tmp_path / "out", tiny_llama, res, [0, 1, 4, 5])
     assert key == "model.layers.1.mlp.down_proj.weight"
     assert verify(str(tmp_path / "out"), str(plan)).ok
@@ -173,18 +174,18 @@ def test_refusals(tiny_models):
     layer = model.model.layers[2]
     layer.post_feedforward_layernorm = GatedNorm(layer.post_feedforward_layernorm)
     with pytest.raises(UserError, match="not added unchanged"):
-        fit_repair(model, tok, CALIB, [3, 4], progress=False)
+        fit_repair(model, tok, CALIB, [3, 4], FitOptions(progress=False))
     model, tok = load(tiny_models["llama"])
     with pytest.raises(UserError, match="calibration tokens"):
-        fit_repair(model, tok, ["a", "Short text."], [2, 3], progress=False)
+        fit_repair(model, tok, ["a", "Short text."], [2, 3], FitOptions(progress=False))
     with pytest.raises(UserError, match="no layers"):
-        fit_repair(model, tok, CALIB, [], progress=False)
+        fit_repair(model, tok, CALIB, [], FitOptions(progress=False))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_guard_keeps_a_bridge_only_if_it_lowers_heldout_loss(tiny_models, arch):
     model, tok = load(tiny_models[arch])
-    res = fit_repair(model, tok, CALIB, [2, 3], progress=False)
+    res = fit_repair(model, tok, CALIB, [2, 3], FitOptions(progress=False))
     (b,) = res.bridges
     assert b.heldout_ppl_cut is not None and b.heldout_ppl_bridged is not None
     assert b.applied == (b.heldout_ppl_bridged < b.heldout_ppl_cut)
@@ -201,7 +202,7 @@ def test_post_norm_bridge_recovers_an_exactly_representable_block(tmp_path, arch
             model.model.layers[i].self_attn.o_proj.weight.zero_()
             model.model.layers[i].mlp.down_proj.weight.zero_()
         model.model.layers[zero[0] - 1].post_feedforward_layernorm.weight[:dead] = -1.0  # Gemma: 1 + w = 0
-    res = fit_repair(model, tok, CALIB, list(zero), guard=False, progress=False)
+    res = fit_repair(model, tok, CALIB, list(zero), FitOptions(guard=False, progress=False))
     (b,) = res.bridges
     pn = res.writers[zero[0]].norm
     assert b.applied and torch.isfinite(b.T).all() and torch.isfinite(b.gain).all()
@@ -226,7 +227,7 @@ def test_verify_fails_when_a_post_norm_weight_is_altered(tiny_models, tmp_path):
     plan = _plan(src, tmp_path, "3-4")
     assert slice_main(["materialize", str(plan), str(tmp_path / "out")]) == 0
     model, tok = load(src)
-    res = fit_repair(model, tok, CALIB, [3, 4], guard=False, progress=False)
+    res = fit_repair(model, tok, CALIB, [3, 4], FitOptions(guard=False, progress=False))
     keys = apply_to_checkpoint(tmp_path / "out", src, res, [0, 1, 2, 5, 6, 7])
     assert sorted(keys) == ["model.layers.2.mlp.down_proj.weight", "model.layers.2.post_feedforward_layernorm.weight"]
     assert verify(str(tmp_path / "out"), str(plan)).ok
@@ -245,10 +246,10 @@ def test_one_shared_pass_gives_each_cut_its_own_bridges(tiny_models, arch):
     model, tok = load(tiny_models[arch])
     cuts = [[2, 3], [3, 4], [5], [1, 2, 3], [3, 4]]
     for budget in (2**40, 4 * 32 * 32 * 8 * 2):  # one pass; two runs per pass
-        shared = fit_repairs(model, tok, CALIB, cuts, progress=False, stats_bytes=budget)
+        shared = fit_repairs(model, tok, CALIB, cuts, FitOptions(progress=False), stats_bytes=budget)
         assert set(shared) == {tuple(c) for c in cuts}
         for c in cuts:
-            alone = fit_repair(model, tok, CALIB, c, progress=False)
+            alone = fit_repair(model, tok, CALIB, c, FitOptions(progress=False))
             got = shared[tuple(c)]
             assert [(b.start, b.end, b.applied, b.decision) for b in got.bridges] == \
                    [(b.start, b.end, b.applied, b.decision) for b in alone.bridges]

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -157,12 +158,12 @@ def cross_fit_reference(model, tok, texts, cut):
     the odd ones, the odd texts under one fitted on the even ones; and the bridges."""
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
-    from slice_with_mergekit.repair_fit import fit_repair
+    from slice_with_mergekit.repair_fit import FitOptions, fit_repair
 
     nll = tokens = 0.0
     fits = []
     for scored, fitted in ((texts[0::2], texts[1::2]), (texts[1::2], texts[0::2])):
-        fit = fit_repair(model, tok, fitted, cut, method="linear", max_length=64, skip_unfoldable=True, progress=False)
+        fit = fit_repair(model, tok, fitted, cut, FitOptions(max_length=64, skip_unfoldable=True, progress=False))
         with removed_layers(model, cut), fit.in_memory():
             r = perplexity(model, tok, scored, max_length=64, stride=64)
         nll, tokens, fits = nll + r.nll_sum, tokens + r.tokens_scored, fits + [fit]
@@ -184,9 +185,9 @@ def test_repair_aware_scoring_scores_each_window_under_a_bridge_fitted_without_i
     # in-sample (a bridge fitted on every text, scoring every text) is a different, flattering figure
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
-    from slice_with_mergekit.repair_fit import fit_repair
+    from slice_with_mergekit.repair_fit import FitOptions, fit_repair
 
-    both = fit_repair(model, tok, texts, cut, method="linear", max_length=64, skip_unfoldable=True, progress=False)
+    both = fit_repair(model, tok, texts, cut, FitOptions(max_length=64, skip_unfoldable=True, progress=False))
     with removed_layers(model, cut), both.in_memory():
         in_sample = perplexity(model, tok, texts, max_length=64, stride=64).perplexity
     assert in_sample < got and got != pytest.approx(in_sample, rel=1e-4)
@@ -208,7 +209,8 @@ def test_a_candidates_bridge_runs_no_guard_so_every_forward_it_costs_is_counted(
     texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]  # enough tokens for the guard to apply the bridges
     cuts = [(2, 3), (5, 6), (6, 7)]  # bridges the guard keeps on this text, in both folds
     real = repair_fit.fit_repairs
-    monkeypatch.setattr("slice_with_mergekit.select.fit_repairs", lambda *a, **k: real(*a, **{**k, "guard": True}))
+    monkeypatch.setattr("slice_with_mergekit.select.fit_repairs",
+                        lambda m, t, x, c, fit, *a, **k: real(m, t, x, c, replace(fit, guard=True), *a, **k))
     guarded = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")
     guarded.prepare(cuts)
     assert all(b.applied for f in range(2) for c in cuts for b in guarded.bridges[(c, f)].bridges)
@@ -484,7 +486,7 @@ def test_too_little_text_to_cross_fit_falls_back_in_sample_and_says_so(tiny_mode
     import logging
 
     from slice_with_mergekit.evaluate import perplexity
-    from slice_with_mergekit.repair_fit import fit_repair
+    from slice_with_mergekit.repair_fit import FitOptions, fit_repair
 
     model, tok = load(tiny_models["qwen3"])  # d = 32 unknowns per output: one fold's 2 x 12 tokens are too few
     texts = ["Short text.", "Depth layer", "Fox jumps a", "Merge a kit"]  # 12 byte tokens each, BOS included
@@ -492,7 +494,7 @@ def test_too_little_text_to_cross_fit_falls_back_in_sample_and_says_so(tiny_mode
     with caplog.at_level(logging.WARNING):
         got = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")(cut)
     assert "too little calibration text to cross-fit" in caplog.text
-    fit = fit_repair(model, tok, texts, cut, method="linear", max_length=64, skip_unfoldable=True, progress=False)
+    fit = fit_repair(model, tok, texts, cut, FitOptions(max_length=64, skip_unfoldable=True, progress=False))
     with removed_layers(model, cut), fit.in_memory():
         assert got == pytest.approx(perplexity(model, tok, texts, max_length=64, stride=64).perplexity, rel=1e-5)
 
