@@ -9,6 +9,8 @@ texts and window order for both.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import argparse
 import os
 import platform
@@ -37,7 +39,8 @@ def main() -> None:
     from compute_block_similarity.ranges import format_layers
     from compute_block_similarity.report import json_payload
     from compute_block_similarity.scanfile import ScanFile
-    from slice_with_mergekit.select import Scorer, bridge_dependence, select_race
+    from slice_with_mergekit.scoring import Scorer
+    from slice_with_mergekit.select import bridge_dependence, select_race
 
     path = model_path(args.model)
     model, tok = load_model(path, dtype="float32", device="cpu")
@@ -55,7 +58,8 @@ def main() -> None:
             guarded["tokens"] += sum(len(w[0]) for w in k["_windows"])
             return ppl(*a, **k)
 
-        with mock.patch("slice_with_mergekit.select.fit_repairs", lambda *a, **k: fit(*a, **{**k, "guard": guard})), \
+        with mock.patch("slice_with_mergekit.scoring.fit_repairs",
+                        lambda m, t, x, c, f, *a, **k: fit(m, t, x, c, replace(f, guard=guard), *a, **k)), \
                 mock.patch.object(repair_fit, "perplexity", counted):
             t0 = time.perf_counter()
             c = bridge_dependence(sc, select_race(scan, args.n, sc))  # as choose() runs it

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from slice_with_mergekit.select import Race, Scorer  # noqa: E402
+from slice_with_mergekit.scoring import Scorer  # noqa: E402
+from slice_with_mergekit.race import Race  # noqa: E402
 
 
 class Replay(Scorer):

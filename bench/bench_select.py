@@ -43,7 +43,8 @@ def main() -> None:
     from compute_block_similarity.ranges import format_layers
     from compute_block_similarity.report import json_payload
     from compute_block_similarity.scanfile import ScanFile
-    from slice_with_mergekit.select import Scorer, select_deepest, select_iterative, select_ppl, select_race, select_refine
+    from slice_with_mergekit.scoring import Scorer
+    from slice_with_mergekit.select import select_deepest, select_iterative, select_ppl, select_race, select_refine
 
     model, tok, calib, held = load(args)
     t0 = time.perf_counter()

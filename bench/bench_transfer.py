@@ -66,7 +66,9 @@ def main() -> None:
     from slice_with_mergekit.evaluate import perplexity
     from slice_with_mergekit.inmemory import removed_layers
     from slice_with_mergekit.repair_fit import FitOptions, fit_repairs
-    from slice_with_mergekit.select import Race, Scorer, SelectOptions, bridge_dependence, select_race
+    from slice_with_mergekit.scoring import Scorer
+    from slice_with_mergekit.race import Race
+    from slice_with_mergekit.select import SelectOptions, bridge_dependence, select_race
 
     path = model_path(args.model)
     model, tok = load_model(path, dtype="float32", device="auto")

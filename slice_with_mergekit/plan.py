@@ -33,7 +33,8 @@ from compute_block_similarity.ranges import (
 from compute_block_similarity.scanfile import ScanFile
 
 from .records import Selection
-from .select import Choice, Scorer, SelectOptions, choose
+from .scoring import Scorer
+from .select import Choice, SelectOptions, choose
 
 log = logging.getLogger(__name__)
 

@@ -16,18 +16,9 @@ from conftest import TEXTS, load
 from compute_block_similarity.scanfile import ScanFile
 from slice_with_mergekit.cli import main as slice_main
 from slice_with_mergekit.inmemory import removed_layers
-from slice_with_mergekit.select import (
-    Race,
-    Scorer,
-    exhaustive,
-    pick_candidates,
-    race,
-    select_deepest,
-    select_iterative,
-    select_ppl,
-    select_race,
-    settle_ties,
-)
+from slice_with_mergekit.race import Race, pick_candidates, race, settle_ties
+from slice_with_mergekit.scoring import Scorer
+from slice_with_mergekit.select import exhaustive, select_deepest, select_iterative, select_ppl, select_race
 
 
 def in_range(scores: list[float]) -> list[float]:
@@ -209,7 +200,7 @@ def test_a_candidates_bridge_runs_no_guard_so_every_forward_it_costs_is_counted(
     texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]  # enough tokens for the guard to apply the bridges
     cuts = [(2, 3), (5, 6), (6, 7)]  # bridges the guard keeps on this text, in both folds
     real = repair_fit.fit_repairs
-    monkeypatch.setattr("slice_with_mergekit.select.fit_repairs",
+    monkeypatch.setattr("slice_with_mergekit.scoring.fit_repairs",
                         lambda m, t, x, c, fit, *a, **k: real(m, t, x, c, replace(fit, guard=True), *a, **k))
     guarded = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")
     guarded.prepare(cuts)
@@ -575,7 +566,7 @@ class CountingGains(GainTable):
 
 
 def test_a_cut_is_tested_for_its_bridge_on_a_few_windows_and_on_more_only_when_near_the_limit():
-    from slice_with_mergekit.select import carried
+    from slice_with_mergekit.race import carried
 
     table = {(0,): noisy(2.0, 256, 0), (1,): noisy(2.0, 256, 1), (2,): noisy(2.0, 256, 2)}
     sc = CountingGains(table, {(0,): 1.5, (1,): 4.5, (2,): 6.0})
