@@ -12,7 +12,8 @@ import torch.distributed as dist
 from .errors import check_output_dir
 from .model import default_model_dir
 from .options import DataOptions, ModelOptions, ScanOptions, metric_names
-from .scan import Checkpoint, scan_model
+from .scan import scan_model
+from .sums import Checkpoint
 
 log = logging.getLogger("compute_block_similarity")
 

@@ -21,14 +21,22 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path
 from .batching import Batch, make_batches, tokenize
-from .errors import UserError, first_line
-from .metrics import DEFAULT_METRIC, METRICS, Metric, get_metric, rank_blocks
+from .errors import UserError
+from .metrics import DEFAULT_METRIC, METRICS, get_metric, rank_blocks
 from .model import decoder_layers, decoder_of, input_device
 from .options import GRAM_BYTES, TOKENS_PER_TEXT
 from .ranges import format_layers, format_ranges, kept_ranges
 from .report import write_outputs
+from .sums import (
+    Accumulator,
+    Checkpoint,
+    ScanInterrupted,
+    check_finite,
+    fingerprint,
+    model_fingerprint,
+    per_sample_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,165 +106,6 @@ def sample_positions(mask: torch.Tensor, k: int) -> torch.Tensor:
             pos = pos[torch.linspace(0, len(pos) - 1, k).round().long()] if k > 1 else pos[-1:]
         keep[b, pos] = True
     return keep
-
-
-# ---------------------------------------------------------------- accumulation
-
-
-@dataclass
-class Accumulator:
-    """float64 sums over samples of each metric's per-sample value for every pair (i, j)."""
-
-    metrics: tuple[str, ...]
-    num_layers: int
-    sums: torch.Tensor | None = None  # (M, L+1, L+1)
-    sumsq: torch.Tensor | None = None  # (M, L+1, L+1)
-    num_samples: int = 0
-    num_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        shape = (len(self.metrics), self.num_layers + 1, self.num_layers + 1)
-        if self.sums is None:
-            self.sums = torch.zeros(shape, dtype=torch.float64)
-            self.sumsq = torch.zeros(shape, dtype=torch.float64)
-
-    def add(self, values: torch.Tensor, num_tokens: int) -> None:
-        """values: (M, B, L+1, L+1) per-sample metric values."""
-        v = values.detach().to("cpu", torch.float64)
-        # counters first: a Ctrl-C between these lines leaves counts that betray the half-added batch
-        self.num_samples += v.shape[1]
-        self.num_tokens += num_tokens
-        self.sums += v.sum(1)
-        self.sumsq += (v * v).sum(1)
-
-    def all_reduce(self) -> None:
-        """Sum over data-parallel ranks (no-op without torch.distributed)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        counts = torch.tensor([self.num_samples, self.num_tokens], dtype=torch.float64)
-        flat = torch.cat([self.sums.flatten(), self.sumsq.flatten(), counts]).to(dev)
-        dist.all_reduce(flat)
-        flat = flat.cpu()
-        k = self.sums.numel()
-        self.sums = flat[:k].view_as(self.sums).clone()
-        self.sumsq = flat[k : 2 * k].view_as(self.sumsq).clone()
-        self.num_samples, self.num_tokens = int(flat[-2].item()), int(flat[-1].item())
-
-    def state_dict(self) -> dict:
-        return {"metrics": list(self.metrics), "num_layers": self.num_layers, "sums": self.sums, "sumsq": self.sumsq,
-                "num_samples": self.num_samples, "num_tokens": self.num_tokens}
-
-    @classmethod
-    def from_state_dict(cls, sd: dict) -> "Accumulator":
-        return cls(tuple(sd["metrics"]), sd["num_layers"], sd["sums"], sd["sumsq"], sd["num_samples"], sd["num_tokens"])
-
-
-def per_sample_values(gram: torch.Tensor, sample_of: torch.Tensor, last_rows: torch.Tensor,
-                      batch_size: int, metrics: Sequence[Metric]) -> torch.Tensor:
-    """gram: (N, L+1, L+1) over the captured tokens; sample_of: (N,) sample index of each token;
-    last_rows: (B,) row of each sample's last token.  Returns (M, B, L+1, L+1)."""
-    lengths = torch.bincount(sample_of, minlength=batch_size).to(torch.float64)  # (B,)
-    out = []
-    for m in metrics:
-        if m.reduce == "last_token":
-            out.append(m.fn(gram[last_rows]))
-        else:
-            v = m.fn(gram)  # (N, L+1, L+1)
-            s = torch.zeros((batch_size, *v.shape[1:]), dtype=v.dtype, device=v.device)
-            s.index_add_(0, sample_of, v)
-            out.append(s / lengths[:, None, None])
-    return torch.stack(out)
-
-
-def check_finite(gram: torch.Tensor) -> None:
-    sq = gram.diagonal(dim1=-2, dim2=-1)  # (N, L+1): squared norms
-    bad = (~torch.isfinite(sq)).any(0).nonzero().flatten().tolist()
-    if bad:
-        l = bad[0]
-        where = "the embedding output (input of layer 0)" if l == 0 else f"the output of decoder layer {l - 1}"
-        raise UserError(f"NaN or inf in {where}; try --dtype float32 or check the checkpoint's weights")
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-class ScanInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a scan, after its progress was saved."""
-
-    def __init__(self, path: str, done: int, total: int):
-        super().__init__(f"interrupted after {done} of {total} batches; the progress is saved in {path}: "
-                         "run the same command with --resume to continue")
-
-
-@dataclass
-class Checkpoint:
-    """Running sums and the position in the batches, saved every ``every`` batches so that
-    ``resume=True`` continues a crashed or preempted scan with the same result."""
-
-    path: str
-    every: int = 50
-    resume: bool = False
-
-    def rank_path(self, rank: int) -> str:
-        return self.path if rank == 0 else f"{self.path}.rank{rank}"
-
-    def load(self, rank: int, fingerprint: str) -> tuple[Accumulator | None, int]:
-        import os
-
-        p = self.rank_path(rank)
-        if not self.resume or not os.path.exists(p):
-            if self.resume:
-                log.warning("--resume: no checkpoint at %s; starting from the beginning", p)
-            return None, 0
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-            state["fingerprint"], state["done"], state["acc"]
-        except Exception as e:  # truncated, garbage or foreign: torch raises many types
-            raise UserError(f"--resume: {p} is truncated or corrupt ({first_line(e)}); delete it and rerun "
-                            "without --resume") from None
-        if state["fingerprint"] != fingerprint:
-            raise UserError(f"--resume: {p} belongs to a scan with other inputs (model, data, batch size, "
-                            "max_length, metrics or ranks); rerun without --resume or delete it")
-        log.info("resuming from %s: %d batches done", p, state["done"])
-        return Accumulator.from_state_dict(state["acc"]), int(state["done"])
-
-    def save(self, rank: int, fingerprint: str, acc: Accumulator, done: int) -> None:
-        with atomic_path(self.rank_path(rank)) as tmp:
-            torch.save({"fingerprint": fingerprint, "done": done, "acc": acc.state_dict()}, tmp)
-
-    def remove(self, rank: int) -> None:
-        import contextlib
-        import os
-
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.rank_path(rank))
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """The model's identity for --resume: its config, every parameter's name, shape and dtype, and a
-    strided sample of each parameter's values (64 of them), so another checkpoint of the same shape is told apart."""
-    import hashlib
-
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode() if hasattr(model, "config") else b"")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            if p.device.type != "meta" and p.numel():
-                flat = p.detach().reshape(-1)
-                h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def fingerprint(batches: Sequence[Batch], names: Sequence[str], world: int, extra: dict) -> str:
-    import hashlib
-    import json
-
-    h = hashlib.sha256(json.dumps({"metrics": list(names), "world": world, **extra}, sort_keys=True).encode())
-    for b in batches:
-        h.update(b.input_ids.numpy().tobytes())
-        h.update(b.attention_mask.numpy().tobytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- result
@@ -340,6 +189,53 @@ class ScanResult:
 # ---------------------------------------------------------------- the scan
 
 
+def _batches(tokenizer: Any, texts: Iterable[str], max_length: int, batch_size: int,
+             padding_side: str | None) -> tuple[list, int, str]:
+    """(every batch of the non-empty texts, how many were empty, the padding side used)."""
+    ids, skipped = tokenize(tokenizer, texts, max_length)
+    if skipped:
+        log.warning("skipped %d empty text(s) that tokenize to nothing", skipped)
+    if not ids:
+        raise UserError("the dataset has no non-empty text; check --dataset, --dataset_column and --dataset_subset")
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
+    return make_batches(ids, batch_size, pad_id, side), skipped, side
+
+
+@dataclass
+class _Pass:
+    """One scan's forward machinery: the decoder, where inputs go, the residual capture, the metrics."""
+
+    decoder: Any
+    dev: torch.device
+    capture: ResidualCapture
+    chosen: list
+    all_tokens: bool  # some metric reads every (sampled) token, not just the last
+    tokens_per_text: int
+    gram_bytes: int
+
+    def add(self, batch: Batch, acc: Accumulator) -> int:
+        """One batch forward, its Gram matrices across depth, its per-sample values into ``acc``; its tokens."""
+        mask = batch.attention_mask.to(self.dev)
+        lengths = mask.sum(-1)  # (B,)
+        last = (mask * torch.arange(mask.shape[1], device=self.dev)).argmax(-1)  # (B,) last non-pad index
+        if self.all_tokens:
+            keep = sample_positions(batch.attention_mask, self.tokens_per_text)  # (B, S) on the CPU
+            self.capture.select(keep, self.dev)
+        else:
+            self.capture.rows = torch.arange(mask.shape[0], device=self.dev) * mask.shape[1] + last
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # same positions whatever the padding side
+        self.decoder(input_ids=batch.input_ids.to(self.dev), attention_mask=mask, position_ids=positions, use_cache=False)
+        gram = gram_across_depth(self.capture.states, self.gram_bytes)  # (N, L+1, L+1)
+        check_finite(gram)
+        counts = keep.sum(-1).to(self.dev) if self.all_tokens else torch.ones_like(lengths)
+        sample_of = torch.repeat_interleave(torch.arange(len(counts), device=self.dev), counts)
+        last_rows = counts.cumsum(0) - 1  # row-major packing: each sample's last kept token
+        acc.add(per_sample_values(gram, sample_of, last_rows, len(counts), self.chosen), int(lengths.sum()))
+        self.capture.states = []
+        return int(lengths.sum())
+
+
 def scan_model(
     model: nn.Module,
     tokenizer: Any,
@@ -385,56 +281,28 @@ def scan_model(
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     if max_length < 1:
         raise ValueError(f"--max_length must be >= 1, got {max_length}")
-
     world, rank = 1, 0
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
-
-    ids, skipped = tokenize(tokenizer, texts, max_length)
-    if skipped:
-        log.warning("skipped %d empty text(s) that tokenize to nothing", skipped)
-    if not ids:
-        raise UserError("the dataset has no non-empty text; check --dataset, --dataset_column and --dataset_subset")
-    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
-    batches = make_batches(ids, batch_size, pad_id, side)[rank::world]
-
+    batches, skipped, side = _batches(tokenizer, texts, max_length, batch_size, padding_side)
+    batches = batches[rank::world]
     layers = decoder_layers(model)
-    num_layers = len(layers)
-    all_tokens = any(m.reduce == "all_tokens" for m in chosen)
-    acc, done = Accumulator(names, num_layers), 0
-    fp = fingerprint(batches, names, world, {"padding_side": side, "layers": num_layers, "tokens_per_text": tokens_per_text,
+    acc, done = Accumulator(names, len(layers)), 0
+    fp = fingerprint(batches, names, world, {"padding_side": side, "layers": len(layers), "tokens_per_text": tokens_per_text,
                                              "model": model_fingerprint(model)}) if checkpoint else ""
     if checkpoint:
         acc, done = checkpoint.load(rank, fp)
-        acc = acc or Accumulator(names, num_layers)
-    decoder, dev = decoder_of(model), input_device(model)
-    capture = ResidualCapture(layers, stats_device=dev)
-    total = sum(int(b.lengths.sum()) for b in batches)
-    bar = tqdm(total=total, initial=sum(int(b.lengths.sum()) for b in batches[:done]), unit="tok", unit_scale=True,
-               desc="scan", disable=not progress or rank != 0)
+        acc = acc or Accumulator(names, len(layers))
+    dev = input_device(model)
+    run = _Pass(decoder_of(model), dev, ResidualCapture(layers, stats_device=dev), chosen,
+                any(m.reduce == "all_tokens" for m in chosen), tokens_per_text, gram_bytes)
+    bar = tqdm(total=sum(int(b.lengths.sum()) for b in batches), initial=sum(int(b.lengths.sum()) for b in batches[:done]),
+               unit="tok", unit_scale=True, desc="scan", disable=not progress or rank != 0)
     t0, tokens_before = time.perf_counter(), acc.num_tokens
     try:
         with torch.inference_mode():
             for k, batch in enumerate(batches[done:], start=done + 1):
-                mask = batch.attention_mask.to(dev)
-                lengths = mask.sum(-1)  # (B,)
-                last = (mask * torch.arange(mask.shape[1], device=dev)).argmax(-1)  # (B,) last non-pad index
-                if all_tokens:
-                    keep = sample_positions(batch.attention_mask, tokens_per_text)  # (B, S) on the CPU
-                    capture.select(keep, dev)
-                else:
-                    capture.rows = torch.arange(mask.shape[0], device=dev) * mask.shape[1] + last
-                positions = (mask.cumsum(-1) - 1).clamp_min(0)  # same positions whatever the padding side
-                decoder(input_ids=batch.input_ids.to(dev), attention_mask=mask, position_ids=positions, use_cache=False)
-                gram = gram_across_depth(capture.states, gram_bytes)  # (N, L+1, L+1)
-                check_finite(gram)
-                counts = keep.sum(-1).to(dev) if all_tokens else torch.ones_like(lengths)
-                sample_of = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
-                last_rows = counts.cumsum(0) - 1  # row-major packing: each sample's last kept token
-                acc.add(per_sample_values(gram, sample_of, last_rows, len(counts), chosen), int(lengths.sum()))
-                capture.states = []
-                bar.update(int(lengths.sum()))
+                bar.update(run.add(batch, acc))
                 done = k
                 if checkpoint and k % checkpoint.every == 0 and k < len(batches):
                     checkpoint.save(rank, fp, acc, k)
@@ -445,7 +313,7 @@ def scan_model(
             raise ScanInterrupted(checkpoint.rank_path(rank), done, len(batches)) from None
         raise
     finally:
-        capture.remove()
+        run.capture.remove()
         bar.close()
     acc.all_reduce()
     elapsed = time.perf_counter() - t0

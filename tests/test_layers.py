@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("base: leaves", ["compute_block_similarity." + m for m in ("atomic", "ranges", "metrics", "batching")]),
     ("base: flags, data, model, scan file", ["compute_block_similarity." + m for m in ("flags", "data", "model", "scanfile")]),
     ("base: option groups, scan outputs", ["compute_block_similarity.options", "compute_block_similarity.report"]),
+    ("scanner: the float64 sums", ["compute_block_similarity.sums"]),
     ("scanner", ["compute_block_similarity.scan"]),
     ("scanner: the job", ["compute_block_similarity.job", "compute_block_similarity.__init__"]),
     ("scanner: CLI", ["compute_block_similarity.cli"]),

@@ -12,7 +12,7 @@ from conftest import TEXTS, build_tiny, load, write_jsonl
 from compute_block_similarity import scan_model
 from compute_block_similarity.cli import main as scan_main
 from compute_block_similarity.errors import UserError
-from compute_block_similarity.scan import Accumulator, Checkpoint
+from compute_block_similarity.sums import Accumulator, Checkpoint
 from slice_with_mergekit.cli import main as slice_main
 
 MANY = [f"{t} ({i})" * (1 + i % 4) for i, t in enumerate(TEXTS * 6)]

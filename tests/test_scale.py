@@ -14,7 +14,7 @@ from conftest import TEXTS, load, write_jsonl
 
 from compute_block_similarity import scan_model
 from compute_block_similarity.cli import main as scan_main
-from compute_block_similarity.scan import Accumulator, Checkpoint
+from compute_block_similarity.sums import Accumulator, Checkpoint
 
 MANY = [f"{t} ({i})" * (1 + i % 4) for i, t in enumerate(TEXTS * 6)]  # 42 texts of mixed lengths
 
