@@ -192,6 +192,10 @@ class ScanResult:
 def _batches(tokenizer: Any, texts: Iterable[str], max_length: int, batch_size: int,
              padding_side: str | None) -> tuple[list, int, str]:
     """(every batch of the non-empty texts, how many were empty, the padding side used)."""
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    if max_length < 1:
+        raise ValueError(f"--max_length must be >= 1, got {max_length}")
     ids, skipped = tokenize(tokenizer, texts, max_length)
     if skipped:
         log.warning("skipped %d empty text(s) that tokenize to nothing", skipped)
@@ -235,23 +239,29 @@ class _Pass:
         self.capture.states = []
         return int(lengths.sum())
 
+    def loop(self, batches: list[Batch], done: int, acc: Accumulator, bar: Any, checkpoint: Checkpoint | None,
+             rank: int, fp: str) -> None:
+        """Every batch after the first ``done``, the sums saved every ``checkpoint.every`` and on Ctrl-C."""
+        try:
+            with torch.inference_mode():
+                for k, batch in enumerate(batches[done:], start=done + 1):
+                    bar.update(self.add(batch, acc))
+                    done = k
+                    if checkpoint and k % checkpoint.every == 0 and k < len(batches):
+                        checkpoint.save(rank, fp, acc, k)
+        except KeyboardInterrupt:
+            whole = acc.num_samples == sum(b.input_ids.shape[0] for b in batches[:done])  # no batch half-added
+            if checkpoint and done and whole:
+                checkpoint.save(rank, fp, acc, done)  # the sums cover exactly the first `done` batches
+                raise ScanInterrupted(checkpoint.rank_path(rank), done, len(batches)) from None
+            raise
 
-def scan_model(
-    model: nn.Module,
-    tokenizer: Any,
-    texts: Iterable[str],
-    *,
-    metric: str = DEFAULT_METRIC,
-    metrics: Sequence[str] | None = None,
-    batch_size: int = 8,
-    max_length: int = 1024,
-    padding_side: str | None = None,
-    progress: bool = True,
-    provenance: dict | None = None,
-    checkpoint: Checkpoint | None = None,
-    tokens_per_text: int = TOKENS_PER_TEXT,
-    gram_bytes: int = GRAM_BYTES,
-) -> ScanResult:
+
+def scan_model(model: nn.Module, tokenizer: Any, texts: Iterable[str], *, metric: str = DEFAULT_METRIC,
+               metrics: Sequence[str] | None = None, batch_size: int = 8, max_length: int = 1024,
+               padding_side: str | None = None, progress: bool = True, provenance: dict | None = None,
+               checkpoint: Checkpoint | None = None, tokens_per_text: int = TOKENS_PER_TEXT,
+               gram_bytes: int = GRAM_BYTES) -> ScanResult:
     """Score every block of consecutive decoder layers of a loaded causal LM.
 
     Args:
@@ -266,9 +276,8 @@ def scan_model(
         progress: show a tqdm bar with tokens per second.
         provenance: model/dataset facts recorded in the outputs.
         checkpoint: save running sums every ``checkpoint.every`` batches; resume from them.
-        tokens_per_text: all-token metrics average over at most this many evenly spaced non-pad
-            positions per text (0: all), so memory beyond the forward pass is bounded by
-            (L+1) x batch_size x tokens_per_text x hidden states, whatever max_length is.
+        tokens_per_text: all-token metrics use at most this many evenly spaced non-pad positions per text
+            (0: all): memory beyond the forward is (L+1) x batch_size x tokens_per_text hidden states.
         gram_bytes: the float64 working set of the Gram computation, in bytes.
 
     Under torchrun / accelerate launch (torch.distributed initialized), each rank takes every
@@ -277,13 +286,7 @@ def scan_model(
     get_metric(metric)
     names = tuple(dict.fromkeys([metric, *(metrics if metrics is not None else METRICS)]))
     chosen = [get_metric(n) for n in names]
-    if batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
-    if max_length < 1:
-        raise ValueError(f"--max_length must be >= 1, got {max_length}")
-    world, rank = 1, 0
-    if dist.is_available() and dist.is_initialized():
-        world, rank = dist.get_world_size(), dist.get_rank()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
     batches, skipped, side = _batches(tokenizer, texts, max_length, batch_size, padding_side)
     batches = batches[rank::world]
     layers = decoder_layers(model)
@@ -300,18 +303,7 @@ def scan_model(
                unit="tok", unit_scale=True, desc="scan", disable=not progress or rank != 0)
     t0, tokens_before = time.perf_counter(), acc.num_tokens
     try:
-        with torch.inference_mode():
-            for k, batch in enumerate(batches[done:], start=done + 1):
-                bar.update(run.add(batch, acc))
-                done = k
-                if checkpoint and k % checkpoint.every == 0 and k < len(batches):
-                    checkpoint.save(rank, fp, acc, k)
-    except KeyboardInterrupt:
-        whole = acc.num_samples == sum(b.input_ids.shape[0] for b in batches[:done])  # no batch half-added
-        if checkpoint and done and whole:
-            checkpoint.save(rank, fp, acc, done)  # the sums cover exactly the first `done` batches
-            raise ScanInterrupted(checkpoint.rank_path(rank), done, len(batches)) from None
-        raise
+        run.loop(batches, done, acc, bar, checkpoint, rank, fp)
     finally:
         run.capture.remove()
         bar.close()
