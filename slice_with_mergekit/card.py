@@ -96,26 +96,8 @@ def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id
              f"- **Removed layers:** {format_layers(removed)} (the layer list: {removed})",
              f"- **Kept ranges:** {format_ranges(ranges)}",
              f"- **Layers:** {L} -> {len(kept)}"]
-    if scan:
-        n = len(removed)
-        ds = scan.dataset
-        lines += [f"- **Metric:** `{scan.metric}` ({scan.metric_info.description})",
-                  f"- **Calibration data:** {ds.name} (split {ds.split}, column {ds.column}), "
-                  f"{scan.num_samples} samples, {scan.num_tokens} tokens, max_length {ds.max_length}"]
-        if n in scan.distances:
-            row = scan.distances[n]
-            se = scan.stderr.get(n, [0.0] * len(row))
-            lines += ["", f"Scores of every {n}-layer block (lower = more redundant):", "",
-                      "| start | block | score | std. error |", "|---|---|---|---|"]
-            lines += [f"| {l} | [{l}, {l + n}) | {v:.4f} | {e:.4f} |" for l, (v, e) in enumerate(zip(row, se))]
-    if (out / REPAIR_FILE).exists():
-        info, _ = load_repair(out / REPAIR_FILE)
-        cal = info.calibration
-        lines += ["", "## Repair (no training)", "",
-                  f"Each cut is bridged by one d x d matrix T, fitted by `{info.method}` on {cal.size} texts of "
-                  f"{cal.dataset} (split {cal.split}, {cal.tokens_fit} tokens) and folded into the "
-                  "output projection of the layer before the cut (ReplaceMe). `repair.safetensors` holds T.", ""]
-        lines += [f"- [{b.start}, {b.end}) via `{b.writer}`: {b.decision}" for b in info.bridges]
+    lines += scan_lines(scan, len(removed)) if scan else []
+    lines += repair_lines(out)
     if ev.models:
         stages = [k for k in ("source", "cut", "repaired", "healed") if k in ev.models]
         lines += ["", "## Evaluation", ""]
@@ -136,6 +118,34 @@ def model_card(out: Path, plan_path: Path, scan: ScanFile | None = None, repo_id
         lines += ["", "```json", json.dumps(without_per_doc(ev.model_dump(exclude_none=True)), indent=1), "```"]
     lines += ["", "## sliced.yml", "", "```yaml", Path(plan_path).read_text().strip(), "```", ""]
     return "\n".join(lines)
+
+
+def scan_lines(scan: ScanFile, n: int) -> list[str]:
+    """The scan behind the cut: its metric, its calibration data, every n-layer block's score."""
+    ds = scan.dataset
+    lines = [f"- **Metric:** `{scan.metric}` ({scan.metric_info.description})",
+             f"- **Calibration data:** {ds.name} (split {ds.split}, column {ds.column}), "
+             f"{scan.num_samples} samples, {scan.num_tokens} tokens, max_length {ds.max_length}"]
+    if n in scan.distances:
+        row = scan.distances[n]
+        se = scan.stderr.get(n, [0.0] * len(row))
+        lines += ["", f"Scores of every {n}-layer block (lower = more redundant):", "",
+                  "| start | block | score | std. error |", "|---|---|---|---|"]
+        lines += [f"| {l} | [{l}, {l + n}) | {v:.4f} | {e:.4f} |" for l, (v, e) in enumerate(zip(row, se))]
+    return lines
+
+
+def repair_lines(out: Path) -> list[str]:
+    """The bridges folded into the checkpoint (repair.safetensors), if any."""
+    if not (out / REPAIR_FILE).exists():
+        return []
+    info, _ = load_repair(out / REPAIR_FILE)
+    cal = info.calibration
+    lines = ["", "## Repair (no training)", "",
+             f"Each cut is bridged by one d x d matrix T, fitted by `{info.method}` on {cal.size} texts of "
+             f"{cal.dataset} (split {cal.split}, {cal.tokens_fit} tokens) and folded into the "
+             "output projection of the layer before the cut (ReplaceMe). `repair.safetensors` holds T.", ""]
+    return lines + [f"- [{b.start}, {b.end}) via `{b.writer}`: {b.decision}" for b in info.bridges]
 
 
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"

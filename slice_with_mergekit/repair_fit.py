@@ -43,7 +43,7 @@ from compute_block_similarity.ranges import runs as ranges_runs
 from .evaluate import head_share, perplexity, sample_scored, tokenize_windows
 from .inmemory import read_weight, removed_layers, replaced_weight
 from .repair_record import fold_tensor, norm_weight
-from .repair_stats import HELDOUT_EVERY, RunStats, collect
+from .repair_stats import HELDOUT_EVERY, FitOptions, RunStats, collect
 from .repair_writers import PostNorm, Writer, find_writer
 
 log = logging.getLogger(__name__)
@@ -222,21 +222,6 @@ class RepairResult:
 STATS_BYTES = 2 * 2**30  # float64 d x d sums collected in one shared pass (fit_repairs)
 
 
-@dataclass(frozen=True)
-class FitOptions:
-    """How bridges are fitted: the repair (`--repair`) and the fit's settings, travelling whole from
-    materialize and repair to the fit."""
-
-    method: str = "linear"  # a repair of REPAIRS
-    batch_size: int = 8
-    max_length: int = 256  # calibration tokens per text
-    guard: bool = True  # keep a bridge only if it lowers held-out calibration loss
-    cosine_steps: int = 100  # --repair cosine: optimizer steps
-    sample_tokens: int = 32768  # --repair cosine: token rows kept for the fit
-    skip_unfoldable: bool = False  # a run whose bridge cannot fold exactly is left plain, not refused
-    progress: bool = True
-
-
 @dataclass
 class Collected:
     """What one shared pass of the dense model leaves for the fits: each run's writer (or why it has none)
@@ -304,8 +289,7 @@ def collect_all(model: nn.Module, tok: Any, texts: Sequence[str], keys: list[tup
     per_pass = max(1, stats_bytes // (4 * d * d * 8))  # AtA and AtY for the fit and held-out parts
     sample = fit.sample_tokens if get_repair(fit.method).stores_tokens else 0
     for k in range(0, len(runs), per_pass):
-        got.stats.update(collect(model, tok, texts, runs[k : k + per_pass], got.writers, batch_size=fit.batch_size,
-                                 max_length=fit.max_length, sample_tokens=sample, progress=fit.progress))
+        got.stats.update(collect(model, tok, texts, runs[k : k + per_pass], got.writers, fit, sample))
     return got
 
 

@@ -52,6 +52,21 @@ class RunStats:
         return RunStats([z(), z()], [z(), z()], [0.0, 0.0], [0.0, 0.0], [0, 0])
 
 
+@dataclass(frozen=True)
+class FitOptions:
+    """How bridges are fitted: the repair (`--repair`) and the fit's settings, travelling whole from
+    materialize and repair to the fit."""
+
+    method: str = "linear"  # a repair of REPAIRS
+    batch_size: int = 8
+    max_length: int = 256  # calibration tokens per text
+    guard: bool = True  # keep a bridge only if it lowers held-out calibration loss
+    cosine_steps: int = 100  # --repair cosine: optimizer steps
+    sample_tokens: int = 32768  # --repair cosine: token rows kept for the fit
+    skip_unfoldable: bool = False  # a run whose bridge cannot fold exactly is left plain, not refused
+    progress: bool = True
+
+
 def _hooks(layers: Any, runs: Sequence[tuple[int, int]], writers: dict[int, Writer], taps: dict) -> list:
     """Forward hooks that put, per batch, each run's x^s, m (and N(m) after a post-norm) and x^e in ``taps``."""
     def keep(key: str) -> Callable:
@@ -93,10 +108,11 @@ def _targets(taps: dict, mask: torch.Tensor, s: int, e: int, w: Writer | None) -
 
 
 def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tuple[int, int]],
-            writers: dict[int, Writer], *, batch_size: int = 8, max_length: int = 256, sample_tokens: int = 0,
-            progress: bool = True) -> dict[tuple[int, int], RunStats]:
+            writers: dict[int, Writer], fit: FitOptions, sample_tokens: int = 0) -> dict[tuple[int, int], RunStats]:
     """One forward pass of the dense model over ``texts`` (stopped after the deepest needed layer),
-    accumulating each run's normal equations on the device its layer runs on."""
+    accumulating each run's normal equations on the device its layer runs on; ``sample_tokens`` token
+    rows kept per run for a fit that needs them (--repair cosine)."""
+    batch_size, max_length = fit.batch_size, fit.max_length
     layers = decoder_layers(model)
     d = text_config(model).hidden_size
     ids, skipped = tokenize(tok, texts, max_length)
@@ -114,7 +130,7 @@ def collect(model: nn.Module, tok: Any, texts: Sequence[str], runs: Sequence[tup
         for part in (0, 1):
             sub = [x for x, p in zip(ids, part_of) if p == part]
             for batch in tqdm(make_batches(sub, batch_size, pad, "right") if sub else [],
-                              desc=f"repair fit ({'fit' if part == 0 else 'held-out'})", disable=not progress):
+                              desc=f"repair fit ({'fit' if part == 0 else 'held-out'})", disable=not fit.progress):
                 mask = batch.attention_mask.to(dev)
                 with torch.no_grad():
                     _forward(model, batch.input_ids.to(dev), mask)

@@ -74,7 +74,7 @@ def verify(out_path: str, plan_path: str, source: str | None = None, generate_to
            load: ModelOptions | None = None) -> Checks:
     """Check a pruned checkpoint against its source and plan; the generation check loads it placed as
     ``load`` says (``--device_map``, ``--max_memory``: one bigger than a device), else on the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     out = Path(out_path)
     if not (out / "config.json").exists():
@@ -114,6 +114,15 @@ def verify(out_path: str, plan_path: str, source: str | None = None, generate_to
     if (out / REPAIR_FILE).exists():
         rep.add("repair bridges", not bad, f"{len(patched) - len(bad)}/{len(patched)} patched tensors equal source x "
                 f"recorded T" + (f"; differ: {bad[:3]}" if bad else ""))
+
+    generation_checks(rep, out, generate_tokens, load)
+    return rep
+
+
+def generation_checks(rep: Checks, out: Path, generate_tokens: int, load: ModelOptions | None) -> None:
+    """transformers loads the checkpoint with no missing or unexpected weights, and greedy generation
+    gives the same tokens with the KV cache as without it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         place = placement(load.device_map, load.max_memory, load.offload_folder) if load else {}
