@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from .errors import debug_enabled, run_cli
-from .flags import add_flags, from_args
+from .flags import add_flags, from_args, progress_shown
 from .job import run_scan
 from .options import DataOptions, ModelOptions, ScanOptions
 
@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dist.destroy_process_group()
         return 0
 
-    return run_cli(command, debug_enabled(argv))
+    with progress_shown(not getattr(args, "no_progress", False)):  # --no_progress: every bar, not only the scan's
+        return run_cli(command, debug_enabled(argv))
 
 
 if __name__ == "__main__":
