@@ -86,6 +86,9 @@ def test_prune_budget_mode_and_target_layers(tiny_models, tmp_path):
     assert slice_main([*base, "--max_ppl_ratio", "1e6", "--max_layers", "3", "--work_dir", str(tmp_path / "b")]) == 0
     budget = json.loads((tmp_path / "b" / "budget.json").read_text())
     assert budget["n"] == 3 and [r["n"] for r in budget["curve"]] == [1, 2, 3]
+    from slice_with_mergekit.records import BudgetRecord
+
+    assert BudgetRecord.load(tmp_path / "b" / "budget.json").removed == budget["curve"][2]["removed"]  # typed, the same
     report = (tmp_path / "b" / "report.md").read_text()
     assert "How many layers can go" in report and "**3 of 8 layers**" in report
     assert json.loads((tmp_path / "b" / "n3" / "model" / "config.json").read_text())["num_hidden_layers"] == 5

@@ -93,3 +93,23 @@ def test_a_selection_of_another_version_is_one_line(tmp_path):
     path.write_text(path.read_text().replace('"version": 1', '"version": 0'))
     with pytest.raises(UserError, match="version"):
         Selection.load(path)
+
+
+def test_a_stage_stamp_is_typed_and_an_unreadable_one_reruns_its_stage(tmp_path, caplog):
+    from slice_with_mergekit.stage_cache import StageStamp, stage, stage_costs
+
+    runs = []
+    out = tmp_path / "out.txt"
+
+    def work() -> None:
+        runs.append(1)
+        out.write_text("done")
+
+    fp = stage(tmp_path, "s", {"a": 1}, [out], work)
+    assert StageStamp.load(tmp_path / ".stage-s.json").fingerprint == fp and len(runs) == 1
+    assert stage(tmp_path, "s", {"a": 1}, [out], work) == fp and len(runs) == 1  # unchanged: skipped
+    assert [c.stage for c in stage_costs(tmp_path)] == ["s"]
+    (tmp_path / ".stage-s.json").write_text('{"fingerprint": 3')  # cut off by a kill
+    with caplog.at_level("WARNING"):
+        stage(tmp_path, "s", {"a": 1}, [out], work)
+    assert len(runs) == 2 and "not JSON" in caplog.text
