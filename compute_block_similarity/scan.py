@@ -235,9 +235,10 @@ class _Pass:
         counts = keep.sum(-1).to(self.dev) if self.all_tokens else torch.ones_like(lengths)
         sample_of = torch.repeat_interleave(torch.arange(len(counts), device=self.dev), counts)
         last_rows = counts.cumsum(0) - 1  # row-major packing: each sample's last kept token
-        acc.add(per_sample_values(gram, sample_of, last_rows, len(counts), self.chosen), int(lengths.sum()))
+        tokens = int(lengths.sum())
+        acc.add(per_sample_values(gram, sample_of, last_rows, len(counts), self.chosen), tokens)
         self.capture.states = []
-        return int(lengths.sum())
+        return tokens
 
     def loop(self, batches: list[Batch], done: int, acc: Accumulator, bar: Any, checkpoint: Checkpoint | None,
              rank: int, fp: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compute_block_similarity.errors import UserError, first_line
-from compute_block_similarity.model import input_device
+from compute_block_similarity.model import input_device, text_config
 
 from . import suite
 from .records import PerDoc, TaskScore, TasksRecord
@@ -181,7 +181,7 @@ def run_tasks(model: Any, tok: Any, opts: TaskOptions, tm: Any = None) -> TasksR
 
     tm = tm or task_manager(opts)
     names, _ = resolve(opts)
-    vocab = int(model.get_output_embeddings().weight.shape[0])
+    vocab = text_config(model).vocab_size
     batch = task_batch(opts.task_batch_size, vocab)
     if batch < opts.task_batch_size:
         log.info("lm-eval batch %d, not --task_batch_size %d: the logits of %d rows x %d tokens x %d vocabulary stay "

@@ -317,13 +317,12 @@ def variant_stages(a: PruneArgs, job: Job, n: int, name: str, fixed: list[int] |
     ranges = kept_ranges_of(read_plan(v.plan))
     shift = second_corpus_stages(a, job, v)
     healed, ledger = heal_stages(a, job, v, shift)
-    row = Row(n=n, name=name, repair=a.repair, removed=job.scan.removed(ranges), ranges=ranges, source=job.src_ppl,
-              cut=0.0, healed=healed, ledger=ledger, shift=shift, dir=v.tag)
-    row.tasks = task_stages(a, job, v, row.removed)
+    removed = job.scan.removed(ranges)
     pr = PerplexityRecord.load(v.dir / "pruned_eval.json")
     cut = PerplexityRecord.load(v.dir / "cut_eval.json") if a.repair != "none" else pr
-    row.cut, row.tokens = cut.perplexity, pr.tokens_scored
-    row.repaired = pr.perplexity if a.repair != "none" else None
+    row = Row(n=n, name=name, repair=a.repair, removed=removed, ranges=ranges, source=job.src_ppl, cut=cut.perplexity,
+              repaired=pr.perplexity if a.repair != "none" else None, healed=healed, ledger=ledger,
+              tokens=pr.tokens_scored or 0, tasks=task_stages(a, job, v, removed), shift=shift, dir=v.tag)
     ev = eval_file(a, job, row, cut, pr)
     write_records(v.model, ev, v.plan, job.scan)
     if healed:
@@ -340,9 +339,9 @@ def eval_file(a: PruneArgs, job: Job, row: Row, cut: PerplexityRecord, pr: Perpl
     ev = EvalFile(dataset=HeldOut(name=a.data.dataset, split=a.eval_subset, texts=a.eval_size),
                   checkpoint="repaired" if repaired else "cut", heal=row.ledger, second_corpus=second)
     ev.models["source"] = ModelEval(perplexity=job.src_ppl, lm_eval=job.src_tasks if row.tasks else None)
-    ev.models["cut"] = ModelEval(**cut.model_dump())
+    ev.models["cut"] = ModelEval.model_validate(cut.model_dump())
     if repaired:
-        ev.models["repaired"] = ModelEval(**pr.model_dump(), repair=a.repair)
+        ev.models["repaired"] = ModelEval.model_validate({**pr.model_dump(), "repair": a.repair})
     if row.healed:
         ev.models["healed"] = ModelEval(perplexity=row.healed)
     for form, rec in row.tasks.items():

@@ -205,10 +205,7 @@ def load_eval(path: str | os.PathLike, *, missing_ok: bool = True) -> EvalFile:
         if missing_ok:
             return EvalFile()
         raise UserError(f"{path} does not exist; run `evaluate --into` or `prune` to write it")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"{path} is not JSON ({e}); delete it and rerun the evaluation") from None
+    raw = _read_json(path, "delete it and rerun the evaluation")
     if isinstance(raw, dict) and "version" not in raw:
         log.warning("%s is of an older format; it is not read (rerun the evaluation to rewrite it)", path)
         return EvalFile()
@@ -228,15 +225,19 @@ def _checked(cls: type[M], raw: Any, path: Path, fix: str) -> M:
         raise UserError(f"{path}: {where}: {err['msg']}; {fix}") from None
 
 
+def _read_json(path: Path, fix: str) -> Any:
+    """A JSON file's content; one that is not JSON is one line naming it and the fix."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is not JSON ({e}); {fix}") from None
+
+
 def _validated(cls: type[M], path: Path, fix: str) -> M:
     """A JSON file read as ``cls``: missing, not JSON or of another shape, one line."""
     if not path.exists():
         raise UserError(f"{path} does not exist; {fix}")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"{path} is not JSON ({e}); {fix}") from None
-    return _checked(cls, raw, path, fix)
+    return _checked(cls, _read_json(path, fix), path, fix)
 
 
 class Candidate(BaseModel):
@@ -322,16 +323,7 @@ class BudgetRecord(Record):
 
 
 
-class PerplexityRecord(Record):
-    """A stage's held-out perplexity (`evaluate.Perplexity`)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    perplexity: float
-    nll_sum: float | None = None
-    tokens_scored: int
-    num_texts: int | None = None
-    max_length: int | None = None
-    stride: int | None = None
+class PerplexityRecord(Record, ModelEval):
+    """A stage's held-out perplexity (`evaluate.Perplexity`'s fields), as its own file: a `ModelEval`."""
 
 

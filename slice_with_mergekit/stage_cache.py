@@ -43,7 +43,8 @@ class StageCost:
 
 def stage(work: Path, name: str, inputs: dict, outputs: list[Path], fn: Callable[..., Any], *args: Any) -> str:
     """Run ``fn(*args)`` unless its inputs' fingerprint and outputs are unchanged. Returns the fingerprint."""
-    fp = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    canonical = json.dumps(inputs, sort_keys=True, default=str)  # the fingerprint's text, and the stamp's inputs
+    fp = hashlib.sha256(canonical.encode()).hexdigest()[:16]
     path = work / f".stage-{name}.json"
     last = last_run(path)
     if last and last.fingerprint == fp and all(p.exists() for p in outputs):
@@ -55,7 +56,7 @@ def stage(work: Path, name: str, inputs: dict, outputs: list[Path], fn: Callable
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     fn(*args)
-    stamp = StageStamp(fingerprint=fp, inputs=json.loads(json.dumps(inputs, default=str)),
+    stamp = StageStamp(fingerprint=fp, inputs=json.loads(canonical),
                        seconds=time.perf_counter() - t0,
                        peak_cuda_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
     stamp.save(path)

@@ -15,6 +15,7 @@ from compute_block_similarity.cli import main as scan_main
 from slice_with_mergekit import suite
 from slice_with_mergekit.benchmarks import above_chance, retained
 from slice_with_mergekit.cli import main as slice_main
+from slice_with_mergekit.records import TasksRecord
 from slice_with_mergekit.verify import verify
 
 pytestmark = pytest.mark.slow
@@ -83,13 +84,13 @@ def test_prune_with_healing_and_the_field_on_the_standard_suite_on_smollm2(smoll
         d = work / ("n4" if name == "ours" else f"n4-{name}")
         assert sorted(p.stem.removeprefix("tasks_") for p in d.glob("tasks_*.json")) == sorted(fs), name
         for form in fs:
-            rec = json.loads((d / f"tasks_{form}.json").read_text())
+            rec = TasksRecord.load(d / f"tasks_{form}.json")
             line = next((x for x in table.splitlines() if x.startswith(f"| {name} n=4, {form} |")), None)
             if line is None and form == "cut":  # the same cut printed once, by the row before that removes the same layers
                 continue
             assert line is not None, (name, form)
-            above = above_chance(dense, rec)
-            assert f"{retained(dense, rec)['average']:.1f} %" in line and "nan" not in line.lower()
+            above = above_chance(TasksRecord.model_validate(dense), rec)
+            assert f"{retained(TasksRecord.model_validate(dense), rec)['average']:.1f} %" in line and "nan" not in line.lower()
             assert all(se is None or math.isfinite(se) for _, se in above.values())
     assert "### Ours against each method" in report and "ours repaired vs shortgpt cut" in report
     ev = json.loads((work / "n4" / "model" / "eval.json").read_text())
