@@ -33,25 +33,25 @@ def main() -> None:
     from bench_nll import model_path
 
     import slice_with_mergekit.repair_fit as repair_fit
-    from compute_block_similarity import scan_model
+    from compute_block_similarity import ScanSettings, scan_model
     from compute_block_similarity.data import load_texts
     from compute_block_similarity.model import load_model
     from compute_block_similarity.ranges import format_layers
     from compute_block_similarity.report import json_payload
     from compute_block_similarity.scanfile import ScanFile
-    from slice_with_mergekit.scoring import Scorer
+    from slice_with_mergekit.scoring import ScoreSettings, Scorer
     from slice_with_mergekit.select import bridge_dependence, select_race
 
     path = model_path(args.model)
     model, tok = load_model(path, dtype="float32", device="cpu")
     calib = load_texts("python-stdlib-docs", split="train", size=args.calib)
     ml = args.max_length
-    res = scan_model(model, tok, calib, batch_size=8, max_length=ml, progress=False)
+    res = scan_model(model, tok, calib, ScanSettings(batch_size=8, max_length=ml, progress=False))
     scan = ScanFile.model_validate({**json_payload(res, 1), "model": str(path)})
     fit, ppl = repair_fit.fit_repairs, repair_fit.perplexity
     rows = []
     for guard in (True, False):
-        sc = Scorer(model, tok, calib, max_length=ml, stride=ml, repair="linear")
+        sc = Scorer(model, tok, calib, ScoreSettings(max_length=ml, stride=ml, repair="linear"))
         guarded = {"tokens": 0}
 
         def counted(*a, **k):  # the guard's perplexities: repair_fit's only calls

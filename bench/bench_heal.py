@@ -69,7 +69,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     from compute_block_similarity.data import load_texts
     from compute_block_similarity.model import default_model_dir
-    from slice_with_mergekit.evaluate import perplexity
+    from slice_with_mergekit.evaluate import WindowSettings, perplexity
     from slice_with_mergekit.heal import HealConfig, heal
     from slice_with_mergekit.materialize import materialize
     from slice_with_mergekit.repair_fit import FitOptions
@@ -94,8 +94,7 @@ def main() -> None:
 
     def ppl(path: Path | str, texts: list[str]) -> float:
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        return perplexity(m, AutoTokenizer.from_pretrained(path), texts, max_length=256, stride=256,
-                          batch_size=8).perplexity
+        return perplexity(m, AutoTokenizer.from_pretrained(path), texts, WindowSettings(max_length=256, stride=256), batch_size=8).perplexity
 
     base = {k: {"select": ppl(v, select), "unseen": ppl(v, unseen)} for k, v in
             {"dense": src, "cut": ckpt["cut"], "repaired": ckpt["repaired"]}.items()}

@@ -28,7 +28,7 @@ def main() -> None:
     from compute_block_similarity.data import READMES_DATASET, load_texts
     from compute_block_similarity.model import load_model
     from compute_block_similarity.ranges import format_layers
-    from slice_with_mergekit.evaluate import perplexity
+    from slice_with_mergekit.evaluate import WindowSettings, perplexity
     from slice_with_mergekit.inmemory import removed_layers
 
     model, tok = load_model(model_path(args.model), dtype="float32", device="auto")
@@ -40,7 +40,7 @@ def main() -> None:
     for s in map(int, args.starts.split(",")):
         cut = list(range(s, s + args.n))
         with removed_layers(model, cut):
-            ppl = {k: perplexity(model, tok, t, max_length=ml, stride=ml).perplexity for k, t in judges.items()}
+            ppl = {k: perplexity(model, tok, t, WindowSettings(max_length=ml, stride=ml)).perplexity for k, t in judges.items()}
         print(f"{format_layers(cut):<10} " + "  ".join(f"{k} {v:.2f}" for k, v in ppl.items()), flush=True)
 
 

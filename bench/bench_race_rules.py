@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from slice_with_mergekit.scoring import Scorer  # noqa: E402
+from slice_with_mergekit.scoring import ScoreSettings, Scorer  # noqa: E402
 from slice_with_mergekit.race import Race  # noqa: E402
 
 
@@ -104,7 +104,7 @@ def main() -> None:
     from bench_nll import model_path
     from common import judged_key
 
-    from compute_block_similarity import scan_model
+    from compute_block_similarity import ScanSettings, scan_model
     from compute_block_similarity.data import load_texts
     from compute_block_similarity.model import load_model
     from compute_block_similarity.ranges import format_layers
@@ -134,10 +134,10 @@ def main() -> None:
         rules[name] = Race(**{k: type(getattr(Race, k))(v) for k, v in fields.items()})
 
     t0 = time.perf_counter()
-    res = scan_model(model, tok, calib, batch_size=8, max_length=ml, progress=False)
+    res = scan_model(model, tok, calib, ScanSettings(batch_size=8, max_length=ml, progress=False))
     scan = ScanFile.model_validate({**json_payload(res, 1), "model": str(path)})
     L = res.num_layers
-    master = Replay(model, tok, calib, max_length=ml, stride=ml, repair="linear")
+    master = Replay(model, tok, calib, ScoreSettings(max_length=ml, stride=ml, repair="linear"))
     master.table, master.save, master.fitted, master.gain_order = table, save, set(), list(master.order)
     rows = []
     for n in map(int, args.sizes.split(",")):

@@ -31,10 +31,10 @@ def main() -> None:
     p.add_argument("--methods", default="linear,cosine")
     args = p.parse_args()
 
-    from compute_block_similarity import scan_model
+    from compute_block_similarity import ScanSettings, scan_model
     from compute_block_similarity.batching import make_batches, tokenize
     from compute_block_similarity.model import decoder_of, input_device
-    from slice_with_mergekit.evaluate import perplexity
+    from slice_with_mergekit.evaluate import WindowSettings, perplexity
     from slice_with_mergekit.inmemory import removed_layers
     from slice_with_mergekit.repair_fit import FitOptions, fit_repair
 
@@ -42,7 +42,7 @@ def main() -> None:
     dev = input_device(model)
 
     def heldout_ppl() -> float:
-        return perplexity(model, tok, held, max_length=args.max_length, stride=args.max_length, batch_size=8).perplexity
+        return perplexity(model, tok, held, WindowSettings(max_length=args.max_length, stride=args.max_length), batch_size=8).perplexity
 
     ids, _ = tokenize(tok, calib, args.max_length)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -52,7 +52,7 @@ def main() -> None:
         for b in batches:
             decoder_of(model)(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev), use_cache=False)
     pass_s = time.perf_counter() - t0
-    res = scan_model(model, tok, calib, batch_size=16, max_length=args.max_length, progress=False)
+    res = scan_model(model, tok, calib, ScanSettings(batch_size=16, max_length=args.max_length, progress=False))
     blocks = [(res.best_start(n), res.best_start(n) + n, "angle") for n in map(int, args.sizes.split(",") if args.sizes else [])]
     blocks += [(int(a), int(b), "given") for a, b in (x.split("-") for x in args.blocks.split(",") if x)]
     dense = heldout_ppl()

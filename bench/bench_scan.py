@@ -66,7 +66,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     from compute_block_similarity.model import default_model_dir, load_model
     from compute_block_similarity.batching import make_batches, tokenize
     from compute_block_similarity.model import decoder_of, input_device
-    from compute_block_similarity.scan import scan_model
+    from compute_block_similarity.scan import ScanSettings, scan_model
 
     if args.random_llama:
         model, tok = random_llama(args.random_llama, args.model_path or default_model_dir(), args.dtype, args.device)
@@ -100,8 +100,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     elif args.mode.startswith("scan"):
         metrics = {"scan_all_metrics": None, "scan_default_metric": ["angular_last_token"],
                    "scan_last_token_metrics": ["angular_last_token", "relative_magnitude", "euclidean_last_token"]}[args.mode]
-        scan_model(model, tok, texts, metrics=metrics, batch_size=args.batch_size, max_length=args.max_length,
-                   padding_side="right", progress=False)
+        scan_model(model, tok, texts, ScanSettings(metrics=metrics, batch_size=args.batch_size, max_length=args.max_length, padding_side="right", progress=False))
     else:  # PruneMe: full model with LM head, every layer's whole sequence kept, last token compared
         sums = None
         with torch.inference_mode():

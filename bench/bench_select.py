@@ -39,21 +39,21 @@ def main() -> None:
     p.add_argument("--iterative_max_n", type=int, default=0, help="run SLEB-style iterative only up to this n (it is costly)")
     args = p.parse_args()
 
-    from compute_block_similarity import scan_model
+    from compute_block_similarity import ScanSettings, scan_model
     from compute_block_similarity.ranges import format_layers
     from compute_block_similarity.report import json_payload
     from compute_block_similarity.scanfile import ScanFile
-    from slice_with_mergekit.scoring import Scorer
+    from slice_with_mergekit.scoring import ScoreSettings, Scorer
     from slice_with_mergekit.select import select_deepest, select_iterative, select_ppl, select_race, select_refine
 
     model, tok, calib, held = load(args)
     t0 = time.perf_counter()
-    res = scan_model(model, tok, calib, batch_size=16, max_length=args.max_length, progress=False)
+    res = scan_model(model, tok, calib, ScanSettings(batch_size=16, max_length=args.max_length, progress=False))
     scan_s = time.perf_counter() - t0
     L = res.num_layers
     scan = ScanFile.model_validate({**json_payload(res, 1), "model": str(args.model_path)})  # every metric
-    cal = Scorer(model, tok, calib, max_length=args.max_length, stride=args.max_length)
-    hel = Scorer(model, tok, held, max_length=args.max_length, stride=args.max_length)
+    cal = Scorer(model, tok, calib, ScoreSettings(max_length=args.max_length, stride=args.max_length))
+    hel = Scorer(model, tok, held, ScoreSettings(max_length=args.max_length, stride=args.max_length))
     dense = hel([])
     rows = []
     cache = {}
@@ -72,7 +72,7 @@ def main() -> None:
                     json.dump(cache, f)
         exh_s = time.perf_counter() - t
         best_s = min(exh, key=exh.get)
-        cal_race = Scorer(model, tok, calib, max_length=args.max_length, stride=args.max_length)  # its own cost count
+        cal_race = Scorer(model, tok, calib, ScoreSettings(max_length=args.max_length, stride=args.max_length))  # its own cost count
         c = select_race(scan, n, cal_race, args.race_k)
         choices = {f"race (k={args.race_k})": (c.removed, c.passes)}
         choices["angle"] = (list(range(res.best_start(n), res.best_start(n) + n)), 0)

@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2", help=f"one of {', '.join(MODELS)}, or a checkpoint folder")
     p.add_argument("--n", type=int, default=8, help="layers to remove (about 25 %%: SmolLM2 8/30, Gemma-3 4/18, Qwen2.5 6/24)")
     p.add_argument("--limit", type=int, default=200, help="documents per task (stated beside every figure)")
-    p.add_argument("--baselines", default="shortgpt,angle,replaceme,deepest")
+    p.add_argument("--baselines", default="shortgpt,angle,replaceme,deepest", help="comma-separated; '' for ours only")
     p.add_argument("--heal", action="store_true", help="also heal every model with prune's default recipe")
     p.add_argument("--heal_steps", type=int, default=100)
     p.add_argument("--dataset_size", type=int, default=256, help="calibration texts (scan, choice, repair)")
@@ -48,7 +48,9 @@ def main() -> None:
     work = Path(args.work or f"bench_work/suite_{args.model}_n{args.n}")
     cmd = ["prune", path, "--layers_to_skip", str(args.n), "--dataset_size", str(args.dataset_size),
            "--tasks", "zero-shot", "--num_fewshot", "0", "--limit", str(args.limit), "--task_batch_size",
-           str(args.task_batch_size), "--baselines", args.baselines, "--work_dir", str(work)]
+           str(args.task_batch_size), "--work_dir", str(work)]
+    if args.baselines:
+        cmd += ["--baselines", args.baselines]
     if args.heal:
         cmd += ["--heal", "--heal_steps", str(args.heal_steps)]
     t0 = time.perf_counter()

@@ -57,16 +57,16 @@ def main() -> None:
     from bench_nll import model_path
     from common import judged_key
 
-    from compute_block_similarity import scan_model
+    from compute_block_similarity import ScanSettings, scan_model
     from compute_block_similarity.data import BUILTIN_DATASET, READMES_DATASET, load_texts
     from compute_block_similarity.model import load_model
     from compute_block_similarity.ranges import format_layers
     from compute_block_similarity.report import json_payload
     from compute_block_similarity.scanfile import ScanFile
-    from slice_with_mergekit.evaluate import perplexity
+    from slice_with_mergekit.evaluate import WindowSettings, perplexity
     from slice_with_mergekit.inmemory import removed_layers
     from slice_with_mergekit.repair_fit import FitOptions, fit_repairs
-    from slice_with_mergekit.scoring import Scorer
+    from slice_with_mergekit.scoring import ScoreSettings, Scorer
     from slice_with_mergekit.race import Race
     from slice_with_mergekit.select import SelectOptions, bridge_dependence, select_race
 
@@ -88,13 +88,13 @@ def main() -> None:
         key = key_of(removed)
         if key not in cache:
             with removed_layers(model, removed), (fit.in_memory() if fit is not None else nullcontext()):
-                cache[key] = {k: perplexity(model, tok, t, max_length=ml, stride=ml).perplexity for k, t in judges.items()}
+                cache[key] = {k: perplexity(model, tok, t, WindowSettings(max_length=ml, stride=ml)).perplexity for k, t in judges.items()}
             if args.cache:
                 Path(args.cache).write_text(json.dumps(cache))
         return cache[key]
 
     t0 = time.perf_counter()
-    res = scan_model(model, tok, calib, batch_size=8, max_length=ml, progress=False)
+    res = scan_model(model, tok, calib, ScanSettings(batch_size=8, max_length=ml, progress=False))
     scan = ScanFile.model_validate({**json_payload(res, 1), "model": str(path)})
     L = res.num_layers
     dense = judge([], None)
@@ -109,8 +109,7 @@ def main() -> None:
         for g, bt, tb, tm in [(g, bt, tb, tm) for g in args.gains.split(",") for bt in args.bridge_texts.split(",")
                               for tb in args.tie_breaks.split(",") for tm in margins]:
             gain = None if g == "none" else float(g)
-            cal = Scorer(model, tok, calib, max_length=ml, stride=ml, repair="linear", plain_weight=args.plain_weight,
-                         bridge_texts=None if bt == "all" else int(bt))
+            cal = Scorer(model, tok, calib, ScoreSettings(max_length=ml, stride=ml, repair="linear", plain_weight=args.plain_weight, bridge_texts=None if bt == "all" else int(bt)))
             cfg = Race(max_gain=gain, tie_break=tb, tie_margin=float(tm))
             c = bridge_dependence(cal, select_race(scan, n, cal, 16, cfg), cfg)  # as choose() runs it
             exhaustive = (L - n + 1) + sum(len(cal.bridge_texts(f)) for f in range(2)) / len(calib)

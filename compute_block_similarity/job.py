@@ -12,7 +12,7 @@ import torch.distributed as dist
 from .errors import check_output_dir
 from .model import default_model_dir
 from .options import DataOptions, ModelOptions, ScanOptions, metric_names
-from .scan import scan_model
+from .scan import ScanSettings, scan_model
 from .sums import Checkpoint
 
 log = logging.getLogger("compute_block_similarity")
@@ -52,10 +52,10 @@ def run_scan(mo: ModelOptions, do: DataOptions, so: ScanOptions) -> dict[str, st
     ckpt = None
     if so.checkpoint_every or so.resume:
         ckpt = Checkpoint(os.path.join(so.output_dir, "scan_state.pt"), so.checkpoint_every or 50, so.resume)
-    result = scan_model(model, tok, texts, metric=so.metric, metrics=metric_names(so.metrics), batch_size=do.batch_size,
-                        max_length=do.max_length, padding_side=so.padding_side,
-                        progress=not so.no_progress, provenance=provenance, checkpoint=ckpt,
-                        tokens_per_text=so.tokens_per_text, gram_bytes=so.gram_bytes)
+    settings = ScanSettings(metric=so.metric, metrics=metric_names(so.metrics), batch_size=do.batch_size,
+                            max_length=do.max_length, padding_side=so.padding_side, progress=not so.no_progress,
+                            tokens_per_text=so.tokens_per_text, gram_bytes=so.gram_bytes)
+    result = scan_model(model, tok, texts, settings, provenance=provenance, checkpoint=ckpt)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if rank != 0:
         if ckpt:

@@ -180,15 +180,14 @@ def load_model(
     *,
     dtype: str = "auto",
     device: str = "auto",
-    device_map: str | None = None,
-    max_memory: str | None = None,
-    offload_folder: str | None = None,
+    place: dict[str, Any] | None = None,
     gguf_file: str | None = None,
     load_in_4bit: bool = False,
     trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer) in eval mode. With ``device_map`` (e.g. 'auto') accelerate places the
-    layers over the GPUs, the CPU and ``offload_folder`` on disk, within ``max_memory`` per device."""
+    """Load (model, tokenizer) in eval mode. ``place``: from_pretrained's placement kwargs, as
+    ``placement()`` makes them; with a ``device_map`` (e.g. 'auto') accelerate places the layers over
+    the GPUs, the CPU and an offload folder on disk, within a ``max_memory`` per device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_path(model_path)
@@ -203,9 +202,9 @@ def load_model(
 
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=kw["dtype"])
-        kw["device_map"] = device_map or {"": int(os.environ.get("LOCAL_RANK", 0))}
+        kw["device_map"] = (place or {}).get("device_map") or {"": int(os.environ.get("LOCAL_RANK", 0))}
     else:
-        kw.update(placement(device_map, max_memory, offload_folder))
+        kw.update(place or {})
     warn_custom_code(model_path, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code,
@@ -223,7 +222,7 @@ def load_model(
         model.to(dev)
     elif getattr(model, "hf_device_map", None):
         where = Counter(str(d) for d in model.hf_device_map.values())
-        log.info("--device_map %s placed %s: %s", device_map, Path(model_path).name,
+        log.info("--device_map %s placed %s: %s", kw["device_map"], Path(model_path).name,
                  ", ".join(f"{n} module(s) on {d}" for d, n in where.items()))
     model.eval()
     return model, tok

@@ -16,7 +16,7 @@ from .data import (
 )
 from .flags import one_of
 from .metrics import DEFAULT_METRIC, METRICS
-from .model import load_model, parse_max_memory
+from .model import load_model, parse_max_memory, placement
 
 GRAM_BYTES = 64 * 2**20  # float64 working set of one Gram chunk (--gram_bytes)
 TOKENS_PER_TEXT = 128  # all-token metrics: evenly spaced non-pad positions per text (0: every token)
@@ -57,10 +57,10 @@ class ModelOptions(BaseModel):
 
     def load(self, model_path: str | None = None, **override: Any) -> tuple[Any, Any]:
         """(model, tokenizer) as these options say; ``override`` replaces fields for this load."""
-        o = {**self.model_dump(), **override}
-        path = model_path or o.pop("model_path")
-        o.pop("model_path", None)
-        return load_model(path, **o)
+        o = self.model_copy(update=override)
+        return load_model(model_path or o.model_path, dtype=o.dtype, device=o.device,
+                          place=placement(o.device_map, o.max_memory, o.offload_folder), gguf_file=o.gguf_file,
+                          load_in_4bit=o.load_in_4bit, trust_remote_code=o.trust_remote_code)
 
 
 class DataOptions(BaseModel):

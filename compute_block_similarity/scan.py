@@ -258,50 +258,55 @@ class _Pass:
             raise
 
 
-def scan_model(model: nn.Module, tokenizer: Any, texts: Iterable[str], *, metric: str = DEFAULT_METRIC,
-               metrics: Sequence[str] | None = None, batch_size: int = 8, max_length: int = 1024,
-               padding_side: str | None = None, progress: bool = True, provenance: dict | None = None,
-               checkpoint: Checkpoint | None = None, tokens_per_text: int = TOKENS_PER_TEXT,
-               gram_bytes: int = GRAM_BYTES) -> ScanResult:
+@dataclass(frozen=True)
+class ScanSettings:
+    """What ``scan_model`` computes and how it batches (the flags: ScanOptions and DataOptions)."""
+
+    metric: str = DEFAULT_METRIC  # the metric that picks the best block (see ``metrics.METRICS``)
+    metrics: Sequence[str] | None = None  # computed in the same pass; None: every registered metric
+    batch_size: int = 8  # texts per forward pass
+    max_length: int = 1024  # texts are truncated to this many tokens
+    padding_side: str | None = None  # "left" or "right"; None: the tokenizer's. Scores do not depend on it
+    progress: bool = True  # a tqdm bar with tokens per second
+    tokens_per_text: int = TOKENS_PER_TEXT  # all-token metrics: evenly spaced non-pad positions per text (0: all);
+    # memory beyond the forward is (L+1) x batch_size x tokens_per_text hidden states
+    gram_bytes: int = GRAM_BYTES  # the float64 working set of the Gram computation, in bytes
+
+
+def scan_model(model: nn.Module, tokenizer: Any, texts: Iterable[str], settings: ScanSettings = ScanSettings(), *,
+               provenance: dict | None = None, checkpoint: Checkpoint | None = None) -> ScanResult:
     """Score every block of consecutive decoder layers of a loaded causal LM.
 
     Args:
         model: a transformers causal LM, on any device or sharded by ``device_map``.
         tokenizer: its tokenizer; BOS/EOS are added by the tokenizer's own convention.
         texts: calibration texts. Every one is used; ones that tokenize to nothing are skipped and counted.
-        metric: the metric that picks the best block (see ``metrics.METRICS``).
-        metrics: metrics to compute in the same pass; default: every registered metric.
-        batch_size: texts per forward pass.
-        max_length: texts are truncated to this many tokens.
-        padding_side: "left" or "right"; default: the tokenizer's. Scores do not depend on it.
-        progress: show a tqdm bar with tokens per second.
+        settings: what to compute and how to batch (``ScanSettings``).
         provenance: model/dataset facts recorded in the outputs.
         checkpoint: save running sums every ``checkpoint.every`` batches; resume from them.
-        tokens_per_text: all-token metrics use at most this many evenly spaced non-pad positions per text
-            (0: all): memory beyond the forward is (L+1) x batch_size x tokens_per_text hidden states.
-        gram_bytes: the float64 working set of the Gram computation, in bytes.
 
     Under torchrun / accelerate launch (torch.distributed initialized), each rank takes every
     world-th batch and the float64 sums are all-reduced; the result is the single-process one.
     """
-    get_metric(metric)
-    names = tuple(dict.fromkeys([metric, *(metrics if metrics is not None else METRICS)]))
+    st = settings
+    get_metric(st.metric)
+    names = tuple(dict.fromkeys([st.metric, *(st.metrics if st.metrics is not None else METRICS)]))
     chosen = [get_metric(n) for n in names]
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
-    batches, skipped, side = _batches(tokenizer, texts, max_length, batch_size, padding_side)
+    batches, skipped, side = _batches(tokenizer, texts, st.max_length, st.batch_size, st.padding_side)
     batches = batches[rank::world]
     layers = decoder_layers(model)
     acc, done = Accumulator(names, len(layers)), 0
-    fp = fingerprint(batches, names, world, {"padding_side": side, "layers": len(layers), "tokens_per_text": tokens_per_text,
+    fp = fingerprint(batches, names, world, {"padding_side": side, "layers": len(layers), "tokens_per_text": st.tokens_per_text,
                                              "model": model_fingerprint(model)}) if checkpoint else ""
     if checkpoint:
         acc, done = checkpoint.load(rank, fp)
         acc = acc or Accumulator(names, len(layers))
     dev = input_device(model)
     run = _Pass(decoder_of(model), dev, ResidualCapture(layers, stats_device=dev), chosen,
-                any(m.reduce == "all_tokens" for m in chosen), tokens_per_text, gram_bytes)
+                any(m.reduce == "all_tokens" for m in chosen), st.tokens_per_text, st.gram_bytes)
     bar = tqdm(total=sum(int(b.lengths.sum()) for b in batches), initial=sum(int(b.lengths.sum()) for b in batches[:done]),
-               unit="tok", unit_scale=True, desc="scan", disable=not progress or rank != 0)
+               unit="tok", unit_scale=True, desc="scan", disable=not st.progress or rank != 0)
     t0, tokens_before = time.perf_counter(), acc.num_tokens
     try:
         run.loop(batches, done, acc, bar, checkpoint, rank, fp)
@@ -312,4 +317,4 @@ def scan_model(model: nn.Module, tokenizer: Any, texts: Iterable[str], *, metric
     elapsed = time.perf_counter() - t0
     log.info("scanned %d samples, %d tokens in %.1fs (%.0f tok/s)", acc.num_samples, acc.num_tokens,
              elapsed, (acc.num_tokens - tokens_before * world) / max(elapsed, 1e-9))
-    return ScanResult.from_accumulator(acc, metric, num_skipped=skipped, provenance=dict(provenance or {}))
+    return ScanResult.from_accumulator(acc, st.metric, num_skipped=skipped, provenance=dict(provenance or {}))

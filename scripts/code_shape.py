@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 PACKAGES = ("compute_block_similarity", "slice_with_mergekit")
-GROUP_SUFFIXES = ("Options", "Args", "Flags", "Run", "Output", "Config")  # option groups travel whole
+GROUP_SUFFIXES = ("Options", "Args", "Flags", "Run", "Output", "Config", "Settings")  # option groups travel whole
 
 
 def string_keys(tree: ast.AST) -> int:

@@ -33,7 +33,7 @@ from compute_block_similarity.options import PLACEMENT, DataOptions, ModelOption
 
 from .benchmarks import TaskOptions, run_tasks, task_manager
 from .card import PLAN_FILE, write_card
-from .evaluate import EvalOutput, SpeedOptions, measure_speed, perplexity, write_eval
+from .evaluate import EvalOutput, SpeedOptions, WindowSettings, measure_speed, perplexity, write_eval
 from .heal import HealConfig, HealRun, heal
 from .materialize import materialize
 from .pipeline import PruneArgs, prune
@@ -109,7 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     tm = task_manager(bench) if bench.tasks else None  # task names checked before the model loads
     texts = from_args(DataOptions, args).texts()
     model, tok = from_args(ModelOptions, args).load(args.model)
-    res = perplexity(model, tok, texts, max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
+    res = perplexity(model, tok, texts, WindowSettings(args.max_length, args.stride), batch_size=args.batch_size,
                      progress=True, logits_bytes=args.logits_bytes)
     extra: dict = {}
     speed, where = from_args(SpeedOptions, args), from_args(EvalOutput, args)
@@ -141,8 +141,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
     data = from_args(DataOptions, args)
     train, held = data.texts(), data.texts(run.eval_subset, run.eval_size)
     out = run.output or args.model.rstrip("/") + "-healed"
-    summary = heal(args.model, train, held, out, cfg, teacher=run.teacher, resume=run.resume,
-                   data=f"{args.dataset} (split {args.dataset_subset})",
+    summary = heal(args.model, train, held, out, cfg, run=run, data=f"{args.dataset} (split {args.dataset_subset})",
                    teacher_load=from_args(ModelOptions, args, prefix="teacher_"))
     print(f"perplexity before healing {summary.after_cut:.3f} -> after healing {summary.after_heal:.3f} "
           f"(best step {summary.best_step}); merged model in {out}")

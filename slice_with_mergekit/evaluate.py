@@ -154,14 +154,28 @@ def window_nll(model: Any, ids: torch.Tensor, mask: torch.Tensor, score: torch.T
     return sums, counts
 
 
+@dataclass(frozen=True)
+class WindowSettings:
+    """How texts become scored windows: ``max_length`` tokens each, the next one starting ``stride`` tokens
+    on; a window's tokens before its stride were the previous window's and are context, not scored."""
+
+    max_length: int = 512
+    stride: int = 256
+
+    def windows(self, tok: Any, texts: Sequence[str], text_of: list[int] | None = None) -> list:
+        """``tokenize_windows`` of ``texts``; ``text_of``, if given, receives each window's text index."""
+        return tokenize_windows(tok, texts, self.max_length, self.stride, text_of)
+
+
 @torch.inference_mode()
-def perplexity(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 512, stride: int = 256,
-               batch_size: int = 4, progress: bool = False, _windows: list | None = None,
-               per_window: list | None = None, logits_bytes: int = LOGITS_BYTES) -> Perplexity:
-    """Token-weighted perplexity of ``model`` on ``texts``. ``per_window``, if given, receives each
-    window's (nll sum, tokens scored) in window order, for paired comparisons of two models.
-    The LM head runs on the scored positions only, ``logits_bytes`` of float32 logits at a time."""
-    wins = _windows if _windows is not None else tokenize_windows(tok, texts, max_length, stride)
+def perplexity(model: Any, tok: Any, texts: Sequence[str], windowing: WindowSettings = WindowSettings(), *, batch_size: int = 4,
+               progress: bool = False, _windows: list | None = None, per_window: list | None = None,
+               logits_bytes: int = LOGITS_BYTES) -> Perplexity:
+    """Token-weighted perplexity of ``model`` on ``texts``, cut into windows by ``windowing`` (or on
+    ``_windows``, already cut). ``per_window``, if given, receives each window's (nll sum, tokens scored)
+    in window order, for paired comparisons of two models. The LM head runs on the scored positions
+    only, ``logits_bytes`` of float32 logits at a time."""
+    wins = _windows if _windows is not None else windowing.windows(tok, texts)
     dev = input_device(model)
     order = sorted(range(len(wins)), key=lambda i: -len(wins[i][0]))
     nll, count = 0.0, 0
@@ -189,7 +203,7 @@ def perplexity(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 
         raise UserError("the model produced NaN or inf log-probabilities; try float32")
     if per_window is not None:
         per_window[:] = [rows_out[i] for i in range(len(wins))]
-    return Perplexity(math.exp(nll / count), nll, count, len(texts), max_length, stride)
+    return Perplexity(math.exp(nll / count), nll, count, len(texts), windowing.max_length, windowing.stride)
 
 
 def write_eval(out_dir: str | Path, key: str, result: Perplexity, dataset: HeldOut, **extra: Any) -> Path:

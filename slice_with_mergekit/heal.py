@@ -221,22 +221,22 @@ def complete_checkpoint(work: Path) -> Path | None:
 
 
 def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str], output: str,
-         cfg: HealConfig | None = None, *, teacher: str | None = None, resume: bool = False,
-         progress: bool = True, callbacks: Sequence[Any] = (), data: str = "given texts",
+         cfg: HealConfig | None = None, *, run: HealRun | None = None, progress: bool = True, callbacks: Sequence[Any] = (), data: str = "given texts",
          teacher_load: ModelOptions | None = None) -> HealRecord:
     """Heal ``checkpoint``; write the best model (merged, a normal checkpoint) to ``output``.
 
-    Checkpoints and the Trainer's state go to ``output + '.work'``; ``resume`` continues from its
-    last checkpoint. ``data`` names the training text for the ledger. ``teacher_load`` with a
+    Checkpoints and the Trainer's state go to ``output + '.work'``; ``run.resume`` continues from its
+    last checkpoint; ``run.teacher`` is the dense teacher of a distillation loss (default: the source
+    model the checkpoint's mergekit_config.yml names); ``run.output`` is the CLI's, ``output`` here. ``data`` names the training text for the ledger. ``teacher_load`` with a
     ``device_map`` places the distillation teacher with accelerate (over GPUs, CPU, disk) instead of a
     whole copy on each process's device. Returns the summary also written to ``output/heal.json``,
     with the ledger of what healing spent."""
     from transformers import AutoTokenizer, set_seed
 
-    cfg = cfg or HealConfig()
+    cfg, run = cfg or HealConfig(), run or HealRun()
     work = Path(output + ".work")
-    last = _work_folder(checkpoint, cfg, work, resume)
-    teacher_path = (teacher or teacher_of(checkpoint)) if cfg.loss != "lm" else None
+    last = _work_folder(checkpoint, cfg, work, run.resume)
+    teacher_path = (run.teacher or teacher_of(checkpoint)) if cfg.loss != "lm" else None
     tok = AutoTokenizer.from_pretrained(checkpoint)
     train = Blocks(pack(tok, train_texts, cfg.seq_len))
     need = cfg.steps * cfg.batch_size * cfg.grad_accum

@@ -25,8 +25,8 @@ from compute_block_similarity.scanfile import ScanFile
 from .benchmarks import above_chance, retained, run_tasks, task_manager
 from .card import write_card
 from .checkpoint import kept_ranges_of, lineage, read_plan
-from .evaluate import perplexity
-from .heal import heal
+from .evaluate import WindowSettings, perplexity
+from .heal import HealRun, heal
 from .inmemory import removed_layers
 from .materialize import materialize
 from .methods import OURS, get_method
@@ -67,7 +67,7 @@ def scan_stage(a: PruneArgs, scan_dir: Path) -> None:
 
 def eval_stage(a: PruneArgs, texts: list[str], model: str, out: Path) -> None:
     m, tok = a.load.load(model)
-    p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True,
+    p = perplexity(m, tok, texts, WindowSettings(a.data.max_length, a.data.max_length), progress=True,
                    logits_bytes=a.choice.logits_bytes)
     PerplexityRecord(**p.__dict__).save(out)
 
@@ -83,8 +83,8 @@ def eval_cut_stage(a: PruneArgs, texts: list[str], plan_path: Path, out: Path) -
     """Perplexity of the plain cut, computed in memory from the source (equal to its checkpoint's)."""
     m, tok = a.load.load(a.model)
     with removed_layers(m, lineage(plan_path, a.model).removed):
-        p = perplexity(m, tok, texts, max_length=a.data.max_length, stride=a.data.max_length, progress=True,
-                       logits_bytes=a.choice.logits_bytes)
+        p = perplexity(m, tok, texts, WindowSettings(a.data.max_length, a.data.max_length), progress=True,
+                   logits_bytes=a.choice.logits_bytes)
     PerplexityRecord(**p.__dict__).save(out)
 
 
@@ -170,7 +170,7 @@ def heal_stage(a: PruneArgs, model_dir: Path, model_fp: str, eval_texts: list[st
         shutil.rmtree(work)  # a run for another model or recipe: start over; the same one resumes
     work.mkdir(parents=True, exist_ok=True)
     write_text(marker, inputs)
-    heal(str(model_dir), train, eval_texts, str(hdir), cfg, resume=True, progress=True,
+    heal(str(model_dir), train, eval_texts, str(hdir), cfg, run=HealRun(resume=True), progress=True,
          data=f"{d.dataset} (split {d.dataset_subset})", teacher_load=a.load)
 
 

@@ -33,7 +33,7 @@ from compute_block_similarity.ranges import (
 from compute_block_similarity.scanfile import ScanFile
 
 from .records import Selection
-from .scoring import Scorer
+from .scoring import ScoreSettings, Scorer
 from .select import Choice, SelectOptions, choose
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,8 @@ def calibration_scorer(scan: ScanFile, model: str, choice: SelectOptions | None 
                        choice.select_texts or ds.size, ds.config)
     m, tok = (load or ModelOptions()).load(model, gguf_file=getattr(scan, "gguf_file", None))
     ml = min(int(ds.max_length or 256), 1024)
-    return Scorer(m, tok, texts, max_length=ml, stride=ml, repair=repair, logits_bytes=choice.logits_bytes,
-                  score_share=choice.score_share, plain_weight=choice.plain_weight)
+    return Scorer(m, tok, texts, ScoreSettings(max_length=ml, stride=ml, repair=repair, logits_bytes=choice.logits_bytes,
+                                               score_share=choice.score_share, plain_weight=choice.plain_weight))
 
 
 def plan(scan_path: str, *, layers_to_skip: int | None = None, start: int | None = None, remove: str | None = None,

@@ -10,15 +10,35 @@ import logging
 import math
 import random
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from .evaluate import LOGITS_BYTES, head_share, perplexity, sample_scored, tokenize_windows
+from .evaluate import LOGITS_BYTES, WindowSettings, head_share, perplexity, sample_scored
 from .inmemory import removed_layers
 from .repair_fit import FitOptions, TooFewTokens, fit_repairs
 
 log = logging.getLogger(__name__)
 
 FOLDS = 2  # cross-fitting: text j is in fold j % FOLDS
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How a ``Scorer`` cuts its texts into windows, runs them and bridges a cut."""
+
+    max_length: int = 256  # tokens per calibration window
+    stride: int = 256  # the next window starts this many tokens on (max_length: no overlap)
+    batch_size: int = 8  # windows per forward pass
+    repair: str = "none"  # a repair.REPAIRS name: cuts scored bridged, cross-fitted; "none": plain cuts
+    seed: int = 0  # of the shuffled window order that shares are taken from
+    logits_bytes: int = LOGITS_BYTES  # float32 logits of the LM head per chunk
+    score_share: float | None = None  # share of each window's next-token positions scored; None: head_share()
+    plain_weight: float = 0.0  # a bridged cut's loss is (1 - w) bridged + w plain, window by window
+    bridge_texts: int | None = 64  # texts per fold's bridges (at least a quarter of the fold); None: the whole fold
+
+    @property
+    def windowing(self) -> WindowSettings:
+        return WindowSettings(self.max_length, self.stride)
 
 
 def paired_diff(wa: dict[int, tuple[float, int]], wb: dict[int, tuple[float, int]],
@@ -55,21 +75,19 @@ class Scorer:
 
     _plain: "Scorer | None" = None  # plain cuts on the same windows, made by plain()
 
-    def __init__(self, model: Any, tok: Any, texts: Sequence[str], max_length: int = 256, stride: int = 256,
-                 batch_size: int = 8, repair: str = "none", seed: int = 0, logits_bytes: int = LOGITS_BYTES,
-                 score_share: float | None = None, plain_weight: float = 0.0, bridge_texts: int | None = 64):
-        self.model, self.tok, self.texts, self.batch_size = model, tok, texts, batch_size
-        self.score_share = head_share(model) if score_share is None else score_share
+    def __init__(self, model: Any, tok: Any, texts: Sequence[str], settings: ScoreSettings = ScoreSettings()):
+        st = self.settings = settings
+        self.model, self.tok, self.texts, self.batch_size = model, tok, texts, st.batch_size
+        self.score_share = head_share(model) if st.score_share is None else st.score_share
         text_of: list[int] = []
-        self.wins = sample_scored(tokenize_windows(tok, texts, max_length, stride, text_of), self.score_share)
+        self.wins = sample_scored(st.windowing.windows(tok, texts, text_of), self.score_share)
         self.folds = FOLDS
         self.fold = [j % FOLDS for j in text_of]  # per window
         self.order = list(range(len(self.wins)))
-        random.Random(seed).shuffle(self.order)  # growing shares: representative, nested
+        random.Random(st.seed).shuffle(self.order)  # growing shares: representative, nested
         self.total_tokens = sum(len(w[0]) for w in self.wins)
-        self.kw = dict(max_length=max_length, stride=stride)
-        self.repair, self.logits_bytes, self.plain_weight = repair, logits_bytes, plain_weight
-        self.max_bridge_texts = bridge_texts  # texts per fold's bridges (at least a quarter); None: the whole fold
+        self.repair, self.logits_bytes, self.plain_weight = st.repair, st.logits_bytes, st.plain_weight
+        self.max_bridge_texts = st.bridge_texts
         self.tokens_run = 0
         self.windows: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # cut -> window -> (nll sum, tokens)
         self.bridged: dict[tuple[int, ...], dict[int, tuple[float, int]]] = {}  # the same, bridged alone
@@ -130,8 +148,8 @@ class Scorer:
         """(NLL sum, tokens) of windows ``part`` with the layers ``key`` removed, within ``bridge``."""
         per: list = []
         with removed_layers(self.model, key), bridge:
-            perplexity(self.model, self.tok, [], batch_size=self.batch_size, _windows=[self.wins[i] for i in part],
-                       logits_bytes=self.logits_bytes, per_window=per, **self.kw)
+            perplexity(self.model, self.tok, [], self.settings.windowing, batch_size=self.batch_size,
+                       _windows=[self.wins[i] for i in part], logits_bytes=self.logits_bytes, per_window=per)
         self.tokens_run += sum(len(self.wins[i][0]) for i in part)
         return per
 
@@ -189,7 +207,7 @@ class Scorer:
             log.info("race: fitting the bridges of %d candidates in one pass over %d texts (fold %d of %d)",
                      len(todo), len(idx), f + 1, self.folds)
             with quiet("slice_with_mergekit.repair_fit"):  # a log line per candidate's bridge is noise
-                fit = FitOptions(method=self.repair, batch_size=self.batch_size, max_length=self.kw["max_length"],
+                fit = FitOptions(method=self.repair, batch_size=self.batch_size, max_length=self.settings.max_length,
                                  guard=False, skip_unfoldable=True)
                 fits = fit_repairs(self.model, self.tok, [self.texts[j] for j in idx], todo, fit)
             self.bridges.update({(c, f): r for c, r in fits.items()})

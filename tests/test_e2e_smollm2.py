@@ -135,13 +135,13 @@ def test_sampled_all_token_metrics_agree_with_full(smollm2_dir):
     from compute_block_similarity.data import load_texts
     from compute_block_similarity.model import load_model
     from compute_block_similarity.options import TOKENS_PER_TEXT
-    from compute_block_similarity.scan import scan_model
+    from compute_block_similarity.scan import ScanSettings, scan_model
 
     model, tok = load_model(smollm2_dir, device="cpu")
     texts = load_texts(size=48)
     assert sum(len(tok(t).input_ids) > TOKENS_PER_TEXT for t in texts) >= 4  # the sample really is a sample
-    full = scan_model(model, tok, texts, batch_size=16, max_length=256, progress=False, tokens_per_text=0)
-    sampled = scan_model(model, tok, texts, batch_size=16, max_length=256, progress=False)
+    full = scan_model(model, tok, texts, ScanSettings(batch_size=16, max_length=256, progress=False, tokens_per_text=0))
+    sampled = scan_model(model, tok, texts, ScanSettings(batch_size=16, max_length=256, progress=False))
     for name in ("angular_all_tokens", "block_influence"):
         for n in range(1, 30):
             for a, b, se in zip(sampled.scores(n, name), full.scores(n, name), full.stderrs(n, name)):

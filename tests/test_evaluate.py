@@ -10,7 +10,7 @@ import torch
 from conftest import TEXTS, load
 
 from slice_with_mergekit.cli import main as slice_main
-from slice_with_mergekit.evaluate import perplexity, windows
+from slice_with_mergekit.evaluate import WindowSettings, perplexity, windows
 
 
 def reference_ppl(model, tok, texts) -> float:
@@ -28,7 +28,7 @@ def reference_ppl(model, tok, texts) -> float:
 
 def test_perplexity_matches_reference(tiny_models):
     model, tok = load(tiny_models["qwen3"])
-    got = perplexity(model, tok, TEXTS, max_length=512, stride=512, batch_size=3)
+    got = perplexity(model, tok, TEXTS, WindowSettings(max_length=512, stride=512), batch_size=3)
     assert got.perplexity == pytest.approx(reference_ppl(model, tok, TEXTS), rel=1e-5)
     assert got.tokens_scored == sum(len(tok(t).input_ids) - 1 for t in TEXTS)
 
@@ -44,8 +44,8 @@ def test_windows_score_every_token_once(length, max_length, stride):
 
 def test_sliding_windows_give_nearly_the_full_context_result(tiny_llama):
     model, tok = load(tiny_llama)
-    full = perplexity(model, tok, TEXTS, max_length=512, stride=512)
-    slid = perplexity(model, tok, TEXTS, max_length=32, stride=16)
+    full = perplexity(model, tok, TEXTS, WindowSettings(max_length=512, stride=512))
+    slid = perplexity(model, tok, TEXTS, WindowSettings(max_length=32, stride=16))
     assert slid.tokens_scored == full.tokens_scored
     assert slid.perplexity == pytest.approx(full.perplexity, rel=0.05)
 
@@ -133,5 +133,5 @@ def test_chunked_nll_applies_the_final_soft_capping(tiny_models):
     ids = torch.tensor([tok(TEXTS[3])["input_ids"]])
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1].float(), ids[0, 1:], reduction="sum")
-    got = perplexity(model, tok, [TEXTS[3]], max_length=512, stride=512)
+    got = perplexity(model, tok, [TEXTS[3]], WindowSettings(max_length=512, stride=512))
     assert got.nll_sum == pytest.approx(float(ref), rel=1e-5)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TEXTS, load
 
-from slice_with_mergekit.evaluate import perplexity
+from slice_with_mergekit.evaluate import WindowSettings, perplexity
 
 CFG = dict(steps=6, eval_every=2, seq_len=32, lr=3e-3, warmup=1, batch_size=2, max_length=64, loss="lm")
 TRAIN, HELD = TEXTS * 10, TEXTS
@@ -49,7 +49,7 @@ def test_kd_heal_of_the_teacher_itself_has_zero_loss_and_gradient(tiny_llama, tm
     """Student = teacher: the KD loss and its gradient are zero at every step (Adam would still move on noise)."""
     from transformers import TrainerCallback
 
-    from slice_with_mergekit.heal import HealConfig, heal
+    from slice_with_mergekit.heal import HealConfig, HealRun, heal
 
     logs: list[dict] = []
 
@@ -58,8 +58,7 @@ def test_kd_heal_of_the_teacher_itself_has_zero_loss_and_gradient(tiny_llama, tm
             logs.append(kw.get("logs") or {})
 
     cfg = HealConfig(**{**CFG, "loss": "kd", "steps": 2, "eval_every": 1, "lr": 1e-12})
-    s = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "h"), cfg, teacher=str(tiny_llama), progress=False,
-             callbacks=[Keep()])
+    s = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "h"), cfg, run=HealRun(teacher=str(tiny_llama)), progress=False, callbacks=[Keep()])
     train_logs = [g for g in logs if "loss" in g and "grad_norm" in g]
     assert len(train_logs) == 2
     assert all(abs(g["loss"]) < 1e-6 and g["grad_norm"] < 1e-6 for g in train_logs), train_logs
@@ -76,14 +75,14 @@ def test_heal_improves_keeps_best_and_resume_equals_uninterrupted(tiny_llama, tm
     from transformers import TrainerCallback
 
     from compute_block_similarity import UserError
-    from slice_with_mergekit.heal import HealConfig, heal
+    from slice_with_mergekit.heal import HealConfig, HealRun, heal
 
     full = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "a"), HealConfig(**CFG), progress=False)
     assert [h.step for h in full.history] == [0, 2, 4, 6]
     assert full.after_heal < full.after_cut
     assert full.after_heal == min(h.perplexity for h in full.history)
     healed, tok = load(tmp_path / "a")
-    assert perplexity(healed, tok, HELD, max_length=64, stride=64).perplexity == pytest.approx(full.after_heal, rel=1e-4)
+    assert perplexity(healed, tok, HELD, WindowSettings(max_length=64, stride=64)).perplexity == pytest.approx(full.after_heal, rel=1e-4)
     assert not any("lora" in k for k in healed.state_dict())  # adapters merged into a normal checkpoint
 
     class Die(TrainerCallback):
@@ -97,9 +96,8 @@ def test_heal_improves_keeps_best_and_resume_equals_uninterrupted(tiny_llama, tm
     with pytest.raises(UserError, match="--resume"):
         heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**CFG), progress=False)
     with pytest.raises(UserError, match="other settings"):
-        heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**{**CFG, "lr": 1e-3}), resume=True,
-             progress=False)
-    resumed = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**CFG), resume=True, progress=False)
+        heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**{**CFG, "lr": 1e-3}), run=HealRun(resume=True), progress=False)
+    resumed = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**CFG), run=HealRun(resume=True), progress=False)
     assert [h.step for h in resumed.history] == [0, 2, 4, 6]
     for a, b in zip(full.history, resumed.history):
         assert b.perplexity == pytest.approx(a.perplexity, rel=1e-5)
@@ -127,7 +125,7 @@ def test_the_best_checkpoint_is_the_one_kept(tiny_llama, tmp_path):
     ppl = [h.perplexity for h in s.history]
     assert s.best_step in (1, 2) and min(ppl) < ppl[-1] and min(ppl) < ppl[0]
     healed, tok = load(tmp_path / "h")
-    assert perplexity(healed, tok, HELD, max_length=64, stride=64).perplexity == pytest.approx(min(ppl), rel=1e-4)
+    assert perplexity(healed, tok, HELD, WindowSettings(max_length=64, stride=64)).perplexity == pytest.approx(min(ppl), rel=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +190,7 @@ def test_torchrun_two_processes_heal_to_a_checkpoint_that_loads(cut_llama, tmp_p
     assert g["world_size"] == 2 and g["optimizer_steps"] == 4 and g["training_tokens"] == 4 * 2 * 2 * 32
     assert g["loss"] == "lm+kd" and str(data) in g["data"] and g["held_out_texts"] == 7
     healed, tok = load(out)
-    assert perplexity(healed, tok, TEXTS, max_length=64, stride=64).perplexity == pytest.approx(s["after_heal"], rel=1e-4)
+    assert perplexity(healed, tok, TEXTS, WindowSettings(max_length=64, stride=64)).perplexity == pytest.approx(s["after_heal"], rel=1e-4)
 
 
 def test_prune_heal_rerun_with_another_recipe_starts_over(tiny_models, tmp_path, caplog):

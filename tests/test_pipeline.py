@@ -104,7 +104,7 @@ def test_prune_reports_every_model_on_a_second_corpus(tiny_models, tmp_path):
 
     from compute_block_similarity.data import READMES_DATASET, load_texts
     from conftest import load
-    from slice_with_mergekit.evaluate import perplexity
+    from slice_with_mergekit.evaluate import WindowSettings, perplexity
 
     w = tmp_path / "w"
     assert slice_main(["prune", str(tiny_models["llama"]), "--layers_to_skip", "2", "--dataset_size", "24",
@@ -115,15 +115,15 @@ def test_prune_reports_every_model_on_a_second_corpus(tiny_models, tmp_path):
     texts = load_texts(READMES_DATASET, split="test", size=6)
     for key, path in (("source", tiny_models["llama"]), ("repaired", w / "n2" / "model"), ("healed", w / "n2" / "healed")):
         m, tok = load(path)
-        assert s[key] == pytest.approx(perplexity(m, tok, texts, max_length=64, stride=64).perplexity, rel=1e-6), key
+        assert s[key] == pytest.approx(perplexity(m, tok, texts, WindowSettings(max_length=64, stride=64)).perplexity, rel=1e-6), key
     assert s["cut"] > s["source"] and s["dataset"]["name"] == READMES_DATASET
     # healing picks its step on held-out texts of its own; the healed figure is on the texts every row uses
     held = load_texts(split="test", size=12)
     m, tok = load(w / "n2" / "healed")
-    assert ev["models"]["healed"]["perplexity"] == pytest.approx(perplexity(m, tok, held[:6], max_length=64, stride=64).perplexity,
+    assert ev["models"]["healed"]["perplexity"] == pytest.approx(perplexity(m, tok, held[:6], WindowSettings(max_length=64, stride=64)).perplexity,
                                                        rel=1e-6)
     h = json.loads((w / "n2" / "healed" / "heal.json").read_text())
-    assert h["after_heal"] == pytest.approx(perplexity(m, tok, held[6:], max_length=64, stride=64).perplexity, rel=1e-6)
+    assert h["after_heal"] == pytest.approx(perplexity(m, tok, held[6:], WindowSettings(max_length=64, stride=64)).perplexity, rel=1e-6)
     report = (w / "report.md").read_text()
     assert f"## On another corpus: `{READMES_DATASET}`" in report and f"{s['repaired']:.2f}" in report
     card = (w / "n2" / "healed" / "README.md").read_text()

@@ -13,16 +13,16 @@ from conftest import TEXTS, load
 from safetensors.torch import load_file
 
 from slice_with_mergekit.cli import main as slice_main
-from slice_with_mergekit.evaluate import perplexity
+from slice_with_mergekit.evaluate import WindowSettings, perplexity
 from slice_with_mergekit.inmemory import read_weight
 from slice_with_mergekit.repair_fit import FitOptions, bridged, fit_repair
 
 
 def offloaded(path, tmp_path, cpu: str = "150KB"):
-    from compute_block_similarity.model import load_model
+    from compute_block_similarity.options import ModelOptions
 
-    model, tok = load_model(str(path), dtype="float32", device_map="auto", max_memory=f"cpu={cpu}",
-                            offload_folder=str(tmp_path / "offload"))
+    model, tok = ModelOptions(dtype="float32", device_map="auto", max_memory=f"cpu={cpu}",
+                              offload_folder=str(tmp_path / "offload")).load(str(path))
     assert any(p.device.type == "meta" for p in model.parameters())  # some weights really are on disk
     return model, tok
 
@@ -43,13 +43,13 @@ def test_bridge_on_an_offloaded_model_equals_the_one_device_bridge(tiny_models, 
     w = r2.writers[2]
     before = read_weight(w.module).clone()
     with bridged([r1.writers[2]], [b1.T], [b1.gain]), bridged([w], [b2.T], [b2.gain]):
-        p1 = perplexity(one, tok, TEXTS, max_length=64, stride=64).perplexity
-        p2 = perplexity(off, tok, TEXTS, max_length=64, stride=64).perplexity
+        p1 = perplexity(one, tok, TEXTS, WindowSettings(max_length=64, stride=64)).perplexity
+        p2 = perplexity(off, tok, TEXTS, WindowSettings(max_length=64, stride=64)).perplexity
         assert not torch.equal(read_weight(w.module), before)
     assert p2 == pytest.approx(p1, rel=1e-6)
     assert torch.equal(read_weight(w.module), before)  # restored where accelerate loads it from
-    assert perplexity(off, tok, TEXTS, max_length=64, stride=64).perplexity == \
-        pytest.approx(perplexity(one, tok, TEXTS, max_length=64, stride=64).perplexity, rel=1e-6)
+    assert perplexity(off, tok, TEXTS, WindowSettings(max_length=64, stride=64)).perplexity == \
+        pytest.approx(perplexity(one, tok, TEXTS, WindowSettings(max_length=64, stride=64)).perplexity, rel=1e-6)
 
 
 def test_prune_offloaded_gives_the_one_device_result(tiny_models, tmp_path, caplog):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TEXTS, build_tiny, load, write_jsonl
 
-from compute_block_similarity import scan_model
+from compute_block_similarity import ScanSettings, scan_model
 from compute_block_similarity.cli import main as scan_main
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.sums import Accumulator, Checkpoint
@@ -29,12 +29,12 @@ def test_resume_refuses_the_state_of_another_model_of_the_same_shape(tiny_llama,
     other = build_tiny("llama", tmp_path / "other", seed=1)
     ck = Checkpoint(str(tmp_path / "state.pt"), every=1)
     m_other, tok = load(other)
-    scan_model(m_other, tok, MANY, batch_size=4, progress=False, checkpoint=ck)
+    scan_model(m_other, tok, MANY, ScanSettings(batch_size=4, progress=False), checkpoint=ck)
     assert torch.load(ck.path, weights_only=True)["done"] > 0
     model, tok = load(tiny_llama)
     with pytest.raises(UserError, match="belongs to a scan with other inputs"):
-        scan_model(model, tok, MANY, batch_size=4, progress=False, checkpoint=Checkpoint(ck.path, 1, resume=True))
-    resumed = scan_model(m_other, tok, MANY, batch_size=4, progress=False, checkpoint=Checkpoint(ck.path, 1, resume=True))
+        scan_model(model, tok, MANY, ScanSettings(batch_size=4, progress=False), checkpoint=Checkpoint(ck.path, 1, resume=True))
+    resumed = scan_model(m_other, tok, MANY, ScanSettings(batch_size=4, progress=False), checkpoint=Checkpoint(ck.path, 1, resume=True))
     assert resumed.num_samples == len(MANY)  # its own model resumes
 
 
@@ -364,7 +364,7 @@ def test_a_heal_killed_as_it_writes_its_first_checkpoint_restarts_or_resumes(tin
     import sys
     from pathlib import Path
 
-    from slice_with_mergekit.heal import HealConfig, heal
+    from slice_with_mergekit.heal import HealConfig, HealRun, heal
 
     out = tmp_path / "h"
     script = KILL_AT_FIRST_CHECKPOINT.format(tests=str(Path(__file__).parent), model=str(tiny_llama), out=str(out),
@@ -374,7 +374,7 @@ def test_a_heal_killed_as_it_writes_its_first_checkpoint_restarts_or_resumes(tin
         r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
         assert r.returncode == -9, r.stderr[-2000:]
         assert ck.is_dir() and not (ck / "trainer_state.json").exists() and not out.exists()
-        s = heal(str(tiny_llama), TEXTS * 10, TEXTS, str(out), HealConfig(**HEAL_CFG), resume=resume, progress=False)
+        s = heal(str(tiny_llama), TEXTS * 10, TEXTS, str(out), HealConfig(**HEAL_CFG), run=HealRun(resume=resume), progress=False)
         assert [h.step for h in s.history] == [0, 2, 4]
         shutil.rmtree(out)
         shutil.rmtree(tmp_path / "h.work")
@@ -383,7 +383,7 @@ def test_a_heal_killed_as_it_writes_its_first_checkpoint_restarts_or_resumes(tin
 def test_heal_resume_skips_an_incomplete_checkpoint_for_the_last_complete_one(tiny_llama, tmp_path):
     from transformers import TrainerCallback
 
-    from slice_with_mergekit.heal import HealConfig, heal
+    from slice_with_mergekit.heal import HealConfig, HealRun, heal
 
     class Die(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -399,7 +399,7 @@ def test_heal_resume_skips_an_incomplete_checkpoint_for_the_last_complete_one(ti
     (work / "checkpoint-4").mkdir()  # killed as it began writing checkpoint-4: empty
     with pytest.raises(UserError, match="--resume"):  # a complete checkpoint-2 exists: resuming is possible
         heal(str(tiny_llama), TEXTS * 10, TEXTS, str(tmp_path / "b"), cfg, progress=False)
-    resumed = heal(str(tiny_llama), TEXTS * 10, TEXTS, str(tmp_path / "b"), cfg, resume=True, progress=False)
+    resumed = heal(str(tiny_llama), TEXTS * 10, TEXTS, str(tmp_path / "b"), cfg, run=HealRun(resume=True), progress=False)
     assert [h.step for h in resumed.history] == [0, 2, 4]
     for x, y in zip(full.history, resumed.history):
         assert y.perplexity == pytest.approx(x.perplexity, rel=1e-5)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TEXTS, load, write_jsonl
 
-from compute_block_similarity import scan_model
+from compute_block_similarity import ScanSettings, scan_model
 from compute_block_similarity.cli import main as scan_main
 from compute_block_similarity.sums import Accumulator, Checkpoint
 
@@ -49,7 +49,7 @@ def test_two_gloo_ranks_equal_one_process(tiny_models, tmp_path):
 
 def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_llama, tmp_path, monkeypatch):
     model, tok = load(tiny_llama)
-    full = scan_model(model, tok, MANY, batch_size=4, progress=False)
+    full = scan_model(model, tok, MANY, ScanSettings(batch_size=4, progress=False))
     ck = Checkpoint(str(tmp_path / "state.pt"), every=2)
     calls = {"n": 0}
     real_add = Accumulator.add
@@ -62,12 +62,11 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_llama, tmp_pat
 
     monkeypatch.setattr(Accumulator, "add", crashing_add)
     with pytest.raises(KeyboardInterrupt):
-        scan_model(model, tok, MANY, batch_size=4, progress=False, checkpoint=ck)
+        scan_model(model, tok, MANY, ScanSettings(batch_size=4, progress=False), checkpoint=ck)
     monkeypatch.setattr(Accumulator, "add", real_add)
     state = torch.load(ck.path, weights_only=True)
     assert state["done"] == 5  # saved after batches 2 and 4, then on the interrupt during batch 6
-    resumed = scan_model(model, tok, MANY, batch_size=4, progress=False,
-                         checkpoint=Checkpoint(ck.path, every=2, resume=True))
+    resumed = scan_model(model, tok, MANY, ScanSettings(batch_size=4, progress=False), checkpoint=Checkpoint(ck.path, every=2, resume=True))
     assert (resumed.num_samples, resumed.num_tokens) == (full.num_samples, full.num_tokens)
     for name in full.mean:
         torch.testing.assert_close(resumed.mean[name], full.mean[name], rtol=1e-12, atol=1e-12)
@@ -80,7 +79,7 @@ def test_resume_refuses_a_checkpoint_of_other_inputs(tiny_llama, tmp_path):
     ck = Checkpoint(str(tmp_path / "state.pt"), every=1)
     ck.save(0, "someone-else", Accumulator(("angular_last_token",), 6), 3)
     with pytest.raises(UserError, match="belongs to a scan with other inputs"):
-        scan_model(model, tok, MANY, batch_size=4, progress=False, checkpoint=Checkpoint(ck.path, 1, resume=True))
+        scan_model(model, tok, MANY, ScanSettings(batch_size=4, progress=False), checkpoint=Checkpoint(ck.path, 1, resume=True))
 
 
 def test_killed_cli_scan_resumes(tiny_llama, tmp_path):
@@ -118,11 +117,11 @@ def test_hooks_capture_the_same_states_under_accelerate_offload(tiny_llama):
     from accelerate import cpu_offload
 
     model, tok = load(tiny_llama)
-    plain = scan_model(model, tok, TEXTS, batch_size=3, progress=False)
+    plain = scan_model(model, tok, TEXTS, ScanSettings(batch_size=3, progress=False))
     offloaded, _ = load(tiny_llama)
     cpu_offload(offloaded, execution_device=torch.device("cpu"))
     assert any(p.device.type == "meta" for p in offloaded.parameters())
-    got = scan_model(offloaded, tok, TEXTS, batch_size=3, progress=False)
+    got = scan_model(offloaded, tok, TEXTS, ScanSettings(batch_size=3, progress=False))
     for name in plain.mean:
         torch.testing.assert_close(got.mean[name], plain.mean[name], rtol=1e-6, atol=1e-9)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TEXTS, load
 
-from compute_block_similarity import METRICS, scan_model
+from compute_block_similarity import METRICS, ScanSettings, scan_model
 from compute_block_similarity.model import decoder_layers
 
 
@@ -70,7 +70,7 @@ def reference_scan(model, tok, texts, tokens_per_text: int = 0):
 def test_matches_reference(tiny_models, arch, tokens_per_text):
     model, tok = load(tiny_models[arch])
     ref = reference_scan(model, tok, TEXTS, tokens_per_text)
-    res = scan_model(model, tok, TEXTS, batch_size=3, progress=False, tokens_per_text=tokens_per_text)
+    res = scan_model(model, tok, TEXTS, ScanSettings(batch_size=3, progress=False, tokens_per_text=tokens_per_text))
     L = res.num_layers
     assert L == len(decoder_layers(model))
     for name in METRICS:
@@ -87,8 +87,8 @@ def test_gram_byte_budget_does_not_change_the_result(tiny_llama):
     states = [torch.randn(50, 32) for _ in range(7)]
     torch.testing.assert_close(gram_across_depth(states, max_bytes=1), gram_across_depth(states), rtol=0, atol=0)
     model, tok = load(tiny_llama)
-    a = scan_model(model, tok, TEXTS, progress=False, gram_bytes=1)
-    b = scan_model(model, tok, TEXTS, progress=False)
+    a = scan_model(model, tok, TEXTS, ScanSettings(progress=False, gram_bytes=1))
+    b = scan_model(model, tok, TEXTS, ScanSettings(progress=False))
     for name in METRICS:
         torch.testing.assert_close(a.mean[name], b.mean[name], rtol=0, atol=1e-12)
 
@@ -115,7 +115,7 @@ def test_gram_chunks_stay_within_the_budget(monkeypatch):
 def test_last_state_is_before_final_norm(tiny_llama):
     """PruneMe's last window uses hidden_states[-1], taken after the final norm; ours must not."""
     model, tok = load(tiny_llama)
-    res = scan_model(model, tok, TEXTS[:3], batch_size=3, progress=False)
+    res = scan_model(model, tok, TEXTS[:3], ScanSettings(batch_size=3, progress=False))
     L = res.num_layers
     ids = tok(TEXTS[0], return_tensors="pt").input_ids
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_last_state_is_before_final_norm(tiny_llama):
 
 def test_start_zero_is_a_candidate(tiny_llama):
     model, tok = load(tiny_llama)
-    res = scan_model(model, tok, TEXTS, progress=False)
+    res = scan_model(model, tok, TEXTS, ScanSettings(progress=False))
     for n in range(1, res.num_layers):
         assert len(res.scores(n)) == res.num_layers - n + 1
     assert res.scores(2)[0] > 0
@@ -137,8 +137,8 @@ def test_start_zero_is_a_candidate(tiny_llama):
 @pytest.mark.parametrize("batch_size,padding_side", [(1, "right"), (2, "left"), (4, "right"), (7, "left"), (16, "left")])
 def test_batch_size_padding_side_and_order_invariance(tiny_models, batch_size, padding_side):
     model, tok = load(tiny_models["qwen3"])
-    base = scan_model(model, tok, TEXTS, batch_size=1, padding_side="right", progress=False)
-    other = scan_model(model, tok, TEXTS[::-1], batch_size=batch_size, padding_side=padding_side, progress=False)
+    base = scan_model(model, tok, TEXTS, ScanSettings(batch_size=1, padding_side="right", progress=False))
+    other = scan_model(model, tok, TEXTS[::-1], ScanSettings(batch_size=batch_size, padding_side=padding_side, progress=False))
     for name in METRICS:
         torch.testing.assert_close(other.mean[name], base.mean[name], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(other.stderr[name], base.stderr[name], rtol=1e-3, atol=1e-7)
@@ -147,7 +147,7 @@ def test_batch_size_padding_side_and_order_invariance(tiny_models, batch_size, p
 
 def test_dataset_smaller_than_one_batch_uses_every_sample(tiny_llama):
     model, tok = load(tiny_llama)
-    res = scan_model(model, tok, TEXTS[:2], batch_size=8, progress=False)
+    res = scan_model(model, tok, TEXTS[:2], ScanSettings(batch_size=8, progress=False))
     assert res.num_samples == 2
     assert res.num_tokens == sum(len(tok(t).input_ids) for t in TEXTS[:2])
     for name in METRICS:
@@ -157,15 +157,15 @@ def test_dataset_smaller_than_one_batch_uses_every_sample(tiny_llama):
 def test_empty_texts_are_skipped_and_counted(tiny_llama, caplog):
     model, tok = load(tiny_llama)
     tok.add_bos_token = False
-    res = scan_model(model, tok, ["", TEXTS[0], "   ", TEXTS[1]], progress=False)
+    res = scan_model(model, tok, ["", TEXTS[0], "   ", TEXTS[1]], ScanSettings(progress=False))
     assert res.num_samples == 2 and res.num_skipped == 2
     assert "skipped 2 empty" in caplog.text
 
 
 def test_standard_error_matches_sample_std(tiny_llama):
     model, tok = load(tiny_llama)
-    res = scan_model(model, tok, TEXTS, progress=False)
-    per_text = [scan_model(model, tok, [t], progress=False).mean["angular_last_token"][1, 4].item() for t in TEXTS]
+    res = scan_model(model, tok, TEXTS, ScanSettings(progress=False))
+    per_text = [scan_model(model, tok, [t], ScanSettings(progress=False)).mean["angular_last_token"][1, 4].item() for t in TEXTS]
     x = torch.tensor(per_text, dtype=torch.float64)
     k = len(TEXTS)
     want = x.std() / math.sqrt(k)
@@ -178,7 +178,7 @@ def test_standard_error_matches_sample_std(tiny_llama):
 
 def test_ranking_direction_and_best_start(tiny_llama):
     model, tok = load(tiny_llama)
-    res = scan_model(model, tok, TEXTS, progress=False)
+    res = scan_model(model, tok, TEXTS, ScanSettings(progress=False))
     sc = res.scores(2)
     assert res.best_start(2) == min(range(len(sc)), key=sc.__getitem__)
     assert res.ranking(2)[0] == res.best_start(2)
@@ -187,8 +187,8 @@ def test_ranking_direction_and_best_start(tiny_llama):
 def test_bfloat16_model_scores_in_float64(tiny_llama):
     """States are upcast before normalising: a bf16 model's scores are close to the fp32 ones."""
     model, tok = load(tiny_llama)
-    fp32 = scan_model(model, tok, TEXTS, progress=False)
-    bf16 = scan_model(model.to(torch.bfloat16), tok, TEXTS, progress=False)
+    fp32 = scan_model(model, tok, TEXTS, ScanSettings(progress=False))
+    bf16 = scan_model(model.to(torch.bfloat16), tok, TEXTS, ScanSettings(progress=False))
     assert fp32.mean["angular_last_token"].dtype == torch.float64
     torch.testing.assert_close(bf16.mean["angular_last_token"], fp32.mean["angular_last_token"], atol=0.03, rtol=0.1)
 
@@ -200,10 +200,10 @@ def test_nan_hidden_state_names_the_layer(tiny_llama):
     with torch.no_grad():
         decoder_layers(model)[2].mlp.down_proj.weight.fill_(float("nan"))
     with pytest.raises(UserError, match="output of decoder layer 2"):
-        scan_model(model, tok, TEXTS, progress=False)
+        scan_model(model, tok, TEXTS, ScanSettings(progress=False))
 
 
 def test_unknown_metric_lists_valid_ones(tiny_llama):
     model, tok = load(tiny_llama)
     with pytest.raises(ValueError, match="angular_last_token.*block_influence"):
-        scan_model(model, tok, TEXTS, metric="cosine_typo", progress=False)
+        scan_model(model, tok, TEXTS, ScanSettings(metric="cosine_typo", progress=False))

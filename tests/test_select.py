@@ -17,7 +17,7 @@ from compute_block_similarity.scanfile import ScanFile
 from slice_with_mergekit.cli import main as slice_main
 from slice_with_mergekit.inmemory import removed_layers
 from slice_with_mergekit.race import Race, pick_candidates, race, settle_ties
-from slice_with_mergekit.scoring import Scorer
+from slice_with_mergekit.scoring import ScoreSettings, Scorer
 from slice_with_mergekit.select import exhaustive, select_deepest, select_iterative, select_ppl, select_race
 
 
@@ -117,14 +117,14 @@ def test_race_halves_and_the_last_two_meet_on_every_window():
 
 def test_scoring_on_growing_shares_equals_one_full_pass(tiny_models):
     model, tok = load(tiny_models["qwen3"])
-    sc = Scorer(model, tok, TEXTS, max_length=16, stride=16)
+    sc = Scorer(model, tok, TEXTS, ScoreSettings(max_length=16, stride=16))
     W = sc.num_windows
     cut = [2, 3]
     part = sc.score_on(cut, sc.share(W // 3))
     assert sc.scored(cut) == W // 3 and sc.passes < 0.5
     full = sc(cut)
     assert sc.passes == pytest.approx(1.0)  # the first share was not run twice
-    ref = Scorer(model, tok, TEXTS, max_length=16, stride=16)(cut)
+    ref = Scorer(model, tok, TEXTS, ScoreSettings(max_length=16, stride=16))(cut)
     assert full == pytest.approx(ref, rel=1e-5) and math.isfinite(part)
     assert sorted(sc.order) == list(range(W)) and set(sc.share(W // 3)) <= set(sc.share(W // 2))  # nested shares
 
@@ -132,9 +132,9 @@ def test_scoring_on_growing_shares_equals_one_full_pass(tiny_models):
 def test_select_race_on_a_tiny_model_reports_its_candidates_and_cost(tiny_models):
     model, tok = load(tiny_models["qwen3"])  # 8 layers
     L, n = 8, 2
-    ref = exhaustive(L, n, Scorer(model, tok, TEXTS, max_length=16, stride=16))
+    ref = exhaustive(L, n, Scorer(model, tok, TEXTS, ScoreSettings(max_length=16, stride=16)))
     scan = scan_of(L, n, [float(i) for i in range(L - n + 1)])
-    sc = Scorer(model, tok, TEXTS, max_length=16, stride=16)
+    sc = Scorer(model, tok, TEXTS, ScoreSettings(max_length=16, stride=16))
     c = select_race(scan, n, sc, top_k=L - n + 1)
     assert c.passes == pytest.approx(sc.passes) and c.passes < L - n + 1
     assert {x["start"] for x in c.candidates} == set(range(L - n + 1))  # every block, at some share
@@ -147,7 +147,7 @@ def test_select_race_on_a_tiny_model_reports_its_candidates_and_cost(tiny_models
 def cross_fit_reference(model, tok, texts, cut):
     """Perplexity of the bridged cut, cross-fitted by hand: the even texts scored under a bridge fitted on
     the odd ones, the odd texts under one fitted on the even ones; and the bridges."""
-    from slice_with_mergekit.evaluate import perplexity
+    from slice_with_mergekit.evaluate import WindowSettings, perplexity
     from slice_with_mergekit.inmemory import removed_layers
     from slice_with_mergekit.repair_fit import FitOptions, fit_repair
 
@@ -156,7 +156,7 @@ def cross_fit_reference(model, tok, texts, cut):
     for scored, fitted in ((texts[0::2], texts[1::2]), (texts[1::2], texts[0::2])):
         fit = fit_repair(model, tok, fitted, cut, FitOptions(max_length=64, skip_unfoldable=True, progress=False))
         with removed_layers(model, cut), fit.in_memory():
-            r = perplexity(model, tok, scored, max_length=64, stride=64)
+            r = perplexity(model, tok, scored, WindowSettings(max_length=64, stride=64))
         nll, tokens, fits = nll + r.nll_sum, tokens + r.tokens_scored, fits + [fit]
     return math.exp(nll / tokens), fits
 
@@ -166,24 +166,24 @@ def test_repair_aware_scoring_scores_each_window_under_a_bridge_fitted_without_i
     model, tok = load(tiny_models["qwen3"])
     texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]  # enough tokens for the guard to apply the bridge
     cut = [2, 3]
-    sc = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")
+    sc = Scorer(model, tok, texts, ScoreSettings(max_length=64, stride=64, repair="linear"))
     got = sc(cut)
     ref, fits = cross_fit_reference(model, tok, texts, cut)
     assert got == pytest.approx(ref, rel=1e-5)
-    assert all(f.applied for f in fits) and got < Scorer(model, tok, texts, max_length=64, stride=64)(cut)
+    assert all(f.applied for f in fits) and got < Scorer(model, tok, texts, ScoreSettings(max_length=64, stride=64))(cut)
     for f in range(2):  # the texts behind each fold's bridge are the other fold's, never its own
         assert sc.bridge_texts(f) and all(j % 2 != f for j in sc.bridge_texts(f))
     # in-sample (a bridge fitted on every text, scoring every text) is a different, flattering figure
-    from slice_with_mergekit.evaluate import perplexity
+    from slice_with_mergekit.evaluate import WindowSettings, perplexity
     from slice_with_mergekit.inmemory import removed_layers
     from slice_with_mergekit.repair_fit import FitOptions, fit_repair
 
     both = fit_repair(model, tok, texts, cut, FitOptions(max_length=64, skip_unfoldable=True, progress=False))
     with removed_layers(model, cut), both.in_memory():
-        in_sample = perplexity(model, tok, texts, max_length=64, stride=64).perplexity
+        in_sample = perplexity(model, tok, texts, WindowSettings(max_length=64, stride=64)).perplexity
     assert in_sample < got and got != pytest.approx(in_sample, rel=1e-4)
     # a race's candidates are bridged from one shared pass per fold over its bridge texts, counted once
-    sc = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")
+    sc = Scorer(model, tok, texts, ScoreSettings(max_length=64, stride=64, repair="linear"))
     cuts = [(1, 2), (2, 3), (3, 4), (5, 6)]
     sc.prepare(cuts)
     assert set(sc.bridges) == {(c, f) for c in cuts for f in range(2)}
@@ -202,13 +202,13 @@ def test_a_candidates_bridge_runs_no_guard_so_every_forward_it_costs_is_counted(
     real = repair_fit.fit_repairs
     monkeypatch.setattr("slice_with_mergekit.scoring.fit_repairs",
                         lambda m, t, x, c, fit, *a, **k: real(m, t, x, c, replace(fit, guard=True), *a, **k))
-    guarded = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")
+    guarded = Scorer(model, tok, texts, ScoreSettings(max_length=64, stride=64, repair="linear"))
     guarded.prepare(cuts)
     assert all(b.applied for f in range(2) for c in cuts for b in guarded.bridges[(c, f)].bridges)
     want = {c: guarded(c) for c in cuts}
     monkeypatch.undo()
     monkeypatch.setattr(repair_fit, "_guard", lambda *a, **k: pytest.fail("a candidate's bridge was guarded"))
-    sc = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")
+    sc = Scorer(model, tok, texts, ScoreSettings(max_length=64, stride=64, repair="linear"))
     sc.prepare(cuts)
     assert sc.passes == pytest.approx(sum(len(sc.bridge_texts(f)) for f in range(2)) / len(texts))  # the fit pass only
     assert {c: sc(c) for c in cuts} == pytest.approx(want, rel=1e-6)
@@ -218,7 +218,7 @@ def test_a_folds_bridges_take_up_to_bridge_texts_of_the_other_folds_texts_or_all
     model, tok = load(tiny_models["qwen3"])
     texts = [f"{a} {i}" for i in range(50) for a in TEXTS[:4]]  # 200 texts, only tokenized
     for cap, want in ((64, 64), (10, 50), (None, 100)):  # at least a quarter of the texts; None: the whole fold
-        sc = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear", bridge_texts=cap)
+        sc = Scorer(model, tok, texts, ScoreSettings(max_length=64, stride=64, repair="linear", bridge_texts=cap))
         for f in range(2):
             got = sc.bridge_texts(f)
             assert len(got) == want and all(j % 2 != f for j in got) and got == sorted(set(got))
@@ -273,11 +273,11 @@ def test_a_choice_behind_its_runner_up_is_logged_as_a_tie_the_scan_broke(caplog)
 
 def test_select_strategies(tiny_llama):
     model, tok = load(tiny_llama)
-    score = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+    score = Scorer(model, tok, TEXTS, ScoreSettings(max_length=64, stride=64))
     L, n = 6, 2
     ref = exhaustive(L, n, score)
     scan = ScanFile(model="m", num_layers=L, distances={2: [0.5, 0.1, 0.3, 0.2, 0.4]})
-    fresh = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+    fresh = Scorer(model, tok, TEXTS, ScoreSettings(max_length=64, stride=64))
     c = select_ppl(scan, n, fresh, top_k=3)
     assert [x["start"] for x in c.candidates] == [1, 3, 2] and c.passes == 3
     assert select_ppl(scan, n, fresh, top_k=4).passes == 1  # cached: only the new candidate costs a pass
@@ -295,14 +295,14 @@ def test_select_refine_ends_at_a_local_minimum_no_worse_than_ppl(tiny_models):
     model, tok = load(tiny_models["qwen3"])  # 8 layers
     L = 8
     for n in (1, 2, 3):
-        score = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+        score = Scorer(model, tok, TEXTS, ScoreSettings(max_length=64, stride=64))
         ref = exhaustive(L, n, score)
         worst_first = sorted(ref, key=ref.get, reverse=True)  # a scan that ranks the blocks backwards
         dist = [0.0] * (L - n + 1)
         for rank, st in enumerate(worst_first):
             dist[st] = rank / 10
         scan = ScanFile(model="m", num_layers=L, distances={n: dist})
-        fresh = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+        fresh = Scorer(model, tok, TEXTS, ScoreSettings(max_length=64, stride=64))
         c = select_refine(scan, n, fresh, top_k=1)
         s = c.removed[0]
         assert c.perplexity == pytest.approx(ref[s])
@@ -348,21 +348,21 @@ def test_budget_search_never_returns_an_n_over_budget(tiny_models):
     L = 8
     dist = {n: [float((s * 7 + n) % 5) / 5 for s in range(L - n + 1)] for n in range(1, L)}
     scan = ScanFile(model="m", num_layers=L, distances=dist)
-    probe = budget_search(scan, Scorer(model, tok, TEXTS, max_length=64, stride=64), 1e9)
+    probe = budget_search(scan, Scorer(model, tok, TEXTS, ScoreSettings(max_length=64, stride=64)), 1e9)
     ratios = [r["ratio"] for r in probe.curve]
     assert probe.n == len(probe.curve) == L - 2 and all(r["within"] for r in probe.curve)
     for budget in sorted({(a + b) / 2 for a, b in zip(sorted(ratios), sorted(ratios)[1:])} | {1.0 + 1e-9}):
         if budget <= 1:
             continue
-        fresh = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+        fresh = Scorer(model, tok, TEXTS, ScoreSettings(max_length=64, stride=64))
         b = budget_search(scan, fresh, budget)
         assert all(r["ratio"] <= budget for r in b.curve[: b.n])  # every n up to the answer fits
         assert b.n == len(b.curve) or b.curve[b.n]["ratio"] > budget  # the next one does not
         if b.n:  # the ratio is the model's: an independent scorer agrees
-            ref = Scorer(model, tok, TEXTS, max_length=64, stride=64)
+            ref = Scorer(model, tok, TEXTS, ScoreSettings(max_length=64, stride=64))
             assert ref(b.removed) / ref([]) == pytest.approx(b.curve[b.n - 1]["ratio"], rel=1e-6)
     with pytest.raises(ValueError, match="--max_ppl_ratio"):
-        budget_search(scan, Scorer(model, tok, TEXTS, max_length=64, stride=64), 0.9)
+        budget_search(scan, Scorer(model, tok, TEXTS, ScoreSettings(max_length=64, stride=64)), 0.9)
 
 
 FLOAT32_EPS = 2.0**-23
@@ -389,10 +389,11 @@ def paired_tolerance(per_a: list, per_b: list, ulps: float = 8) -> tuple[float, 
 
 
 def test_paired_standard_error_against_a_window_by_window_reference(tiny_models):
+    from slice_with_mergekit.evaluate import WindowSettings
     from slice_with_mergekit.evaluate import perplexity as ppl_of
 
     model, tok = load(tiny_models["qwen3"])
-    score = Scorer(model, tok, TEXTS, max_length=16, stride=16)
+    score = Scorer(model, tok, TEXTS, ScoreSettings(max_length=16, stride=16))
     a, b = [2, 3], [5, 6]
     pa, pb = score(a), score(b)
     d, se = score.paired(a, b)
@@ -400,7 +401,7 @@ def test_paired_standard_error_against_a_window_by_window_reference(tiny_models)
     per = {}
     for cut in (a, b):  # every window alone, as its own perplexity call
         with removed_layers(model, cut):
-            per[tuple(cut)] = [ppl_of(model, tok, [], max_length=16, stride=16, _windows=[w]) for w in score.wins]
+            per[tuple(cut)] = [ppl_of(model, tok, [], WindowSettings(16, 16), _windows=[w]) for w in score.wins]
     pa_w = [(x.nll_sum, x.tokens_scored) for x in per[tuple(a)]]
     pb_w = [(x.nll_sum, x.tokens_scored) for x in per[tuple(b)]]
     assert len(pa_w) > 5
@@ -425,8 +426,8 @@ def test_scorer_on_a_share_of_positions_scores_exactly_those(tiny_models):
     """With score_share, each window is scored at that share of its next-token positions (evenly spaced,
     its last one in); the loss equals a plain log_softmax over exactly those positions, cut in memory."""
     model, tok = load(tiny_models["qwen3"])
-    full = Scorer(model, tok, TEXTS, max_length=16, stride=16)
-    half = Scorer(model, tok, TEXTS, max_length=16, stride=16, score_share=0.5)
+    full = Scorer(model, tok, TEXTS, ScoreSettings(max_length=16, stride=16))
+    half = Scorer(model, tok, TEXTS, ScoreSettings(max_length=16, stride=16, score_share=0.5))
     assert full.score_share == 1.0  # a tiny vocabulary: the LM head is cheaper than the decoder, all positions
     cut = [2, 3]
     got = half.score_on(cut, range(half.num_windows))
@@ -453,7 +454,7 @@ def test_the_choice_says_how_much_it_leans_on_its_bridge(tiny_models, scans, mon
 
     model, tok = load(tiny_models["qwen3"])
     texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]
-    bridged = lambda: Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")  # noqa: E731
+    bridged = lambda: Scorer(model, tok, texts, ScoreSettings(max_length=64, stride=64, repair="linear"))  # noqa: E731
     scan = scanfile.load(scans["qwen3"])
     monkeypatch.setattr(select, "BRIDGE_DEPENDENT", 1.0)  # every bridge that helps at all "carries" the cut here
     with caplog.at_level(logging.WARNING):
@@ -461,12 +462,12 @@ def test_the_choice_says_how_much_it_leans_on_its_bridge(tiny_models, scans, mon
     b = c.bridge
     idx = bridged().share(b["windows"])  # the race's first share, as bridge_dependence() takes it
     assert b["windows"] == select.Race().first(bridged().num_windows) < bridged().num_windows
-    plain, ref = (math.exp(s.score_on(c.removed, idx)) for s in (Scorer(model, tok, texts, max_length=64, stride=64),
+    plain, ref = (math.exp(s.score_on(c.removed, idx)) for s in (Scorer(model, tok, texts, ScoreSettings(max_length=64, stride=64)),
                                                                    bridged()))
     assert b["plain_perplexity"] == pytest.approx(plain, rel=1e-6) and b["bridged_perplexity"] == pytest.approx(ref, rel=1e-6)
     assert b["ratio"] == pytest.approx(plain / ref) and b["dependent"] == (plain / ref > 1.0)
     assert ("bridge-dependent" in caplog.text) == b["dependent"]
-    assert choose("ppl", scan, 2, lambda: Scorer(model, tok, texts, max_length=64, stride=64), top_k=3).bridge is None
+    assert choose("ppl", scan, 2, lambda: Scorer(model, tok, texts, ScoreSettings(max_length=64, stride=64)), top_k=3).bridge is None
     sc = bridged()
     sc.score_on(c.removed, sc.share(2))  # a cut seen on fewer windows than the first share: the rest are run
     again = select.bridge_dependence(sc, select.Choice("x", list(c.removed), 0)).bridge
@@ -476,25 +477,25 @@ def test_the_choice_says_how_much_it_leans_on_its_bridge(tiny_models, scans, mon
 def test_too_little_text_to_cross_fit_falls_back_in_sample_and_says_so(tiny_models, caplog):
     import logging
 
-    from slice_with_mergekit.evaluate import perplexity
+    from slice_with_mergekit.evaluate import WindowSettings, perplexity
     from slice_with_mergekit.repair_fit import FitOptions, fit_repair
 
     model, tok = load(tiny_models["qwen3"])  # d = 32 unknowns per output: one fold's 2 x 12 tokens are too few
     texts = ["Short text.", "Depth layer", "Fox jumps a", "Merge a kit"]  # 12 byte tokens each, BOS included
     cut = [2, 3]
     with caplog.at_level(logging.WARNING):
-        got = Scorer(model, tok, texts, max_length=64, stride=64, repair="linear")(cut)
+        got = Scorer(model, tok, texts, ScoreSettings(max_length=64, stride=64, repair="linear"))(cut)
     assert "too little calibration text to cross-fit" in caplog.text
     fit = fit_repair(model, tok, texts, cut, FitOptions(max_length=64, skip_unfoldable=True, progress=False))
     with removed_layers(model, cut), fit.in_memory():
-        assert got == pytest.approx(perplexity(model, tok, texts, max_length=64, stride=64).perplexity, rel=1e-5)
+        assert got == pytest.approx(perplexity(model, tok, texts, WindowSettings(max_length=64, stride=64)).perplexity, rel=1e-5)
 
 
 def test_plain_weight_ranks_by_a_blend_of_bridged_and_plain_loss(tiny_models):
     model, tok = load(tiny_models["qwen3"])
     texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]
     cut = (2, 3)
-    mk = lambda **kw: Scorer(model, tok, texts, max_length=64, stride=64, **kw)  # noqa: E731
+    mk = lambda **kw: Scorer(model, tok, texts, ScoreSettings(max_length=64, stride=64, **kw))  # noqa: E731
     bridged = mk(repair="linear").score_on(cut, range(mk().num_windows))
     plain = mk().score_on(cut, range(mk().num_windows))
     w = 0.25
@@ -512,7 +513,7 @@ def test_plain_weight_ranks_by_a_blend_of_bridged_and_plain_loss(tiny_models):
 def test_gain_is_the_plain_over_the_bridged_perplexity_on_the_same_windows(tiny_models):
     model, tok = load(tiny_models["qwen3"])
     texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]
-    mk = lambda **kw: Scorer(model, tok, texts, max_length=64, stride=64, **kw)  # noqa: E731
+    mk = lambda **kw: Scorer(model, tok, texts, ScoreSettings(max_length=64, stride=64, **kw))  # noqa: E731
     sc = mk(repair="linear")
     cut, idx = (2, 3), sc.share(sc.num_windows // 2)
     g = math.exp(sc.log_gain(cut, idx)[0])
