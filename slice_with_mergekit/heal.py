@@ -25,7 +25,6 @@ from typing import Any, Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compute_block_similarity.atomic import write_text
 from compute_block_similarity.errors import UserError
 from compute_block_similarity.model import decoder_layers, load_model
 from compute_block_similarity.options import ModelOptions
@@ -33,7 +32,7 @@ from compute_block_similarity.options import ModelOptions
 from .checkpoint import copy_companions, kept_source_layers, local_source, read_plan
 from .evaluate import tokenize_windows
 from .heal_trainer import Blocks, _trainer_class, pack
-from .records import HEAL_FILE, HealLedger, HealRecord, HealStep
+from .records import HEAL_FILE, HealLedger, HealRecord, HealStart, HealStep
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +286,7 @@ def _work_folder(checkpoint: str, cfg: HealConfig, work: Path, resume: bool) -> 
                             "to continue it or delete it")
         log.info("%s holds no complete checkpoint of an earlier run (one was killed before its first): starting over", work)
         shutil.rmtree(work)
-    if resume and started.exists() and json.loads(started.read_text())["config"] != cfg.model_dump():
+    if resume and started.exists() and HealStart.load(started).config != cfg.model_dump():
         raise UserError(f"--resume: {work} was started with other settings; use the same flags or delete it")
     return last
 
@@ -314,10 +313,10 @@ def _train(trainer: Any, model: Any, cfg: HealConfig, work: Path, last: Path | N
         p0 = trainer.evaluate()["eval_perplexity"]
         if trainer.is_world_process_zero():
             work.mkdir(parents=True, exist_ok=True)
-            write_text(started, json.dumps({"after_cut": p0, "config": cfg.model_dump()}) + "\n")
+            HealStart(after_cut=p0, config=cfg.model_dump()).save(started)
         log.info("held-out perplexity before healing: %.3f", p0)
     else:
-        p0 = json.loads(started.read_text())["after_cut"]
+        p0 = HealStart.load(started).after_cut
         log.info("resuming healing from %s", last)
     if cfg.fsdp and not trainer.is_fsdp_enabled:
         raise UserError("--fsdp: the Trainer did not enable FSDP; launch with torchrun (or accelerate launch)")

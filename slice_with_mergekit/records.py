@@ -174,6 +174,15 @@ class HealRecord(Record):
     ledger: HealLedger
 
 
+class HealStart(Record):
+    """heal_start.json in a healing run's .work folder: what --resume continues, and must match."""
+
+    FIX: ClassVar[str] = "delete the run's .work folder to heal from the start"
+
+    after_cut: float = Field(description="held-out perplexity before the first step")
+    config: dict[str, Any] = Field(description="the HealConfig the run was started with")
+
+
 class EvalFile(Record):
     model_config = ConfigDict(extra="forbid")
 

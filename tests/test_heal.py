@@ -97,6 +97,13 @@ def test_heal_improves_keeps_best_and_resume_equals_uninterrupted(tiny_llama, tm
         heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**CFG), progress=False)
     with pytest.raises(UserError, match="other settings"):
         heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**{**CFG, "lr": 1e-3}), run=HealRun(resume=True), progress=False)
+    start = tmp_path / "b.work" / "heal_start.json"
+    good = start.read_text()
+    start.write_text('{"after_cut": "x"}')  # tampered: one line naming the file and the fix, the run kept
+    with pytest.raises(UserError, match="heal_start.json.*delete the run's .work folder") as e:
+        heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**CFG), run=HealRun(resume=True), progress=False)
+    assert "\n" not in str(e.value)
+    start.write_text(good)
     resumed = heal(str(tiny_llama), TRAIN, HELD, str(tmp_path / "b"), HealConfig(**CFG), run=HealRun(resume=True), progress=False)
     assert [h.step for h in resumed.history] == [0, 2, 4, 6]
     for a, b in zip(full.history, resumed.history):

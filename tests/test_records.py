@@ -52,7 +52,8 @@ def test_an_older_eval_json_is_not_read_and_a_new_entry_replaces_it(tmp_path, ca
 
 def records_of_each_kind():
     from slice_with_mergekit.records import (
-        BudgetPoint, BudgetRecord, HealLedger, HealRecord, HealStep, PerplexityRecord, Selection, TasksRecord, TaskScore)
+        BudgetPoint, BudgetRecord, HealLedger, HealRecord, HealStart, HealStep, PerplexityRecord, Selection, TasksRecord,
+        TaskScore)
 
     steps = [HealStep(step=0, perplexity=30.0), HealStep(step=2, perplexity=25.0)]
     ledger = HealLedger(optimizer_steps=2, training_tokens=128, tokens_per_step=64, wall_s=1.0, device="cpu", world_size=1,
@@ -65,6 +66,7 @@ def records_of_each_kind():
         BudgetRecord(max_ratio=1.5, dense=10.0, n=1, curve=[BudgetPoint(n=1, removed=[3], perplexity=12.0, ratio=1.2,
                                                                            within=True)]),
         PerplexityRecord(perplexity=10.0, tokens_scored=100),
+        HealStart(after_cut=30.0, config={"steps": 2}),
     ]
 
 
