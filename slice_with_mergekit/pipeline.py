@@ -148,10 +148,25 @@ def texts_inputs(fps: Fingerprints, texts: list[str]) -> dict:
     return {**fps.eval, "texts": hashlib.sha256("\x00".join(texts).encode()).hexdigest()}
 
 
+def heal_texts(a: PruneArgs) -> tuple[list[str], list[str]]:
+    """Healing's training texts (up to HEAL_TEXTS: healing wants far more text than the calibration) and, with
+    --heal_dataset, the held-out texts that pick its best step: the last --eval_size texts read, never trained on
+    (empty without --heal_dataset: the calibration corpus's held-out split picks, ``pick_texts``)."""
+    if not a.heal_dataset:
+        return a.data.texts(size=HEAL_TEXTS), []
+    texts = a.data.texts(a.heal_dataset_subset, HEAL_TEXTS + a.eval_size, dataset=a.heal_dataset)
+    if len(texts) <= a.eval_size:
+        raise UserError(f"--heal_dataset {a.heal_dataset} (split {a.heal_dataset_subset!r}) has {len(texts)} texts, "
+                        f"and healing holds out --eval_size {a.eval_size} of them to pick its best step: give a "
+                        "larger corpus or a smaller --eval_size")
+    return texts[:-a.eval_size], texts[-a.eval_size:]
+
+
 def pick_texts(a: PruneArgs, eval_texts: list[str], fps: Fingerprints) -> tuple[list[str], dict]:
-    """Held-out texts that pick healing's best step: the next --eval_size texts of the held-out split after
-    the ones every perplexity is reported on, so the healed figure is measured on text that chose nothing."""
-    more = a.data.texts(a.eval_subset, 2 * a.eval_size)[a.eval_size:]
+    """Held-out texts that pick healing's best step: those held out of --heal_dataset, or else the next
+    --eval_size texts of the held-out split after the ones every perplexity is reported on, so the healed
+    figure is measured on text that chose nothing."""
+    more = heal_texts(a)[1] if a.heal_dataset else a.data.texts(a.eval_subset, 2 * a.eval_size)[a.eval_size:]
     if not more:
         log.warning("the held-out split %s has no texts beyond the %d reported on: healing picks its best step on "
                     "those same texts, which flatters the healed figure; use a larger split", a.eval_subset, a.eval_size)
@@ -160,18 +175,18 @@ def pick_texts(a: PruneArgs, eval_texts: list[str], fps: Fingerprints) -> tuple[
 
 
 def heal_stage(a: PruneArgs, model_dir: Path, model_fp: str, eval_texts: list[str], hdir: Path) -> None:
-    # healing wants far more text than the calibration: up to HEAL_TEXTS of the training split
-    d = a.data
-    train = d.texts(size=HEAL_TEXTS)
+    train = heal_texts(a)[0]
+    corpus, split = (a.heal_dataset, a.heal_dataset_subset) if a.heal_dataset else (a.data.dataset, a.data.dataset_subset)
     cfg = heal_config(a)
-    work, inputs = Path(f"{hdir}.work"), json.dumps({"model": model_fp, "heal": cfg.model_dump()}, sort_keys=True)
+    work = Path(f"{hdir}.work")
+    inputs = json.dumps({"model": model_fp, "heal": cfg.model_dump(), "corpus": [corpus, split]}, sort_keys=True)
     marker = work / "prune_inputs.json"
     if work.exists() and not (marker.exists() and marker.read_text() == inputs):
         shutil.rmtree(work)  # a run for another model or recipe: start over; the same one resumes
     work.mkdir(parents=True, exist_ok=True)
     write_text(marker, inputs)
     heal(str(model_dir), train, eval_texts, str(hdir), cfg, run=HealRun(resume=True), progress=True,
-         data=f"{d.dataset} (split {d.dataset_subset})", teacher_load=a.load)
+         data=f"{corpus} (split {split})", teacher_load=a.load)
 
 
 @dataclass

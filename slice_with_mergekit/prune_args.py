@@ -55,6 +55,11 @@ class PruneArgs(BaseModel):
                                      "README prose): every model's perplexity on it too, to see how a cut transfers")
     eval_dataset_subset: str = Field("test", description="split of --eval_dataset (a local file has only 'train')")
     heal: bool = Field(False, description="heal each pruned (and repaired) model; --heal_* set the recipe")
+    heal_dataset: str | None = Field(None, description="heal on this corpus instead of the calibration text (a Hub id, "
+                                     "a local file, or 'python-package-readmes'): broader text restores general "
+                                     "ability where the calibration text is narrow; the last --eval_size texts read "
+                                     "are held out of training to pick the best step")
+    heal_dataset_subset: str = Field("train", description="split of --heal_dataset")
     work_dir: str = Field("prune_out", description="every stage's output, and report.md",
                           json_schema_extra={"aliases": ["--output"]})
     max_ppl_ratio: float | None = Field(None, gt=1, description="budget mode: remove as many layers as keep calibration "
@@ -75,6 +80,8 @@ class PruneArgs(BaseModel):
             raise ValueError(f"--layers_to_skip {self.layers_to_skip}: block sizes must be >= 1")
         for b in self.baselines:
             one_of("--baselines", METHODS, b)
+        if self.heal_dataset and not self.heal:
+            raise ValueError(f"--heal_dataset {self.heal_dataset} is the healing text: add --heal, or drop it")
         if self.data.max_length < 2:
             raise ValueError(f"--max_length must be >= 2 to score anything, got {self.data.max_length}")
         return self
@@ -108,7 +115,8 @@ def fingerprints(a: PruneArgs) -> Fingerprints:
         select={**model, "choice": a.choice.model_dump(), "fix": a.fix.model_dump()},
         materialize={"fix": a.fix.model_dump(), "data": a.data.model_dump(), "trust_remote_code": a.load.trust_remote_code},
         eval=evaluation,
-        heal={"heal": heal_config(a).model_dump(), "data": a.data.model_dump()},
+        heal={"heal": heal_config(a).model_dump(), "data": a.data.model_dump(),
+              "heal_dataset": [a.heal_dataset, a.heal_dataset_subset] if a.heal_dataset else None},
         tasks={"bench": a.bench.model_dump(), "load": model["load"]},
     )
 

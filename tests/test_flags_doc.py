@@ -50,12 +50,15 @@ def test_every_flag_in_the_readme_exists_with_its_default():
 
 def flags() -> list[tuple[str, str, argparse.Action]]:
     """(command, canonical flag, action) for every flag the table must list (prune's --heal_* are one row)."""
+    from slice_with_mergekit.heal import HealConfig
+
+    recipe = {f"--heal_{name}" for name in HealConfig.model_fields}
     out = []
     for cmd, p in parsers().items():
         for a in p._actions:
             if not a.option_strings or a.dest == "help" or isinstance(a, argparse._SubParsersAction):
                 continue
-            if not (cmd == "prune" and a.option_strings[0].startswith("--heal_")):
+            if not (cmd == "prune" and a.option_strings[0] in recipe):
                 out.append((cmd, a.option_strings[0], a))
     return out
 

@@ -101,9 +101,9 @@ def test_prune_reports_every_model_on_a_second_corpus(tiny_models, tmp_path):
     """--eval_dataset: dense, cut, repaired and healed perplexity on text of another kind, in eval.json,
     report.md and the card's model-index, each equal to a direct computation."""
     import yaml
+    from conftest import load
 
     from compute_block_similarity.data import READMES_DATASET, load_texts
-    from conftest import load
     from slice_with_mergekit.evaluate import WindowSettings, perplexity
 
     w = tmp_path / "w"
@@ -132,3 +132,49 @@ def test_prune_reports_every_model_on_a_second_corpus(tiny_models, tmp_path):
     assert second == [pytest.approx(s["healed"])]
     sel = json.loads((w / "n2" / "sliced.select.json").read_text())
     assert sel["bridge"]["plain_perplexity"] > 0 and "calibration windows" in report
+
+
+def test_prune_heals_on_another_corpus(tiny_models, tmp_path, caplog):
+    """--heal_dataset: healing trains on that corpus, minus its last --eval_size texts read, which pick the best
+    step (heal.json's after_heal is the healed model's perplexity on exactly those); the healed row is still
+    judged on the calibration corpus's held-out texts; another healing corpus reruns healing, not the cut."""
+    from conftest import load
+
+    from compute_block_similarity.data import READMES_DATASET, load_texts
+    from slice_with_mergekit.evaluate import WindowSettings, perplexity
+    from slice_with_mergekit.pipeline import HEAL_TEXTS, heal_texts
+
+    w = tmp_path / "w"
+    args = ["prune", str(tiny_models["llama"]), "--layers_to_skip", "2", "--dataset_size", "24", "--eval_size", "6",
+            "--max_length", "64", "--heal", "--heal_steps", "2", "--heal_seq_len", "32", "--heal_batch_size", "2",
+            "--work_dir", str(w)]
+    assert slice_main([*args, "--heal_dataset", READMES_DATASET]) == 0
+    readmes = load_texts(READMES_DATASET, split="train")[:HEAL_TEXTS + 6]
+    train, pick = heal_texts(PruneArgs(model="m", heal=True, heal_dataset=READMES_DATASET, eval_size=6))
+    assert pick == readmes[-6:] and train == readmes[:-6]  # held out of training, in the order read
+    h = json.loads((w / "n2" / "healed" / "heal.json").read_text())
+    assert h["ledger"]["data"].startswith(f"{READMES_DATASET} (split train)") and h["ledger"]["held_out_texts"] == 6
+    m, tok = load(w / "n2" / "healed")
+    win = WindowSettings(max_length=64, stride=64)
+    assert h["after_heal"] == pytest.approx(perplexity(m, tok, pick, win).perplexity, rel=1e-6)
+    ev = json.loads((w / "n2" / "healed" / "eval.json").read_text())
+    assert ev["models"]["healed"]["perplexity"] == pytest.approx(
+        perplexity(m, tok, load_texts(split="test", size=6), win).perplexity, rel=1e-6)
+    caplog.clear()
+    with caplog.at_level("INFO"):  # back to the calibration text: healing again, nothing before it
+        assert slice_main(args) == 0
+    assert "stage heal-n2: running" in caplog.text and "stage materialize-n2: inputs unchanged" in caplog.text
+    assert json.loads((w / "n2" / "healed" / "heal.json").read_text())["ledger"]["data"].startswith(
+        "python-stdlib-docs (split train)")
+
+
+def test_heal_dataset_needs_heal_and_enough_text(tiny_models, tmp_path, capsys):
+    assert slice_main(["prune", "m", "--heal_dataset", "x.jsonl", "--work_dir", str(tmp_path / "a")]) == 2
+    assert "--heal_dataset x.jsonl is the healing text: add --heal" in capsys.readouterr().err
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": f"text {i}"}) + "\n" for i in range(6)))
+    from compute_block_similarity.errors import UserError
+    from slice_with_mergekit.pipeline import heal_texts
+
+    with pytest.raises(UserError, match="has 6 texts, and healing holds out --eval_size 6"):
+        heal_texts(PruneArgs(model="m", heal=True, heal_dataset=str(small), eval_size=6))
