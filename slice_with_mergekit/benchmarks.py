@@ -98,12 +98,24 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-def per_doc(samples: list[dict], metric: str) -> dict[str, list]:
+def per_doc(samples: list[dict], metric: str) -> dict[str, Any]:
     """A task's logged samples in doc_id order: each document's ``metric`` (0/1 for acc), its number of
-    choices, and a hash of the documents (two records are paired only when the hashes agree)."""
+    choices, a hash of the documents (two records are paired only when the hashes agree) and the
+    ``majority`` answer's accuracy (``constant_answer``)."""
     rows = sorted((s for s in samples if isinstance(s.get(metric), (int, float))), key=lambda s: s["doc_id"])
     return {"values": [float(s[metric]) for s in rows], "choices": [len(s["arguments"]) for s in rows],
-            "docs": [s["doc_hash"] for s in rows]}
+            "docs": [s["doc_hash"] for s in rows], "majority": constant_answer(rows)}
+
+
+def constant_answer(samples: list[dict]) -> float | None:
+    """Where every document offers the same answers (each request's continuation: BoolQ's " no" / " yes"),
+    the accuracy of always giving the most common correct one: a skewed task's real floor. None where the
+    answers differ between documents (a constant position is then no strategy) or a target is not an index."""
+    answers = {tuple(str(arg[1]) for arg in s["arguments"]) for s in samples}
+    targets = [s.get("target") for s in samples]
+    if len(answers) != 1 or not targets or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets):
+        return None
+    return max(targets.count(t) for t in set(targets)) / len(targets)
 
 
 def _docs_of(name: str, res: dict, subs: dict[str, list[str]]) -> list[dict]:
@@ -157,7 +169,8 @@ def record(res: dict, opts: TaskOptions) -> TasksRecord:
             samples=res.get("n-samples", {}).get(name, {}).get("effective") or (len(pd["values"]) if pd else None),
             metrics=metrics, stderr=stderr, higher_is_better={m: bool(hib.get(m, True)) for m in metrics},
             headline=head, subtask_of=parent.get(name), split=suite.split_of(name),
-            per_doc=PerDoc(values=pd["values"], choices=pd["choices"], docs=_digest(pd["docs"])) if pd else None)
+            per_doc=PerDoc(values=pd["values"], choices=pd["choices"], docs=_digest(pd["docs"]), majority=pd["majority"])
+            if pd else None)
     return TasksRecord(lm_eval_version=res.get("lm_eval_version"), tasks=tasks, requested=list(opts.tasks or []),
                        include_path=opts.include_path, num_fewshot=opts.num_fewshot, limit=opts.limit)
 
@@ -250,7 +263,9 @@ def paired_diff(a: TasksRecord, b: TasksRecord, task: str) -> tuple[float, float
 def above_chance_tasks(dense: TasksRecord) -> dict[str, str]:
     """The tasks retained above chance is measured on, each mapped to ``""``, and those left out, each mapped
     to why: no chance level (not multiple choice), or a dense accuracy within 2 of its standard errors
-    (binomial, sqrt(p (1 - p) / documents)) of chance, where (dense - chance) is too small a yardstick."""
+    (binomial, sqrt(p (1 - p) / documents)) of chance, where (dense - chance) is too small a yardstick, or of
+    the accuracy of always giving the most common answer (``PerDoc.majority``; BoolQ is about 62 % "yes"),
+    where a model biased to one answer would score "above chance" without telling anything apart."""
     out: dict[str, str] = {}
     for task in dense.top_level():
         c, d = chance(dense, task), dense.tasks[task]
@@ -258,7 +273,13 @@ def above_chance_tasks(dense: TasksRecord) -> dict[str, str]:
             out[task] = "no chance level"
             continue
         se = math.sqrt(max(d.score * (1 - d.score), 1e-12) / len(d.per_doc.values))
-        out[task] = "" if d.score - c > 2 * se else f"dense {d.score:.3f} within 2 SE ({se:.3f}) of chance {c:.3f}"
+        m = d.per_doc.majority
+        if d.score - c <= 2 * se:
+            out[task] = f"dense {d.score:.3f} within 2 SE ({se:.3f}) of chance {c:.3f}"
+        elif m is not None and d.score - m <= 2 * se:  # a constant answer reaches dense: (pruned - chance) rewards bias
+            out[task] = f"dense {d.score:.3f} within 2 SE ({se:.3f}) of always giving the most common answer ({m:.3f})"
+        else:
+            out[task] = ""
     return out
 
 

@@ -67,6 +67,8 @@ class PerDoc(BaseModel):
     values: list[float]
     choices: list[int] = Field(description="each document's number of choices")
     docs: str = Field(description="a hash of the documents: two records pair only when theirs agree")
+    majority: float | None = Field(None, description="where every document offers the same answers (BoolQ's no / "
+                                   "yes): the accuracy of always giving the most common correct one")
 
 
 class TaskScore(BaseModel):

@@ -115,6 +115,9 @@ def test_the_suite_scores_what_a_plain_computation_scores(tiny_models):
             ref.append(float(max(range(len(ll)), key=ll.__getitem__) == task.doc_to_target(d)))
         assert r.per_doc.values == ref, t.stock
         assert r.per_doc.choices == [len(task.doc_to_choice(d)) for d in docs]
+        targets = [task.doc_to_target(d) for d in docs]  # the same answers in every document: BoolQ only
+        same = len({tuple(task.doc_to_choice(d)) for d in docs}) == 1
+        assert r.per_doc.majority == (max(map(targets.count, targets)) / 4 if same else None), t.stock
 
 
 def test_mmlu_is_one_group_of_57_subjects_weighted_by_size(tiny_models):
@@ -166,3 +169,21 @@ def test_a_task_the_dense_model_barely_beats_chance_is_left_out_of_retained_abov
     ac = above_chance(dense, ours)
     assert set(ac) == {"a", "average"} and ac["average"][0] == pytest.approx(75.0)
     assert compare(dense, ours, dense)[0] == pytest.approx(100 * (-1 / 8) / 0.5)
+
+
+def test_a_task_a_constant_answer_scores_as_well_as_dense_is_left_out_of_retained_above_chance():
+    """BoolQ-like: two fixed answers, 70 % of them "yes". A dense model at 0.75 is far above 1/2 but within
+    2 SE of always answering "yes"; a pruned model that always says "yes" would keep "80 %" above chance."""
+    from slice_with_mergekit.benchmarks import constant_answer
+
+    samples = [{"arguments": [("q", " no"), ("q", " yes")], "target": int(i < 14)} for i in range(20)]
+    assert constant_answer(samples) == 0.7
+    assert constant_answer([{**s, "arguments": [("q", f" a{i}"), ("q", " b")]} for i, s in enumerate(samples)]) is None
+    assert constant_answer([{**s, "target": " yes"} for s in samples]) is None
+    dense = record({"a": [1, 1, 1, 0, 1, 1, 0, 1], "c": [1] * 15 + [0] * 5}, {"a": 4, "c": 2})
+    assert above_chance_tasks(dense)["c"] == ""  # 0.75 is 2.6 SE above 1/2: kept on chance alone
+    dense.tasks["c"].per_doc.majority = 0.7
+    kept = above_chance_tasks(dense)
+    assert kept["a"] == "" and "of always giving the most common answer (0.700)" in kept["c"]
+    dense.tasks["c"].per_doc.majority = 0.5  # a balanced task: kept
+    assert above_chance_tasks(dense)["c"] == ""
