@@ -410,17 +410,17 @@ def dense_stages(a: PruneArgs, work: Path) -> Job:
     """The scan and the dense model's held-out perplexity (on the second corpus too); the texts healing
     picks its step on."""
     fps = fingerprints(a)
-    scan_json = work / "scan" / "block_distances.json"
-    scan_fp = stage(work, "scan", fps.scan, [scan_json], scan_stage, a, work / "scan")
     d = a.data
     eval_texts = d.texts(a.eval_subset, a.eval_size)
     eval_in = texts_inputs(fps, eval_texts)
+    picks = pick_texts(a, eval_texts, fps) if a.heal else ([], {})  # a bad --heal_dataset stops the job here
+    scan_json = work / "scan" / "block_distances.json"
+    scan_fp = stage(work, "scan", fps.scan, [scan_json], scan_stage, a, work / "scan")
     src_eval = work / "source_eval.json"
     stage(work, "eval-source", eval_in, [src_eval], eval_stage, a, eval_texts, a.model, src_eval)
     job = Job(scanfile.load(scan_json), scan_json, scan_fp, fps, eval_texts, eval_in,
               PerplexityRecord.load(src_eval).perplexity)
-    if a.heal:
-        job.pick_texts, job.pick_in = pick_texts(a, eval_texts, fps)
+    job.pick_texts, job.pick_in = picks
     if a.eval_dataset:
         job.texts2 = d.texts(a.eval_dataset_subset, a.eval_size, dataset=a.eval_dataset)
         job.eval2_in = texts_inputs(fps, job.texts2)

@@ -178,3 +178,8 @@ def test_heal_dataset_needs_heal_and_enough_text(tiny_models, tmp_path, capsys):
 
     with pytest.raises(UserError, match="has 6 texts, and healing holds out --eval_size 6"):
         heal_texts(PruneArgs(model="m", heal=True, heal_dataset=str(small), eval_size=6))
+    w = tmp_path / "w"  # before the scan: no stage has run, nothing is written
+    assert slice_main(["prune", str(tiny_models["llama"]), "--heal", "--heal_dataset", str(small), "--eval_size", "6",
+                       "--work_dir", str(w)]) != 0
+    err = capsys.readouterr().err
+    assert "has 6 texts" in err and "Traceback" not in err and not (w / "scan").exists()
