@@ -240,8 +240,9 @@ def heal(checkpoint: str, train_texts: Sequence[str], eval_texts: Sequence[str],
     train = Blocks(pack(tok, train_texts, cfg.seq_len))
     need = cfg.steps * cfg.batch_size * cfg.grad_accum
     if len(train) < need:
-        log.warning("%d training blocks of %d tokens for %d x %d x %d per device: the Trainer will repeat them",
-                    len(train), cfg.seq_len, cfg.steps, cfg.batch_size, cfg.grad_accum)
+        log.warning("%d training blocks of %d tokens for %d x %d x %d per device: the Trainer will repeat them (%.1f "
+                    "passes over the text; repeated text overfits: give more text, or fewer --steps)",
+                    len(train), cfg.seq_len, cfg.steps, cfg.batch_size, cfg.grad_accum, need / max(len(train), 1))
     wins = tokenize_windows(tok, eval_texts, cfg.max_length, cfg.max_length)
     args = training_arguments(cfg, work, progress)  # sets the seed and, under torchrun, the process group
     set_seed(cfg.seed)

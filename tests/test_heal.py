@@ -277,3 +277,16 @@ def test_lora_goes_on_every_linear_layer_but_the_head_by_default_or_the_mlp_or_t
     mlp = {"gate_proj", "up_proj", "down_proj"}
     assert adapted(None) == {"q_proj", "k_proj", "v_proj", "o_proj"} | mlp  # not lm_head
     assert adapted(["mlp"]) == mlp and adapted(["q_proj", "v_proj"]) == {"q_proj", "v_proj"}
+
+
+def test_too_little_text_warns_how_often_it_is_repeated(tiny_llama, tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    from slice_with_mergekit.heal import HealConfig, heal
+    from slice_with_mergekit.heal_trainer import pack
+
+    blocks = len(pack(AutoTokenizer.from_pretrained(tiny_llama), TEXTS[:1], 32))
+    cfg = HealConfig(**{**CFG, "steps": 2 * blocks, "eval_every": 2 * blocks})  # 2 blocks a step: 4 passes
+    with caplog.at_level("WARNING"):
+        heal(str(tiny_llama), TEXTS[:1], HELD, str(tmp_path / "h"), cfg, progress=False)
+    assert f"{blocks} training blocks of 32 tokens" in caplog.text and "(4.0 passes over the text" in caplog.text
