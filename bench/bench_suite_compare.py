@@ -6,6 +6,11 @@ For a model built outside ``prune`` (say, the run's repaired checkpoint healed o
 
     python bench/bench_suite_compare.py bench_work/suite_qwen25_n6_heal qwen_heal_readmes/eval.json \
         --name healed_readmes --against n6/tasks_repaired.json,n6/tasks_healed.json
+
+Or one of a run's own rows against another (a prune eval.json names its forms: source, cut, repaired, healed):
+
+    python bench/bench_suite_compare.py bench_work/suite_qwen25_n6_readmes \
+        bench_work/suite_qwen25_n6_readmes/n6/healed/eval.json --name healed --against n6/tasks_repaired.json
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ def main() -> None:
         h = HealRecord.load(heal)
         print(f"healing: best step {h.best_step}; held-out perplexity by step "
               + ", ".join(f"{s.step}: {s.perplexity:.2f}" for s in h.history))
-    print(f"perplexity {entry.perplexity:.2f} ({entry.num_texts} texts, {entry.tokens_scored} tokens, "
-          f"max_length {entry.max_length})")
+    facts = [f"{entry.num_texts} texts", f"{entry.tokens_scored} tokens", f"max_length {entry.max_length}"]
+    known = [f for f, v in zip(facts, (entry.num_texts, entry.tokens_scored, entry.max_length)) if v is not None]
+    print(f"perplexity {entry.perplexity:.2f}" + (f" ({', '.join(known)})" if known else " (prune's held-out texts)"))
     model = entry.lm_eval
     for task in dense.top_level():
         print(f"{task:24s} {model.tasks[task].score:.4f}  (dense {dense.tasks[task].score:.4f})")
