@@ -169,8 +169,8 @@ def record(res: dict, opts: TaskOptions) -> TasksRecord:
             samples=res.get("n-samples", {}).get(name, {}).get("effective") or (len(pd["values"]) if pd else None),
             metrics=metrics, stderr=stderr, higher_is_better={m: bool(hib.get(m, True)) for m in metrics},
             headline=head, subtask_of=parent.get(name), split=suite.split_of(name),
-            per_doc=PerDoc(values=pd["values"], choices=pd["choices"], docs=_digest(pd["docs"]), majority=pd["majority"])
-            if pd else None)
+            per_doc=None if not pd else PerDoc(values=pd["values"], choices=pd["choices"], docs=_digest(pd["docs"]),
+                                               majority=pd["majority"]))
     return TasksRecord(lm_eval_version=res.get("lm_eval_version"), tasks=tasks, requested=list(opts.tasks or []),
                        include_path=opts.include_path, num_fewshot=opts.num_fewshot, limit=opts.limit)
 

@@ -209,8 +209,9 @@ def benchmark_lines(ev: EvalFile) -> list[str]:
     above = above_chance(dense, rec) if dense else {}
     if "average" in above:
         v, se = above["average"]
+        used = ", ".join(t for t in above if t != "average")
         lines += ["", f"Retained above chance, (this - chance) / (dense - chance) averaged over the tasks where dense is "
-                  f"more than 2 SE above chance and above always giving the most common answer ({', '.join(t for t in above if t != 'average')}): {v:.1f} %"
+                  f"more than 2 SE above chance and above always giving the most common answer ({used}): {v:.1f} %"
                   + (f" ± {se:.1f} (paired SE against dense on the same documents)." if se is not None else ".")]
     return lines
 
