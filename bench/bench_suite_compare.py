@@ -43,9 +43,8 @@ def main() -> None:
         h = HealRecord.load(heal)
         print(f"healing: best step {h.best_step}; held-out perplexity by step "
               + ", ".join(f"{s.step}: {s.perplexity:.2f}" for s in h.history))
-    facts = [f"{entry.num_texts} texts", f"{entry.tokens_scored} tokens", f"max_length {entry.max_length}"]
-    known = [f for f, v in zip(facts, (entry.num_texts, entry.tokens_scored, entry.max_length)) if v is not None]
-    print(f"perplexity {entry.perplexity:.2f}" + (f" ({', '.join(known)})" if known else " (prune's held-out texts)"))
+    print(f"perplexity {entry.perplexity:.2f} " + ("(prune's held-out texts)" if entry.num_texts is None else
+          f"({entry.num_texts} texts, {entry.tokens_scored} tokens, max_length {entry.max_length})"))
     model = entry.lm_eval
     for task in dense.top_level():
         print(f"{task:24s} {model.tasks[task].score:.4f}  (dense {dense.tasks[task].score:.4f})")

@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import os
+from collections import Counter
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -113,9 +114,9 @@ def constant_answer(samples: list[dict]) -> float | None:
     answers differ between documents (a constant position is then no strategy) or a target is not an index."""
     answers = {tuple(str(arg[1]) for arg in s["arguments"]) for s in samples}
     targets = [s.get("target") for s in samples]
-    if len(answers) != 1 or not targets or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets):
+    if len(answers) != 1 or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets):
         return None
-    return max(targets.count(t) for t in set(targets)) / len(targets)
+    return Counter(targets).most_common(1)[0][1] / len(targets)
 
 
 def _docs_of(name: str, res: dict, subs: dict[str, list[str]]) -> list[dict]:

@@ -154,7 +154,8 @@ def heal_texts(a: PruneArgs) -> tuple[list[str], list[str]]:
     (empty without --heal_dataset: the calibration corpus's held-out split picks, ``pick_texts``)."""
     if not a.heal_dataset:
         return a.data.texts(size=HEAL_TEXTS), []
-    texts = a.data.texts(a.heal_dataset_subset, HEAL_TEXTS + a.eval_size, dataset=a.heal_dataset)
+    corpus, split = a.heal_source
+    texts = a.data.texts(split, HEAL_TEXTS + a.eval_size, dataset=corpus)
     if len(texts) <= a.eval_size:
         raise UserError(f"--heal_dataset {a.heal_dataset} (split {a.heal_dataset_subset!r}) has {len(texts)} texts, "
                         f"and healing holds out --eval_size {a.eval_size} of them to pick its best step: give a "
@@ -162,11 +163,11 @@ def heal_texts(a: PruneArgs) -> tuple[list[str], list[str]]:
     return texts[:-a.eval_size], texts[-a.eval_size:]
 
 
-def pick_texts(a: PruneArgs, eval_texts: list[str], fps: Fingerprints) -> tuple[list[str], dict]:
-    """Held-out texts that pick healing's best step: those held out of --heal_dataset, or else the next
-    --eval_size texts of the held-out split after the ones every perplexity is reported on, so the healed
+def pick_texts(a: PruneArgs, eval_texts: list[str], fps: Fingerprints, held: list[str]) -> tuple[list[str], dict]:
+    """Held-out texts that pick healing's best step: ``held`` (those held out of --heal_dataset), or else the
+    next --eval_size texts of the held-out split after the ones every perplexity is reported on, so the healed
     figure is measured on text that chose nothing."""
-    more = heal_texts(a)[1] if a.heal_dataset else a.data.texts(a.eval_subset, 2 * a.eval_size)[a.eval_size:]
+    more = held or a.data.texts(a.eval_subset, 2 * a.eval_size)[a.eval_size:]
     if not more:
         log.warning("the held-out split %s has no texts beyond the %d reported on: healing picks its best step on "
                     "those same texts, which flatters the healed figure; use a larger split", a.eval_subset, a.eval_size)
@@ -174,9 +175,9 @@ def pick_texts(a: PruneArgs, eval_texts: list[str], fps: Fingerprints) -> tuple[
     return more, texts_inputs(fps, more)
 
 
-def heal_stage(a: PruneArgs, model_dir: Path, model_fp: str, eval_texts: list[str], hdir: Path) -> None:
-    train = heal_texts(a)[0]
-    corpus, split = (a.heal_dataset, a.heal_dataset_subset) if a.heal_dataset else (a.data.dataset, a.data.dataset_subset)
+def heal_stage(a: PruneArgs, model_dir: Path, model_fp: str, train: list[str], eval_texts: list[str],
+               hdir: Path) -> None:
+    corpus, split = a.heal_source
     cfg = heal_config(a)
     work = Path(f"{hdir}.work")
     inputs = json.dumps({"model": model_fp, "heal": cfg.model_dump(), "corpus": [corpus, split]}, sort_keys=True)
@@ -238,6 +239,7 @@ class Job:
     src_ppl: float
     src_tasks: TasksRecord | None = None
     tasks_in: dict = field(default_factory=dict)
+    heal_train: list[str] = field(default_factory=list)  # --heal: the texts healing trains on, read once
     pick_texts: list[str] = field(default_factory=list)  # --heal: the texts that pick the best step
     pick_in: dict = field(default_factory=dict)
     texts2: list[str] = field(default_factory=list)  # --eval_dataset: the second corpus
@@ -283,7 +285,7 @@ def heal_stages(a: PruneArgs, job: Job, v: Variant, shift: dict[str, float]) -> 
         return None, None
     key = {"model": v.mat_fp, "heal": job.fps.heal}
     stage(v.work, f"heal-{v.tag}", {**job.pick_in, **job.fps.heal, "model": v.mat_fp}, [v.healed / HEAL_FILE],
-          heal_stage, a, v.model, v.mat_fp, job.pick_texts, v.healed)
+          heal_stage, a, v.model, v.mat_fp, job.heal_train, job.pick_texts, v.healed)
     stage(v.work, f"eval-healed-{v.tag}", {**job.eval_in, **key}, [v.dir / "healed_eval.json"], eval_stage, a,
           job.eval_texts, str(v.healed), v.dir / "healed_eval.json")
     if job.texts2:
@@ -408,19 +410,20 @@ def run_prune(a: PruneArgs) -> Path:
 
 def dense_stages(a: PruneArgs, work: Path) -> Job:
     """The scan and the dense model's held-out perplexity (on the second corpus too); the texts healing
-    picks its step on."""
+    trains on and picks its step on, each read once."""
     fps = fingerprints(a)
     d = a.data
     eval_texts = d.texts(a.eval_subset, a.eval_size)
     eval_in = texts_inputs(fps, eval_texts)
-    picks = pick_texts(a, eval_texts, fps) if a.heal else ([], {})  # a bad --heal_dataset stops the job here
+    train, held = heal_texts(a) if a.heal else ([], [])  # a bad --heal_dataset stops the job here
+    picks = pick_texts(a, eval_texts, fps, held) if a.heal else ([], {})
     scan_json = work / "scan" / "block_distances.json"
     scan_fp = stage(work, "scan", fps.scan, [scan_json], scan_stage, a, work / "scan")
     src_eval = work / "source_eval.json"
     stage(work, "eval-source", eval_in, [src_eval], eval_stage, a, eval_texts, a.model, src_eval)
     job = Job(scanfile.load(scan_json), scan_json, scan_fp, fps, eval_texts, eval_in,
               PerplexityRecord.load(src_eval).perplexity)
-    job.pick_texts, job.pick_in = picks
+    job.heal_train, (job.pick_texts, job.pick_in) = train, picks
     if a.eval_dataset:
         job.texts2 = d.texts(a.eval_dataset_subset, a.eval_size, dataset=a.eval_dataset)
         job.eval2_in = texts_inputs(fps, job.texts2)

@@ -90,6 +90,13 @@ class PruneArgs(BaseModel):
     def repair(self) -> str:
         return self.fix.repair
 
+    @property
+    def heal_source(self) -> tuple[str, str]:
+        """(corpus, split) healing trains on: --heal_dataset, else the calibration text."""
+        if self.heal_dataset:
+            return self.heal_dataset, self.heal_dataset_subset
+        return self.data.dataset, self.data.dataset_subset
+
 
 @dataclass(frozen=True)
 class Fingerprints:
@@ -115,8 +122,7 @@ def fingerprints(a: PruneArgs) -> Fingerprints:
         select={**model, "choice": a.choice.model_dump(), "fix": a.fix.model_dump()},
         materialize={"fix": a.fix.model_dump(), "data": a.data.model_dump(), "trust_remote_code": a.load.trust_remote_code},
         eval=evaluation,
-        heal={"heal": heal_config(a).model_dump(), "data": a.data.model_dump(),
-              "heal_dataset": [a.heal_dataset, a.heal_dataset_subset] if a.heal_dataset else None},
+        heal={"heal": heal_config(a).model_dump(), "data": a.data.model_dump(), "corpus": list(a.heal_source)},
         tasks={"bench": a.bench.model_dump(), "load": model["load"]},
     )
 
