@@ -415,8 +415,10 @@ def dense_stages(a: PruneArgs, work: Path) -> Job:
     d = a.data
     eval_texts = d.texts(a.eval_subset, a.eval_size)
     eval_in = texts_inputs(fps, eval_texts)
-    train, held = heal_texts(a) if a.heal else ([], [])  # a bad --heal_dataset stops the job here
-    picks = pick_texts(a, eval_texts, fps, held) if a.heal else ([], {})
+    train, picks = [], ([], {})
+    if a.heal:
+        train, held = heal_texts(a)  # a bad --heal_dataset stops the job here
+        picks = pick_texts(a, eval_texts, fps, held)
     scan_json = work / "scan" / "block_distances.json"
     scan_fp = stage(work, "scan", fps.scan, [scan_json], scan_stage, a, work / "scan")
     src_eval = work / "source_eval.json"
