@@ -37,7 +37,10 @@ def main() -> None:
     a = p.parse_args()
 
     dense = TasksRecord.load(a.work / "source_tasks.json")
-    entry = EvalFile.load(a.eval_json).models[a.name]
+    models = EvalFile.load(a.eval_json).models
+    if a.name not in models:
+        p.error(f"--name {a.name!r} is not in {a.eval_json}; it holds {', '.join(sorted(models))}")
+    entry = models[a.name]
     heal = a.eval_json.with_name("heal.json")
     if heal.exists():
         h = HealRecord.load(heal)
